@@ -1,0 +1,83 @@
+"""Every configuration key, with its default and meaning. Presets live in `config/grpo.py`.
+
+The config is locked: a preset or a command-line override that names a key not defined here fails.
+Quantities marked "global" are for the whole job; the per-process split is derived at run time
+from the world size (`flow_grpo.config_checks.derive_layout`).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # ---- run ----
+    config.run_name = ""  # name of the run directory and tracker run; empty = preset name + timestamp
+    config.logdir = "logs"  # parent directory of run directories (checkpoints, config.json, tracker files)
+    config.seed = 42  # seed of prompt order, initial noise, SDE noise and window positions
+    config.algorithm = "tp_grpo"  # "flow_grpo" (final-image reward at every step) or "tp_grpo" (step-wise rewards)
+    config.mixed_precision = "fp16"  # accelerate mixed precision: "no", "fp16" or "bf16"; frozen weights use this dtype
+    config.allow_tf32 = True  # allow TF32 matrix products on Ampere and newer GPUs
+    config.num_epochs = 300  # number of sample -> train epochs
+    config.save_freq = 30  # save the LoRA every this many epochs (and after the last one); 0 = only at the end
+    config.eval_freq = 30  # evaluate every this many epochs (and after the last one); 0 = never
+    config.report_to = "wandb"  # accelerate tracker: "wandb" (WANDB_MODE=offline works) or "none"
+    config.project_name = "flow_grpo"  # tracker project name
+    config.dataset = "dataset/demo"  # directory with train.txt/test.txt or train_metadata.jsonl/test_metadata.jsonl
+
+    # ---- pretrained model ----
+    config.pretrained = pretrained = ml_collections.ConfigDict()
+    pretrained.model = "stabilityai/stable-diffusion-3.5-medium"  # hub id or local directory of the diffusers pipeline
+    pretrained.revision = ""  # hub revision; empty = default branch
+    pretrained.family = "sd3"  # model adapter: "sd3" (the FLUX adapter plugs in the same way)
+    pretrained.max_sequence_length = 128  # T5 prompt length in tokens
+
+    # ---- sampling (rollouts) ----
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.resolution = 512  # image height and width in pixels
+    sample.num_steps = 10  # denoising steps of a training rollout
+    sample.eval_num_steps = 40  # denoising steps of evaluation (plain ODE sampling)
+    sample.guidance_scale = 4.5  # classifier-free guidance weight w (SD3), train and eval
+    sample.step_kind = "cps"  # stochastic step of the window: "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    sample.noise_level = 0.7  # noise level a in [0, 1] of the window steps
+    sample.window_size = 9  # number W of stochastic (trained) steps per rollout
+    sample.window_range = (0, 9)  # window start s is drawn from U{r0, ..., r1 - W} per sampling batch
+    sample.group_size = 24  # global: images per prompt in an epoch (G)
+    sample.prompts_per_epoch = 48  # global: distinct prompt groups per epoch
+    sample.batch_size = 9  # per process: trajectories per sampling batch
+    sample.eval_batch_size = 8  # per process: prompts per evaluation batch
+    sample.max_states_per_call = 0  # bound on states in one transformer or VAE call (chunks bigger ones); 0 = no bound
+
+    # ---- TP-GRPO step rewards ----
+    config.tp = tp = ml_collections.ConfigDict()
+    tp.consistent = True  # require the consistency condition K_j for turning points (paper's stricter definition)
+    tp.first_step = True  # apply the initial-step rule to window step 0
+    tp.balance = True  # balance positive and negative turning points over the epoch batch
+
+    # ---- training ----
+    config.train = train = ml_collections.ConfigDict()
+    train.batch_size = 9  # per process: trajectories per training micro-batch
+    train.updates_per_epoch = 2  # optimizer updates per epoch (gradient accumulation is derived)
+    train.learning_rate = 3e-4  # AdamW learning rate
+    train.adam_beta1 = 0.9  # AdamW beta1
+    train.adam_beta2 = 0.999  # AdamW beta2
+    train.adam_weight_decay = 1e-4  # AdamW weight decay
+    train.adam_epsilon = 1e-8  # AdamW epsilon
+    train.max_grad_norm = 1.0  # gradient-norm clip; 0 = no clipping
+    train.clip_range = 1e-5  # PPO ratio clip epsilon
+    train.adv_clip_max = 5.0  # advantages are clipped to +-this
+    train.global_std = False  # normalise advantages by the batch std instead of the group std
+    train.beta = 1e-4  # weight of the KL to the LoRA-disabled reference; 0 skips the reference pass
+    train.lora_rank = 32  # LoRA rank r
+    train.lora_alpha = 64  # LoRA alpha
+    train.ema = True  # keep an EMA of the LoRA weights, used for evaluation and saving
+    train.ema_decay = 0.9  # EMA decay (ramped up from 0.1 over the first updates)
+    train.ema_every = 8  # update the EMA every this many optimizer updates
+    train.gradient_checkpointing = False  # recompute activations in the backward pass to save memory
+
+    # ---- rewards ----
+    config.reward_fn = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})  # training reward {name: weight}
+    config.eval_reward_fn = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})  # eval rewards {name: weight}
+
+    config.lock()
+    return config

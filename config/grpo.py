@@ -1,0 +1,137 @@
+"""Named presets, one per published setting (ALGORITHM.md section 8), plus tiny CPU presets.
+
+Use: `python train_sd3.py --config=config/grpo.py:pickscore_sd3 --config.sample.noise_level=0.5`.
+Each preset calls its parent and changes only what differs. Presets without a `_flow_grpo`
+suffix train TP-GRPO; the `_flow_grpo` twins keep every setting and switch the algorithm, which
+is how the TP-GRPO paper compares the two.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("flow_grpo_config_base", os.path.join(_HERE, "base.py"))
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
+
+# Where `make tiny-model` saves the tiny offline pipeline used by the CPU presets.
+TINY_MODEL_DIR = os.path.join(".cache", "tiny-sd3")
+
+
+def _rewards(**weights: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(weights)
+
+
+def _finish(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config.lock()
+    return config
+
+
+def sd3_tp_grpo() -> ml_collections.ConfigDict:
+    """SD3.5-Medium TP-GRPO defaults shared by every SD3 preset (section 8 of ALGORITHM.md)."""
+    config = base.get_config()
+    config.pretrained.model = "stabilityai/stable-diffusion-3.5-medium"
+    config.pretrained.family = "sd3"
+    config.mixed_precision = "fp16"
+    return _finish(config)
+
+
+def pickscore_sd3() -> ml_collections.ConfigDict:
+    config = sd3_tp_grpo()
+    config.dataset = "dataset/pickscore"
+    config.reward_fn = _rewards(pickscore=1.0)
+    config.eval_reward_fn = _rewards(pickscore=1.0)
+    return _finish(config)
+
+
+def geneval_sd3() -> ml_collections.ConfigDict:
+    config = sd3_tp_grpo()
+    config.dataset = "dataset/geneval"
+    config.reward_fn = _rewards(geneval=1.0)
+    config.eval_reward_fn = _rewards(geneval=1.0)
+    return _finish(config)
+
+
+def ocr_sd3() -> ml_collections.ConfigDict:
+    config = sd3_tp_grpo()
+    config.dataset = "dataset/ocr"
+    config.reward_fn = _rewards(ocr=1.0)
+    config.eval_reward_fn = _rewards(ocr=1.0)
+    return _finish(config)
+
+
+def ocr_sd3_basic() -> ml_collections.ConfigDict:
+    """OCR with the basic turning-point definition (no consistency condition)."""
+    config = ocr_sd3()
+    config.tp.consistent = False
+    return config
+
+
+def _flow_grpo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config.algorithm = "flow_grpo"
+    return config
+
+
+def pickscore_sd3_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(pickscore_sd3())
+
+
+def geneval_sd3_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(geneval_sd3())
+
+
+def ocr_sd3_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(ocr_sd3())
+
+
+def tiny_tp_grpo() -> ml_collections.ConfigDict:
+    """TP-GRPO on the tiny offline SD3 model with the JPEG-compressibility reward; runs on CPU."""
+    config = base.get_config()
+    config.pretrained.model = TINY_MODEL_DIR
+    config.pretrained.max_sequence_length = 32
+    config.mixed_precision = "no"
+    config.report_to = "none"
+    config.dataset = "dataset/demo"
+    config.num_epochs = 8
+    config.save_freq = 0
+    config.eval_freq = 0
+    config.sample.resolution = 32
+    config.sample.num_steps = 6
+    config.sample.eval_num_steps = 6
+    config.sample.window_size = 4
+    config.sample.window_range = (0, 5)
+    config.sample.group_size = 4
+    config.sample.prompts_per_epoch = 4
+    config.sample.batch_size = 8
+    config.sample.eval_batch_size = 4
+    config.train.batch_size = 8
+    config.train.updates_per_epoch = 1
+    config.train.learning_rate = 1e-2
+    config.train.clip_range = 1e-3
+    config.train.beta = 0.0
+    config.train.lora_rank = 8
+    config.train.lora_alpha = 8
+    config.train.ema = False
+    config.reward_fn = _rewards(jpeg_compressibility=1.0)
+    config.eval_reward_fn = _rewards(jpeg_compressibility=1.0)
+    return _finish(config)
+
+
+def tiny_flow_grpo() -> ml_collections.ConfigDict:
+    """Flow-GRPO twin of `tiny_tp_grpo`."""
+    return _flow_grpo(tiny_tp_grpo())
+
+
+def get_config(name: str) -> ml_collections.ConfigDict:
+    """Entry point for `config_flags`: `--config=config/grpo.py:<preset>`."""
+    presets = {
+        key: value
+        for key, value in globals().items()
+        if callable(value) and not key.startswith("_") and key not in ("get_config",)
+        and getattr(value, "__module__", None) == __name__
+    }
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(sorted(presets))}")
+    return presets[name]()

@@ -1,0 +1,205 @@
+"""Validation of a training config and the per-process batch layout derived from the world size.
+
+`validate_config` runs before any model is loaded, so a wrong setting costs seconds, not a model load.
+Each error names the key and says what to change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ml_collections
+
+ALGORITHMS = ("flow_grpo", "tp_grpo")
+STEP_KINDS = ("sde", "cps")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("wandb", "none")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Batch arithmetic of one epoch for one process, derived from the config and the world size."""
+
+    world_size: int
+    trajectories_per_epoch: int  # global: prompts_per_epoch * group_size
+    sample_batches_per_epoch: int  # per process
+    trajectories_per_process: int
+    train_batches_per_epoch: int  # per process: micro-batches of train.batch_size trajectories
+    gradient_accumulation_steps: int  # backward passes (micro-batch x window step) per optimizer update
+
+
+def _fail(key: str, problem: str, fix: str) -> None:
+    raise ConfigError(f"config.{key}: {problem}. {fix}")
+
+
+def _positive_int(config: ml_collections.ConfigDict, key: str) -> int:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    if not isinstance(value, int) or value < 1:
+        _fail(key, f"must be a positive integer, got {value!r}", "Set it to 1 or more.")
+    return value
+
+
+def derive_layout(config: ml_collections.ConfigDict, world_size: int) -> Layout:
+    """Derive the per-process batch layout; raises ConfigError when the numbers do not divide."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be at least 1, got {world_size}")
+    sample, train = config.sample, config.train
+    for key in (
+        "sample.group_size",
+        "sample.prompts_per_epoch",
+        "sample.batch_size",
+        "train.batch_size",
+        "train.updates_per_epoch",
+    ):
+        _positive_int(config, key)
+    if sample.group_size < 2:
+        _fail("sample.group_size", f"is {sample.group_size}", "GRPO normalises within a group: use 2 or more.")
+    total = sample.prompts_per_epoch * sample.group_size
+    per_step = world_size * sample.batch_size
+    if total % per_step:
+        _fail(
+            "sample.batch_size",
+            f"prompts_per_epoch x group_size = {sample.prompts_per_epoch} x {sample.group_size} = {total} "
+            f"trajectories do not split into batches of {sample.batch_size} on {world_size} processes "
+            f"({world_size} x {sample.batch_size} = {per_step})",
+            "Choose sample.batch_size, sample.prompts_per_epoch or sample.group_size so that the total "
+            "is a multiple of world_size x sample.batch_size.",
+        )
+    per_process = total // world_size
+    if per_process % train.batch_size:
+        _fail(
+            "train.batch_size",
+            f"{per_process} trajectories per process are not a multiple of {train.batch_size}",
+            "Choose a train.batch_size that divides the trajectories per process.",
+        )
+    train_batches = per_process // train.batch_size
+    if train_batches % train.updates_per_epoch:
+        _fail(
+            "train.updates_per_epoch",
+            f"{train_batches} training micro-batches per process do not split into "
+            f"{train.updates_per_epoch} updates",
+            "Choose a value that divides the number of micro-batches "
+            "(trajectories per process / train.batch_size).",
+        )
+    accumulation = train_batches // train.updates_per_epoch * sample.window_size
+    return Layout(
+        world_size=world_size,
+        trajectories_per_epoch=total,
+        sample_batches_per_epoch=total // per_step,
+        trajectories_per_process=per_process,
+        train_batches_per_epoch=train_batches,
+        gradient_accumulation_steps=accumulation,
+    )
+
+
+def _check_window(config: ml_collections.ConfigDict) -> None:
+    sample = config.sample
+    steps = _positive_int(config, "sample.num_steps")
+    _positive_int(config, "sample.eval_num_steps")
+    window = _positive_int(config, "sample.window_size")
+    window_range = tuple(sample.window_range)
+    if len(window_range) != 2 or not all(isinstance(v, int) for v in window_range):
+        _fail("sample.window_range", f"must be two integers (r0, r1), got {sample.window_range!r}", "")
+    low, high = window_range
+    if low < 0 or high > steps:
+        _fail(
+            "sample.window_range",
+            f"({low}, {high}) leaves the step range 0..{steps}",
+            f"Use 0 <= r0 and r1 <= sample.num_steps ({steps}).",
+        )
+    if high - window < low:
+        _fail(
+            "sample.window_size",
+            f"a window of {window} steps does not fit in the range ({low}, {high})",
+            f"Use window_size <= {high - low} or widen sample.window_range.",
+        )
+    if high > steps - 1:
+        _fail(
+            "sample.window_range",
+            f"({low}, {high}) lets the window reach the last step {steps - 1}, whose next sigma is 0: "
+            "it has no noise and can never be trained (0/0 in the KL)",
+            f"Use r1 <= sample.num_steps - 1 = {steps - 1}.",
+        )
+
+
+def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, check_paths: bool = True) -> Layout:
+    """Check every setting that can be checked without loading a model; return the batch layout.
+
+    Args:
+        config: the training config (see `config/base.py`).
+        world_size: number of processes of the job.
+        check_paths: also check that a local model directory and the dataset exist.
+    """
+    if config.algorithm not in ALGORITHMS:
+        _fail("algorithm", f"unknown algorithm {config.algorithm!r}", f"Use one of {ALGORITHMS}.")
+    if config.mixed_precision not in MIXED_PRECISION:
+        _fail("mixed_precision", f"unknown value {config.mixed_precision!r}", f"Use one of {MIXED_PRECISION}.")
+    if config.report_to not in TRACKERS:
+        _fail("report_to", f"unknown tracker {config.report_to!r}", f"Use one of {TRACKERS}.")
+    sample = config.sample
+    if sample.step_kind not in STEP_KINDS:
+        _fail("sample.step_kind", f"unknown step kind {sample.step_kind!r}", f"Use one of {STEP_KINDS}.")
+    if not 0.0 <= sample.noise_level <= 1.0:
+        _fail("sample.noise_level", f"{sample.noise_level} is outside [0, 1]", "Use a value in [0, 1], e.g. 0.7.")
+    if sample.noise_level == 0.0:
+        _fail("sample.noise_level", "is 0: the window steps are deterministic", "Use a value in (0, 1].")
+    if sample.guidance_scale < 0:
+        _fail("sample.guidance_scale", f"is negative ({sample.guidance_scale})", "Use 0 or more (1 = no guidance).")
+    if sample.max_states_per_call < 0:
+        _fail("sample.max_states_per_call", "is negative", "Use 0 (no bound) or a positive number of states.")
+    _positive_int(config, "sample.eval_batch_size")
+    _positive_int(config, "sample.resolution")
+    _check_window(config)
+    train = config.train
+    if train.clip_range <= 0:
+        _fail("train.clip_range", f"must be positive, got {train.clip_range}", "Use e.g. 1e-5 (published).")
+    if train.adv_clip_max <= 0:
+        _fail("train.adv_clip_max", f"must be positive, got {train.adv_clip_max}", "Use e.g. 5.")
+    if train.beta < 0:
+        _fail("train.beta", f"must be 0 or more, got {train.beta}", "Use 0 to skip the KL term.")
+    if train.learning_rate <= 0:
+        _fail("train.learning_rate", f"must be positive, got {train.learning_rate}", "Use e.g. 3e-4.")
+    _positive_int(config, "train.lora_rank")
+    if train.ema:
+        if not 0.0 < train.ema_decay < 1.0:
+            _fail("train.ema_decay", f"must be in (0, 1), got {train.ema_decay}", "Use e.g. 0.9.")
+        _positive_int(config, "train.ema_every")
+    if not config.reward_fn:
+        _fail("reward_fn", "is empty", "Give at least one {name: weight}, e.g. {'pickscore': 1.0}.")
+    from flow_grpo.rewards import check_reward_names
+
+    try:
+        check_reward_names(list(config.reward_fn.keys()))
+        check_reward_names(list(config.eval_reward_fn.keys()))
+    except ValueError as error:
+        raise ConfigError(f"config.reward_fn / config.eval_reward_fn: {error}") from None
+    if check_paths:
+        _check_paths(config)
+    return derive_layout(config, world_size)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when `name` is meant as a directory rather than a hub id (`org/name`)."""
+    return name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") != 1 or os.path.exists(name)
+
+
+def _check_paths(config: ml_collections.ConfigDict) -> None:
+    model = config.pretrained.model
+    if not model:
+        _fail("pretrained.model", "is empty", "Give a hub id (e.g. stabilityai/stable-diffusion-3.5-medium) or a directory.")
+    if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
+        _fail(
+            "pretrained.model",
+            f"directory {model!r} does not exist",
+            "Point it at a diffusers pipeline directory or a hub id; for the tiny CPU presets run "
+            "`make tiny-model` first.",
+        )
+    if not os.path.isdir(config.dataset):
+        _fail("dataset", f"directory {config.dataset!r} does not exist", "Point it at a directory with train/test prompt files.")

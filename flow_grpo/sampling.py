@@ -1,0 +1,209 @@
+"""Rollouts: the SDE-window rollout (Flow-GRPO-Fast), the lockstep TP-GRPO rollout and ODE sampling.
+
+The lockstep rollout (ALGORITHM.md section 6) advances, at every grid step, all live states with
+one batched transformer call: the main SDE trajectory, the ODE baseline forked at the window start,
+and one ODE branch forked after each of the first `W - 1` SDE steps. A branch forks from the main
+state, whose velocity at that step is already known, so its first ODE step reuses it and the branch
+joins the batch at the next grid step. Completed images come out in the order `R_0 ... R_W`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flow_grpo.models.base import ModelAdapter, PromptBatch
+from flow_grpo.sde import euler_step, stochastic_step
+
+
+@dataclass
+class Rollout:
+    """One sampling batch of B trajectories with a window of W stochastic steps.
+
+    Attributes:
+        images: (B, 3, H, W_img) float32 final images in [0, 1].
+        latents: (B, W, ...) float32 states `x_k` at the window steps.
+        next_latents: (B, W, ...) float32 states `x_{k+1}` sampled at the window steps.
+        log_probs: (B, W) float32 log-probabilities of `next_latents` under the sampling policy.
+        sigmas: (B, W) float32 `sigma_k` of each window step.
+        next_sigmas: (B, W) float32 `sigma_{k+1}` of each window step.
+        timesteps: (B, W) int64 grid indices `k` of the window steps.
+        window_start: first window step `s`.
+        completed_images: (B, W+1, 3, H, W_img) images whose rewards are `R_0 ... R_W`
+            (`R_W` is the final image), or None for a plain window rollout.
+    """
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    log_probs: torch.Tensor
+    sigmas: torch.Tensor
+    next_sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    window_start: int
+    completed_images: torch.Tensor | None = None
+
+
+def draw_window_start(generator: torch.Generator, window_range: tuple[int, int], window_size: int) -> int:
+    """Draw `s ~ U{r0, ..., r1 - W}` with `generator` (one draw per sampling batch)."""
+    low, high = window_range
+    return int(torch.randint(low, high - window_size + 1, (1,), generator=generator).item())
+
+
+def _chunked_velocity(
+    adapter: ModelAdapter,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    prompts: PromptBatch,
+    max_states_per_call: int,
+    transformer: torch.nn.Module | None,
+) -> torch.Tensor:
+    """Velocity of all states, split into calls of at most `max_states_per_call` states (0 = one call)."""
+    total = latents.shape[0]
+    size = max_states_per_call if max_states_per_call > 0 else total
+    if size >= total:
+        return adapter.velocity(latents, sigmas, prompts, transformer)
+    parts = [
+        adapter.velocity(latents[i : i + size], sigmas[i : i + size], prompts.select(slice(i, i + size)), transformer)
+        for i in range(0, total, size)
+    ]
+    return torch.cat(parts)
+
+
+def decode_chunked(adapter: ModelAdapter, latents: torch.Tensor, max_states_per_call: int = 0) -> torch.Tensor:
+    """Decode latents (B, ...) to images (B, 3, H, W) in [0, 1], at most `max_states_per_call` per VAE call."""
+    size = max_states_per_call if max_states_per_call > 0 else latents.shape[0]
+    return torch.cat([adapter.decode(latents[i : i + size]) for i in range(0, latents.shape[0], size)])
+
+
+@torch.no_grad()
+def rollout(
+    adapter: ModelAdapter,
+    prompts: PromptBatch,
+    *,
+    num_steps: int,
+    resolution: int,
+    window_start: int,
+    window_size: int,
+    noise_level: float,
+    step_kind: str,
+    branches: bool = False,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    initial_latents: torch.Tensor | None = None,
+    max_states_per_call: int = 0,
+    transformer: torch.nn.Module | None = None,
+) -> Rollout:
+    """Sample B = len(prompts) trajectories with stochastic steps `[s, s + W)` and ODE steps elsewhere.
+
+    Args:
+        adapter: the model adapter.
+        prompts: encoded prompts, B rows.
+        num_steps: grid steps N.
+        resolution: image side in pixels.
+        window_start, window_size: `s` and `W`; `s + W <= N - 1` (the last step has no noise).
+            `W = 0` gives plain ODE sampling.
+        noise_level, step_kind: the stochastic step (see `flow_grpo.sde`).
+        branches: also compute the TP-GRPO completions (lockstep) and return `completed_images`.
+        generator: drives the initial noise (unless `initial_latents` is given) and the step noise.
+        initial_latents: (B, ...) noise at sigma 1, overriding the generator's draw.
+        max_states_per_call: bound on states per transformer / VAE call; 0 = no bound.
+        transformer: overrides the adapter's transformer (e.g. a compiled one).
+    """
+    batch = len(prompts)
+    if window_size and not 0 <= window_start <= window_start + window_size <= num_steps - 1:
+        raise ValueError(
+            f"window [{window_start}, {window_start + window_size}) must lie within steps 0..{num_steps - 2}: "
+            "the last step has zero noise"
+        )
+    sigmas = adapter.sigmas(num_steps, resolution).to(adapter.device)
+    if initial_latents is None:
+        x = adapter.initial_latents(batch, resolution, generator)
+    else:
+        x = initial_latents.to(device=adapter.device, dtype=torch.float32)
+    rows = torch.arange(batch, device=x.device)
+    branch_states = x.new_zeros((0, *x.shape[1:]))
+    recorded: dict[str, list[torch.Tensor]] = {"latents": [], "next": [], "log_probs": []}
+    for k in range(num_steps):
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        states = torch.cat([x, branch_states])
+        live = states.shape[0] // batch
+        velocity = _chunked_velocity(
+            adapter,
+            states,
+            sigma.expand(states.shape[0]),
+            prompts.select(rows.repeat(live)),
+            max_states_per_call,
+            transformer,
+        )
+        main_velocity = velocity[:batch]
+        branch_states = euler_step(velocity[batch:], branch_states, sigma, sigma_next)
+        j = k - window_start
+        if 0 <= j < window_size:
+            if branches:
+                # Branch j (j = 0 is the R_0 baseline) leaves the main trajectory here with an ODE step.
+                forked = euler_step(main_velocity, x, sigma, sigma_next)
+                branch_states = torch.cat([branch_states, forked]) if j < window_size else branch_states
+            step = stochastic_step(
+                step_kind, main_velocity, x, sigma, sigma_next, noise_level,
+                sigma_max=float(sigmas[1]), generator=generator,
+            )
+            recorded["latents"].append(x)
+            recorded["next"].append(step.next_latents)
+            recorded["log_probs"].append(step.log_prob)
+            x = step.next_latents
+        else:
+            x = euler_step(main_velocity, x, sigma, sigma_next)
+    final = x
+    if branches:
+        decoded = decode_chunked(adapter, torch.cat([branch_states, final]), max_states_per_call)
+        completed = decoded.view(window_size + 1, batch, *decoded.shape[1:]).transpose(0, 1)
+        images = completed[:, -1]
+    else:
+        completed = None
+        images = decode_chunked(adapter, final, max_states_per_call)
+    steps = torch.arange(window_start, window_start + window_size, device=x.device)
+    return Rollout(
+        images=images,
+        latents=_stack(recorded["latents"], x),
+        next_latents=_stack(recorded["next"], x),
+        log_probs=torch.stack(recorded["log_probs"], dim=1) if window_size else x.new_zeros(batch, 0),
+        sigmas=sigmas[steps].expand(batch, -1).clone(),
+        next_sigmas=sigmas[steps + 1].expand(batch, -1).clone(),
+        timesteps=steps.expand(batch, -1).clone(),
+        window_start=window_start,
+        completed_images=completed,
+    )
+
+
+def _stack(states: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if not states:
+        return like.new_zeros((like.shape[0], 0, *like.shape[1:]))
+    return torch.stack(states, dim=1)
+
+
+def sample_ode(
+    adapter: ModelAdapter,
+    prompts: PromptBatch,
+    *,
+    num_steps: int,
+    resolution: int,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    initial_latents: torch.Tensor | None = None,
+    max_states_per_call: int = 0,
+) -> torch.Tensor:
+    """Deterministic (Euler ODE) sampling for evaluation; returns images (B, 3, H, W) in [0, 1]."""
+    result = rollout(
+        adapter,
+        prompts,
+        num_steps=num_steps,
+        resolution=resolution,
+        window_start=0,
+        window_size=0,
+        noise_level=0.0,
+        step_kind="sde",
+        generator=generator,
+        initial_latents=initial_latents,
+        max_states_per_call=max_states_per_call,
+    )
+    return result.images

@@ -1,0 +1,44 @@
+"""Shared fixtures: the network is blocked for every test, and tiny pipelines are saved once."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from accelerate import PartialState
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+PartialState()  # library code logs through accelerate, which needs its state as in a real run
+
+
+@pytest.fixture(autouse=True)
+def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any outbound connection except to this machine's loopback fails the test."""
+    original = socket.socket.connect
+
+    def guarded(self: socket.socket, address, *args, **kwargs):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1") or self.family == socket.AF_UNIX):
+            return original(self, address, *args, **kwargs)
+        raise RuntimeError(f"network access blocked in tests: {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny SD3 pipeline (minimal geometry) saved to disk, loaded by tests through from_pretrained."""
+    from flow_grpo.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd3"), "sd3", "minimal")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_real_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny SD3 pipeline with the real latent geometry (16 channels, VAE factor 8, patch 2)."""
+    from flow_grpo.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd3-real"), "sd3", "real")
