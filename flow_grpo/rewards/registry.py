@@ -1,0 +1,293 @@
+"""Reward registry, weighted multi-reward and background scoring.
+
+Every reward follows one call signature::
+
+    reward(images, prompts, metadata) -> torch.Tensor
+
+- ``images``: float tensor ``(N, 3, H, W)`` with values in ``[0, 1]``, on any device.
+- ``prompts``: ``list[str]`` of length ``N``.
+- ``metadata``: ``list[dict]`` of length ``N`` (e.g. GenEval ``include`` / ``exclude`` entries).
+- returns: float32 tensor ``(N,)`` on the CPU, higher is better.
+
+Rewards are registered as *factories* so that heavy models are only loaded for the rewards a run
+actually uses::
+
+    @register_reward("my_reward")
+    def make_my_reward(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
+        model = load(options["model_path"]).to(device)
+        def score(images, prompts, metadata):
+            ...
+        return score
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AVERAGE_KEY",
+    "AsyncScorer",
+    "MultiReward",
+    "RewardFactory",
+    "RewardFn",
+    "available_rewards",
+    "build_reward",
+    "check_reward_names",
+    "register_reward",
+]
+
+RewardFn = Callable[[torch.Tensor, Sequence[str], Sequence[Mapping[str, Any]]], torch.Tensor]
+"""``reward(images (N, 3, H, W) in [0, 1], prompts, metadata) -> float32 (N,) on CPU``."""
+
+RewardFactory = Callable[[torch.device, Mapping[str, Any]], RewardFn]
+"""``factory(device, options) -> RewardFn``; ``options`` holds per-reward settings."""
+
+AVERAGE_KEY = "avg"
+"""Key of the weighted sum in the dict returned by :class:`MultiReward`; no reward may use it."""
+
+_REGISTRY: dict[str, RewardFactory] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator that registers ``factory(device, options) -> RewardFn`` under ``name``.
+
+    Raises:
+        ValueError: if ``name`` is empty, reserved (``"avg"``) or already registered.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A reward name must be a non-empty string, got {name!r}.")
+    if name == AVERAGE_KEY:
+        raise ValueError(
+            f"The reward name {AVERAGE_KEY!r} is reserved for the weighted sum; pick another name."
+        )
+
+    def decorator(factory: RewardFactory) -> RewardFactory:
+        with _REGISTRY_LOCK:
+            if name in _REGISTRY:
+                raise ValueError(
+                    f"A reward named {name!r} is already registered "
+                    f"(by {_REGISTRY[name].__module__}); give the new reward a different name."
+                )
+            _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_rewards() -> list[str]:
+    """Names of all registered rewards, sorted."""
+    with _REGISTRY_LOCK:
+        return sorted(_REGISTRY)
+
+
+def check_reward_names(names: Iterable[str]) -> None:
+    """Check that every name is a registered reward, without building anything.
+
+    Meant for config validation before any model is loaded.
+
+    Raises:
+        ValueError: naming the unknown rewards and listing the available ones.
+    """
+    names = list(names)
+    known = set(available_rewards())
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"Unknown reward(s) {unknown}; available rewards: {sorted(known)}. "
+            "Fix the reward name in the config, or import the module that registers it."
+        )
+
+
+class MultiReward:
+    """A weighted combination of registered rewards.
+
+    Calling it returns one raw (unweighted) float32 ``(N,)`` CPU tensor per configured reward plus
+    ``"avg"`` = ``sum_k weight_k * score_k``.
+    """
+
+    def __init__(self, rewards: Mapping[str, RewardFn], weights: Mapping[str, float]) -> None:
+        """Combine already built reward functions.
+
+        Args:
+            rewards: name -> reward function.
+            weights: name -> weight; must have exactly the same names as ``rewards``.
+        """
+        if not rewards:
+            raise ValueError("MultiReward needs at least one reward.")
+        if set(rewards) != set(weights):
+            raise ValueError(
+                f"Rewards {sorted(rewards)} and weights {sorted(weights)} must name the same rewards."
+            )
+        self._rewards = dict(rewards)
+        self._weights = {name: float(weights[name]) for name in self._rewards}
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the configured rewards, in configuration order."""
+        return list(self._rewards)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """A copy of name -> weight."""
+        return dict(self._weights)
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any]],
+    ) -> dict[str, torch.Tensor]:
+        """Score a batch.
+
+        Args:
+            images: float ``(N, 3, H, W)`` in ``[0, 1]``, any device.
+            prompts: ``N`` prompts.
+            metadata: ``N`` metadata dicts.
+
+        Returns:
+            ``{name: (N,) float32 CPU, ..., "avg": (N,) float32 CPU}``.
+        """
+        num = _check_batch(images, prompts, metadata)
+        scores: dict[str, torch.Tensor] = {}
+        total = torch.zeros(num, dtype=torch.float32)
+        for name, reward in self._rewards.items():
+            score = reward(images, prompts, metadata)
+            if not isinstance(score, torch.Tensor) or score.shape != (num,):
+                shape = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+                raise ValueError(
+                    f"Reward {name!r} returned {shape} for a batch of {num} images; "
+                    f"a reward must return a tensor of shape ({num},)."
+                )
+            score = score.detach().to(device="cpu", dtype=torch.float32)
+            scores[name] = score
+            total += self._weights[name] * score
+        scores[AVERAGE_KEY] = total
+        return scores
+
+    def __repr__(self) -> str:
+        return f"MultiReward({self._weights})"
+
+
+def build_reward(
+    weights: Mapping[str, float],
+    device: torch.device | str,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> MultiReward:
+    """Build every reward named in ``weights`` and combine them.
+
+    Args:
+        weights: reward name -> weight in the ``"avg"`` sum, e.g. ``{"pickscore": 1.0}``.
+        device: device the reward models are loaded on.
+        options: reward name -> per-reward settings (e.g. a model path); rewards without an
+            entry get ``{}``. Entries for known rewards that are not in ``weights`` are ignored.
+
+    Raises:
+        ValueError: on empty weights, unknown names or non-finite weights.
+    """
+    if not weights:
+        raise ValueError(
+            f"No reward configured: give at least one reward name with a weight, "
+            f"e.g. {{'jpeg_compressibility': 1.0}}. Available rewards: {available_rewards()}."
+        )
+    options = dict(options or {})
+    check_reward_names(list(weights) + list(options))
+    for name, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"The weight of reward {name!r} must be a finite number, got {weight!r}.")
+    device = torch.device(device)
+    with _REGISTRY_LOCK:
+        factories = {name: _REGISTRY[name] for name in weights}
+    rewards = {name: factory(device, dict(options.get(name, {}))) for name, factory in factories.items()}
+    return MultiReward(rewards, weights)
+
+
+class AsyncScorer:
+    """Run a :class:`MultiReward` in background threads so scoring overlaps sampling.
+
+    Usage::
+
+        with AsyncScorer(reward) as scorer:
+            future = scorer.submit(images.cpu(), prompts, metadata)
+            ...  # sample the next batch
+            scores = future.result()
+    """
+
+    def __init__(self, reward: MultiReward, max_workers: int = 1) -> None:
+        """Args: reward: the scorer to run; max_workers: number of background threads (>= 1)."""
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers must be a positive integer, got {max_workers!r}.")
+        self.reward = reward
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="reward"
+        )
+        self._closed = False
+
+    def submit(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any]],
+    ) -> concurrent.futures.Future[dict[str, torch.Tensor]]:
+        """Queue a batch for scoring.
+
+        Args:
+            images: float ``(N, 3, H, W)`` in ``[0, 1]``; detached here (the caller may move it to
+                the CPU first to free accelerator memory).
+            prompts: ``N`` prompts.
+            metadata: ``N`` metadata dicts.
+
+        Returns:
+            A future resolving to the dict of :meth:`MultiReward.__call__`; a reward error is
+            raised by ``future.result()``.
+        """
+        if self._closed:
+            raise RuntimeError("This AsyncScorer is closed; create a new one to submit more batches.")
+        _check_batch(images, prompts, metadata)
+        return self._executor.submit(
+            self._score, images.detach(), list(prompts), [dict(m) for m in metadata]
+        )
+
+    def _score(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        # Grad mode is thread-local, so it has to be switched off inside the worker thread.
+        with torch.no_grad():
+            return self.reward(images, prompts, metadata)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop accepting batches; with ``wait`` block until queued batches are scored."""
+        self._closed = True
+        self._executor.shutdown(wait=wait)
+
+    def __enter__(self) -> AsyncScorer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _check_batch(
+    images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+) -> int:
+    """Validate the common reward inputs and return the batch size ``N``."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"Rewards expect images of shape (N, 3, H, W), got {shape}.")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"Rewards expect float images in [0, 1], got dtype {images.dtype}; divide uint8 images by 255."
+        )
+    num = images.shape[0]
+    if len(prompts) != num or len(metadata) != num:
+        raise ValueError(
+            f"Got {num} images, {len(prompts)} prompts and {len(metadata)} metadata entries; "
+            "pass one prompt and one metadata dict per image."
+        )
+    return num
