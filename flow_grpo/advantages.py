@@ -1,0 +1,116 @@
+"""Per-prompt group normalisation of rewards into advantages (ALGORITHM.md sections 4 and 5).
+
+Flow-GRPO normalises the final reward once per group and uses the same advantage at every
+trained step; TP-GRPO normalises each window-step column of the per-step rewards on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["group_advantages", "broadcast_to_steps"]
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    adv_clip_max: float = 5.0,
+    global_std: bool = False,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Normalise rewards within groups of the same prompt.
+
+    ``A = (r - mean_group) / (std + eps)``, clipped to ``[-adv_clip_max, adv_clip_max]``.
+    The mean is always per group. The std is the population std (``unbiased=False``) per group,
+    or, with ``global_std``, the population std of the whole batch (per column). A 2-D input is
+    normalised column by column, independently. Rows of a group whose rewards in a column are
+    all equal get an advantage of exactly 0 in that column (no float residue from the mean).
+
+    Args:
+        rewards: (B,) final rewards (Flow-GRPO) or (B, W) per-step rewards (TP-GRPO), float.
+        group_ids: (B,) integer group id per row; rows with the same id share a prompt. Ids are
+            arbitrary integers (need not be contiguous or sorted).
+        adv_clip_max: clip bound on the absolute advantage.
+        global_std: take the std over the whole batch instead of per group.
+        eps: added to the std before dividing.
+
+    Returns:
+        Advantages with the shape of ``rewards``, in ``rewards``' dtype promoted to at least
+        float32.
+
+    Raises:
+        ValueError: on wrong shapes or dtypes.
+    """
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must have shape (B,) or (B, W), got {tuple(rewards.shape)}")
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a floating-point tensor, got dtype {rewards.dtype}")
+    if group_ids.dim() != 1 or group_ids.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"group_ids must have shape ({rewards.shape[0]},), got {tuple(group_ids.shape)}"
+        )
+    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
+    if adv_clip_max <= 0:
+        raise ValueError(f"adv_clip_max must be positive, got {adv_clip_max}")
+
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    values = rewards.to(dtype)
+    was_1d = values.dim() == 1
+    if was_1d:
+        values = values.unsqueeze(1)  # (B, 1)
+    num_columns = values.shape[1]
+
+    unique_ids, group_index = torch.unique(group_ids, return_inverse=True)  # (B,) in [0, G)
+    group_index = group_index.to(values.device)
+    num_groups = unique_ids.numel()
+    counts = torch.bincount(group_index, minlength=num_groups).to(dtype).unsqueeze(1)  # (G, 1)
+
+    sums = values.new_zeros(num_groups, num_columns).index_add_(0, group_index, values)
+    group_mean = sums / counts  # (G, C)
+    centered = values - group_mean[group_index]  # (B, C)
+
+    if global_std:
+        std = values.std(dim=0, correction=0, keepdim=True)  # (1, C)
+    else:
+        squares = values.new_zeros(num_groups, num_columns).index_add_(
+            0, group_index, centered.square()
+        )
+        std = (squares / counts).sqrt()[group_index]  # (B, C)
+
+    # A group whose column is constant has exactly zero advantage; the mean above may differ
+    # from the common value by rounding, which would otherwise leave a tiny non-zero residue.
+    expanded_index = group_index.unsqueeze(1).expand(-1, num_columns)
+    group_max = values.new_full((num_groups, num_columns), float("-inf")).scatter_reduce(
+        0, expanded_index, values, reduce="amax"
+    )
+    group_min = values.new_full((num_groups, num_columns), float("inf")).scatter_reduce(
+        0, expanded_index, values, reduce="amin"
+    )
+    constant = (group_max == group_min)[group_index]  # (B, C)
+
+    advantages = centered / (std + eps)
+    advantages = torch.where(constant, torch.zeros_like(advantages), advantages)
+    advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
+    return advantages.squeeze(1) if was_1d else advantages
+
+
+def broadcast_to_steps(advantages: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Repeat one advantage per trajectory over its trained steps (Flow-GRPO).
+
+    Args:
+        advantages: (B,) per-trajectory advantages.
+        num_steps: W, the number of trained window steps.
+
+    Returns:
+        (B, W) contiguous tensor with ``out[i, j] = advantages[i]``.
+
+    Raises:
+        ValueError: if ``advantages`` is not 1-D or ``num_steps < 1``.
+    """
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must have shape (B,), got {tuple(advantages.shape)}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    return advantages.unsqueeze(1).expand(-1, num_steps).contiguous()
