@@ -14,12 +14,15 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     T5Config,
@@ -43,7 +46,7 @@ class TinyGeometry:
 
 
 GEOMETRIES: dict[str, TinyGeometry] = {
-    "minimal": TinyGeometry(latent_channels=4, vae_blocks=(8,), patch_size=1, sample_size=16),
+    "minimal": TinyGeometry(latent_channels=4, vae_blocks=(8,), patch_size=1, sample_size=32),
     "real": TinyGeometry(latent_channels=16, vae_blocks=(8, 8, 8, 8), patch_size=2, sample_size=32),
 }
 
@@ -166,7 +169,77 @@ def tiny_sd3_pipeline(geometry: str = "minimal") -> StableDiffusion3Pipeline:
     )
 
 
-BUILDERS = {"sd3": tiny_sd3_pipeline}
+def _clip_pooled_text_encoder(vocab_size: int, hidden: int) -> CLIPTextModel:
+    """A CLIP text model whose pooled output (B, hidden) is FLUX's `pooled_projections`."""
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_flux_pipeline(geometry: str = "minimal") -> FluxPipeline:
+    """Build a tiny FLUX.1-dev-style pipeline with random weights (float32, CPU, eval mode).
+
+    The transformer has a guidance embedding (as FLUX.1-dev) and always sees 2x2-packed latents,
+    so its `patch_size` is 1 and `in_channels = 4 * latent_channels`; the geometry's SD3 patch size
+    is not used. The scheduler uses FLUX.1-dev's resolution-dependent shift.
+
+    Args:
+        geometry: "minimal" (4 latent channels, VAE factor 1, packed 16 channels) or "real"
+            (16 latent channels, VAE factor 8, packed 64 channels).
+    """
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown tiny geometry {geometry!r}; choose one of {sorted(GEOMETRIES)}")
+    geo = GEOMETRIES[geometry]
+    clip_tok = clip_tokenizer()
+    t5_tok = t5_tokenizer()
+    clip_hidden, t5_dim = 32, 64
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * geo.latent_channels,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=t5_dim,
+        pooled_projection_dim=clip_hidden,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 2, 2),
+    ).eval()
+    vae = _vae(geo)
+    # FLUX.1-dev's latent normalisation (the SD3 builder's VAE is otherwise identical).
+    vae.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=_clip_pooled_text_encoder(len(clip_tok), clip_hidden),
+        tokenizer=clip_tok,
+        text_encoder_2=_t5_encoder(len(t5_tok), t5_dim),
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+
+
+BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
 
 
 def save_tiny_pipeline(path: str | os.PathLike, family: str = "sd3", geometry: str = "minimal") -> str:

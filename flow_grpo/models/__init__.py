@@ -6,9 +6,10 @@ import ml_collections
 import torch
 
 from flow_grpo.models.base import ModelAdapter, PromptBatch
+from flow_grpo.models.flux import FluxAdapter
 from flow_grpo.models.sd3 import SD3Adapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {"sd3": SD3Adapter}
+ADAPTERS: dict[str, type[ModelAdapter]] = {"sd3": SD3Adapter, "flux": FluxAdapter}
 
 
 def adapter_class(family: str) -> type[ModelAdapter]:
@@ -31,4 +32,4 @@ def load_adapter(config: ml_collections.ConfigDict, device: torch.device | str, 
     )
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "PromptBatch", "SD3Adapter", "adapter_class", "load_adapter"]
+__all__ = ["ADAPTERS", "FluxAdapter", "ModelAdapter", "PromptBatch", "SD3Adapter", "adapter_class", "load_adapter"]
