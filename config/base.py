@@ -78,6 +78,41 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- rewards ----
     config.reward_fn = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})  # training reward {name: weight}
     config.eval_reward_fn = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})  # eval rewards {name: weight}
+    # Per-reward settings (model paths, dtypes, server URLs), one sub-dict per reward name.
+    config.reward_options = reward_options = ml_collections.ConfigDict()
+    reward_options.pickscore = ml_collections.ConfigDict()
+    reward_options.pickscore.model = "yuvalkirstain/PickScore_v1"  # hub id or local directory of the PickScore CLIPModel
+    reward_options.pickscore.processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # hub id or directory of its CLIP processor
+    reward_options.pickscore.dtype = "auto"  # model dtype: "auto" (float16 on CUDA, else float32), "float32", "float16", "bfloat16"
+    reward_options.pickscore.batch_size = 64  # images per model call (bigger batches are scored in chunks)
+    reward_options.clipscore = ml_collections.ConfigDict()
+    reward_options.clipscore.model = "openai/clip-vit-large-patch14"  # hub id or local directory of the CLIPModel
+    reward_options.clipscore.processor = ""  # hub id or directory of the CLIP processor; empty = same as model
+    reward_options.clipscore.dtype = "auto"  # model dtype: "auto", "float32", "float16", "bfloat16"
+    reward_options.clipscore.batch_size = 64  # images per model call
+    reward_options.clipscore.scale = 2.5  # w in CLIPScore = w * max(cos(image, prompt), 0)
+    reward_options.aesthetic = ml_collections.ConfigDict()
+    reward_options.aesthetic.model = "openai/clip-vit-large-patch14"  # hub id or directory of the CLIP ViT-L/14 backbone
+    reward_options.aesthetic.processor = ""  # hub id or directory of the CLIP processor; empty = same as model
+    reward_options.aesthetic.head = "assets/sac+logos+ava1-l14-linearMSE.pth"  # LAION aesthetic MLP weights: file or "<org>/<repo>:<file>"
+    reward_options.aesthetic.dtype = "auto"  # backbone dtype: "auto", "float32", "float16", "bfloat16" (the head runs in float32)
+    reward_options.aesthetic.batch_size = 64  # images per model call
+    reward_options.hpsv2 = ml_collections.ConfigDict()
+    reward_options.hpsv2.architecture = "ViT-H-14"  # open_clip architecture of the checkpoint
+    reward_options.hpsv2.checkpoint = "xswu/HPSv2:HPS_v2.1_compressed.pt"  # HPS v2.1 weights: file or "<org>/<repo>:<file>"
+    reward_options.hpsv2.dtype = "auto"  # model dtype: "auto", "float32", "float16", "bfloat16"
+    reward_options.hpsv2.batch_size = 64  # images per model call
+    # Remote rewards: "remote" asks the server for `scorer`; geneval / ocr / unifiedreward ask for their own name.
+    for remote_name in ("remote", "geneval", "ocr", "unifiedreward"):
+        remote = reward_options[remote_name] = ml_collections.ConfigDict()
+        remote.url = "http://127.0.0.1:18085"  # base URL of the reward server (scripts/reward_server.py)
+        remote.scorer = ""  # scorer name asked of the server; empty = the reward's own name (required for "remote")
+        remote.timeout = 120.0  # seconds to wait for one HTTP request
+        remote.max_retries = 2  # retries after a connection failure, timeout or HTTP 429/5xx
+        remote.backoff = 1.0  # seconds before the first retry, doubled at each further retry
+        remote.batch_size = 64  # images per HTTP request
+        remote.image_format = "png"  # image encoding: "png" (lossless, compact) or "raw" (uint8, no encoding cost)
+        remote.check_health = True  # ask the server's /health when the reward is built, to fail before training
 
     config.lock()
     return config

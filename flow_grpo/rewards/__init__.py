@@ -1,11 +1,19 @@
 """Rewards: one call signature, a registry of factories, weighted combination, async scoring.
 
-Importing this package registers the built-in weight-free rewards (``jpeg_compressibility``,
-``jpeg_incompressibility``). Modules for model-based rewards register theirs on import.
+Importing this package registers every built-in reward; heavy stacks (transformers, open_clip)
+are imported only inside the factories, when a reward is built:
+
+- weight-free: ``jpeg_compressibility``, ``jpeg_incompressibility`` (:mod:`.jpeg`);
+- local models: ``pickscore``, ``clipscore``, ``aesthetic`` (:mod:`.clip_models`, transformers)
+  and ``hpsv2`` (:mod:`.hpsv2`, open_clip);
+- remote: ``remote``, ``geneval``, ``ocr``, ``unifiedreward`` (:mod:`.remote`), scored by a reward
+  server (:mod:`.server`, ``scripts/reward_server.py``).
 """
 
-from flow_grpo.rewards import jpeg
+from flow_grpo.rewards import clip_models, hpsv2, jpeg, remote
+from flow_grpo.rewards.clip_models import AestheticHead
 from flow_grpo.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb
+from flow_grpo.rewards.preprocess import ImagePreprocess
 from flow_grpo.rewards.registry import (
     AVERAGE_KEY,
     AsyncScorer,
@@ -17,19 +25,38 @@ from flow_grpo.rewards.registry import (
     check_reward_names,
     register_reward,
 )
+from flow_grpo.rewards.remote import (
+    RemoteReward,
+    RemoteRewardBadReplyError,
+    RemoteRewardError,
+    RemoteRewardHTTPError,
+    RemoteRewardTimeoutError,
+    RemoteRewardUnreachableError,
+)
 
 __all__ = [
     "AVERAGE_KEY",
+    "AestheticHead",
     "AsyncScorer",
+    "ImagePreprocess",
     "MultiReward",
+    "RemoteReward",
+    "RemoteRewardBadReplyError",
+    "RemoteRewardError",
+    "RemoteRewardHTTPError",
+    "RemoteRewardTimeoutError",
+    "RemoteRewardUnreachableError",
     "RewardFactory",
     "RewardFn",
     "available_rewards",
     "build_reward",
     "check_reward_names",
+    "clip_models",
+    "hpsv2",
     "jpeg",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "jpeg_size_kb",
     "register_reward",
+    "remote",
 ]

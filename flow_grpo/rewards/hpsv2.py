@@ -1,0 +1,138 @@
+"""HPS v2.1 (Human Preference Score) through open_clip.
+
+HPS v2.1 is an open_clip ``ViT-H-14`` fine-tuned on human preferences; its checkpoint
+(``HPS_v2.1_compressed.pt``, weights under ``"state_dict"``) holds every weight, so the model is
+created directly from it with ``open_clip.create_model_and_transforms(arch, pretrained=<file>)``.
+The score is the cosine similarity of the image and prompt embeddings (no logit scale).
+
+open_clip is imported inside the factory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from torch import nn
+
+from flow_grpo.rewards.options import chunk_slices, parse_options, resolve_dtype, resolve_weights_file
+from flow_grpo.rewards.preprocess import ImagePreprocess
+from flow_grpo.rewards.registry import register_reward
+
+__all__ = ["HPSV2_DEFAULTS", "HpsReward", "OpenClipEncoder", "make_hpsv2"]
+
+logger = get_logger(__name__)
+
+HPSV2_DEFAULTS: dict[str, Any] = {
+    "architecture": "ViT-H-14",
+    "checkpoint": "xswu/HPSv2:HPS_v2.1_compressed.pt",
+    "dtype": "auto",
+    "batch_size": 64,
+}
+"""Options of ``hpsv2`` (mirrored in ``config/base.py``)."""
+
+
+class OpenClipEncoder:
+    """An open_clip model with its tokenizer and an on-device image preprocessing.
+
+    Produces L2-normalised float32 embeddings; the model runs in ``dtype``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        preprocess: ImagePreprocess,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(
+        cls, reward: str, architecture: str, checkpoint: str, device: torch.device, dtype_name: str, batch_size: int
+    ) -> OpenClipEncoder:
+        """Create ``architecture`` from the checkpoint file (local path or ``"<repo>:<file>"``)."""
+        import open_clip
+
+        dtype = resolve_dtype(dtype_name, device, reward)
+        if ":" not in architecture and architecture not in open_clip.list_models():
+            raise ValueError(
+                f"reward_options.{reward}.architecture = {architecture!r} is not an open_clip architecture; "
+                "use e.g. 'ViT-H-14' (register custom configs with open_clip.add_model_config)."
+            )
+        checkpoint_file = resolve_weights_file(checkpoint, reward, "checkpoint")
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(architecture, pretrained=checkpoint_file)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"Could not load {checkpoint_file!r} into open_clip {architecture!r}: {error}. Check that "
+                f"reward_options.{reward}.architecture matches the checkpoint."
+            ) from error
+        preprocess = ImagePreprocess.from_open_clip(model.visual.preprocess_cfg)
+        tokenizer = open_clip.get_tokenizer(architecture)
+        logger.info(
+            f"Loaded {reward} {architecture} from {checkpoint_file!r} ({dtype}) on {device}", main_process_only=False
+        )
+        return cls(model, tokenizer, preprocess, device, dtype, batch_size)
+
+    @torch.no_grad()
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [0, 1] -> L2-normalised float32 ``(N, D)`` on the reward device."""
+        out = []
+        for part in chunk_slices(images.shape[0], self.batch_size):
+            pixels = self.preprocess(images[part].to(self.device, non_blocking=True)).to(self.dtype)
+            out.append(self.model.encode_image(pixels).float())
+        return nn.functional.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``N`` prompts -> L2-normalised float32 ``(N, D)``; each distinct prompt is encoded once."""
+        unique = list(dict.fromkeys(prompts))
+        out = []
+        for part in chunk_slices(len(unique), self.batch_size):
+            tokens = self.tokenizer(unique[part]).to(self.device)
+            out.append(self.model.encode_text(tokens).float())
+        embeddings = nn.functional.normalize(torch.cat(out), dim=-1)
+        index = {prompt: i for i, prompt in enumerate(unique)}
+        return embeddings[torch.tensor([index[p] for p in prompts], device=embeddings.device)]
+
+
+class HpsReward:
+    """``reward(images, prompts, metadata) = cos(image, prompt)`` with the HPS v2.1 open_clip model.
+
+    Attributes:
+        encoder: the :class:`OpenClipEncoder` (exposed for benchmarks and tests).
+    """
+
+    def __init__(self, encoder: OpenClipEncoder) -> None:
+        self.encoder = encoder
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [0, 1] -> float32 ``(N,)`` CPU HPS v2.1 score."""
+        image = self.encoder.image_embeddings(images)
+        return (image * self.encoder.text_embeddings(prompts)).sum(dim=-1).cpu()
+
+
+@register_reward("hpsv2")
+def make_hpsv2(device: torch.device, options: Mapping[str, Any]) -> HpsReward:
+    """HPS v2.1: cosine similarity of open_clip image and prompt embeddings."""
+    opts = parse_options("hpsv2", options, HPSV2_DEFAULTS)
+    if opts["batch_size"] < 1:
+        raise ValueError(f"reward_options.hpsv2.batch_size must be positive, got {opts['batch_size']}.")
+    encoder = OpenClipEncoder.load(
+        "hpsv2", opts["architecture"], opts["checkpoint"], device, opts["dtype"], opts["batch_size"]
+    )
+    return HpsReward(encoder)

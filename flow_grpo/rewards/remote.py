@@ -1,0 +1,496 @@
+"""Rewards scored by a reward server over HTTP (GenEval, OCR, VLM judges, or any hosted reward).
+
+Some scorers need their own environment (an object detector stack, an OCR engine, a served VLM).
+They run in ``scripts/reward_server.py`` and the training job reaches them with a client reward.
+
+Wire protocol (JSON only; nothing received is ever unpickled or evaluated):
+
+- ``GET /health`` -> ``{"status": "ok", "protocol": 1, "scorers": [names]}``
+- ``POST /score`` with body::
+
+      {"protocol": 1, "scorer": "<name>", "image_format": "png" | "raw", "height": H, "width": W,
+       "images": ["<base64>", ...], "prompts": ["...", ...], "metadata": [{...}, ...]}
+
+  ``png``: each image is a base64 PNG (RGB, 8 bit). ``raw``: each image is the base64 of its
+  ``H * W * 3`` uint8 bytes in ``(H, W, RGB)`` order (no compression; fastest on a fast network).
+  Answer ``200`` with ``{"scores": [float, ...]}`` (one finite number per image), or a 4xx/5xx
+  status with ``{"error": "<message>"}``.
+
+Client rewards: ``remote`` (asks for ``reward_options.remote.scorer``), and ``geneval``, ``ocr``,
+``unifiedreward``, which ask for the scorer of their own name. Their options are
+:data:`REMOTE_DEFAULTS`.
+
+Errors (all :class:`RemoteRewardError`): :class:`RemoteRewardUnreachableError` (connection refused or
+dropped on every attempt), :class:`RemoteRewardTimeoutError` (no answer within ``timeout`` seconds on
+every attempt), :class:`RemoteRewardHTTPError` (a non-200 status), :class:`RemoteRewardBadReplyError`
+(not JSON, no ``scores``, wrong length, non-finite or non-numeric values). Connection failures,
+timeouts and statuses 429/500/502/503/504 are retried ``max_retries`` times, waiting ``backoff``,
+``2 * backoff``, ... seconds; other errors are raised at once. So a call fails after at most
+``(max_retries + 1) * timeout + backoff * (2 ** max_retries - 1)`` seconds per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import ipaddress
+import json
+import math
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+from PIL import Image
+
+from flow_grpo.rewards.options import chunk_slices, parse_options
+from flow_grpo.rewards.registry import RewardFn, register_reward
+
+__all__ = [
+    "IMAGE_FORMATS",
+    "NAMED_REMOTE_REWARDS",
+    "PROTOCOL_VERSION",
+    "REMOTE_DEFAULTS",
+    "RemoteReward",
+    "RemoteRewardBadReplyError",
+    "RemoteRewardError",
+    "RemoteRewardHTTPError",
+    "RemoteRewardTimeoutError",
+    "RemoteRewardUnreachableError",
+    "decode_images",
+    "encode_images",
+    "images_to_uint8",
+    "is_loopback_host",
+    "make_remote_reward",
+]
+
+logger = get_logger(__name__)
+
+PROTOCOL_VERSION = 1
+"""Version of the JSON protocol; the server reports it on ``/health``."""
+
+IMAGE_FORMATS = ("png", "raw")
+"""Image encodings of a ``/score`` request."""
+
+NAMED_REMOTE_REWARDS = ("geneval", "ocr", "unifiedreward")
+"""Client rewards that ask the server for the scorer of their own name."""
+
+REMOTE_DEFAULTS: dict[str, Any] = {
+    "url": "http://127.0.0.1:18085",
+    "scorer": "",
+    "timeout": 120.0,
+    "max_retries": 2,
+    "backoff": 1.0,
+    "batch_size": 64,
+    "image_format": "png",
+    "check_health": True,
+}
+"""Options of every remote reward (mirrored in ``config/base.py``)."""
+
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_MAX_REPLY_BYTES = 16 * 1024 * 1024
+
+
+class RemoteRewardError(RuntimeError):
+    """A remote reward could not produce scores; the message says what to check."""
+
+
+class RemoteRewardUnreachableError(RemoteRewardError):
+    """The server refused or dropped the connection on every attempt."""
+
+
+class RemoteRewardTimeoutError(RemoteRewardError):
+    """The server did not answer within the timeout on every attempt."""
+
+
+class RemoteRewardHTTPError(RemoteRewardError):
+    """The server answered with a status other than 200."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RemoteRewardBadReplyError(RemoteRewardError):
+    """The server answered 200 with a body that is not a valid score list for the batch."""
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float ``(N, 3, H, W)`` in [0, 1] -> uint8 ``(N, H, W, 3)`` numpy (rounded, clamped)."""
+    return (
+        (images.detach().float() * 255.0)
+        .nan_to_num(0.0)
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
+
+
+def encode_images(images: torch.Tensor, image_format: str) -> dict[str, Any]:
+    """Encode a batch for a ``/score`` request.
+
+    Args:
+        images: float ``(N, 3, H, W)`` in ``[0, 1]``.
+        image_format: ``"png"`` or ``"raw"``.
+
+    Returns:
+        ``{"image_format", "height", "width", "images": [base64 str] * N}``.
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}.")
+    pixels = images_to_uint8(images)
+    encoded = []
+    for pixel_array in pixels:
+        if image_format == "png":
+            buffer = io.BytesIO()
+            # Level 1: PNG is lossless at any level; higher levels only cost encoding time.
+            Image.fromarray(pixel_array).save(buffer, format="PNG", compress_level=1)
+            data = buffer.getvalue()
+        else:
+            data = np.ascontiguousarray(pixel_array).tobytes()
+        encoded.append(base64.b64encode(data).decode("ascii"))
+    return {
+        "image_format": image_format,
+        "height": int(images.shape[2]),
+        "width": int(images.shape[3]),
+        "images": encoded,
+    }
+
+
+def decode_images(payload: Mapping[str, Any], max_pixels: int = 4096 * 4096) -> torch.Tensor:
+    """Decode the images of a ``/score`` request (the inverse of :func:`encode_images`).
+
+    Args:
+        payload: the request dict.
+        max_pixels: largest accepted ``height * width`` (protects the server's memory).
+
+    Returns:
+        float32 ``(N, 3, H, W)`` in ``[0, 1]`` on the CPU.
+
+    Raises:
+        ValueError: on a missing field, bad base64, a non-PNG image or a size mismatch.
+    """
+    image_format = payload.get("image_format")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"'image_format' must be one of {list(IMAGE_FORMATS)}, got {image_format!r}.")
+    height, width = payload.get("height"), payload.get("width")
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"'{name}' must be a positive integer, got {value!r}.")
+    if height * width > max_pixels:
+        raise ValueError(f"Images of {height}x{width} exceed the server limit of {max_pixels} pixels.")
+    images = payload.get("images")
+    if not isinstance(images, list) or not images:
+        raise ValueError("'images' must be a non-empty list of base64 strings.")
+    arrays = []
+    for i, item in enumerate(images):
+        if not isinstance(item, str):
+            raise ValueError(f"images[{i}] is not a base64 string.")
+        try:
+            data = base64.b64decode(item, validate=True)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"images[{i}] is not valid base64: {error}") from None
+        if image_format == "raw":
+            if len(data) != height * width * 3:
+                raise ValueError(
+                    f"images[{i}] has {len(data)} bytes; {height}x{width}x3 = {height * width * 3} expected."
+                )
+            arrays.append(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3))
+        else:
+            try:
+                image = Image.open(io.BytesIO(data), formats=["PNG"])
+            except Exception as error:  # PIL raises several types for undecodable data
+                raise ValueError(f"images[{i}] is not a PNG image: {error}") from None
+            if image.size != (width, height):
+                raise ValueError(f"images[{i}] is {image.size[0]}x{image.size[1]} (WxH); {width}x{height} declared.")
+            try:
+                arrays.append(np.asarray(image.convert("RGB")))
+            except Exception as error:
+                raise ValueError(f"images[{i}] could not be decoded: {error}") from None
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return batch.float().div_(255.0)
+
+
+class RemoteReward:
+    """Client of a reward server: ``reward(images, prompts, metadata) -> float32 (N,) CPU``.
+
+    Sends the batch in requests of at most ``batch_size`` images; see the module docstring for
+    the protocol, retries and errors.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        scorer: str,
+        *,
+        timeout: float = 120.0,
+        max_retries: int = 2,
+        backoff: float = 1.0,
+        batch_size: int = 64,
+        image_format: str = "png",
+        reward_name: str = "remote",
+    ) -> None:
+        """Args: see :data:`REMOTE_DEFAULTS`; ``reward_name`` names the config entry in messages."""
+        setting = f"reward_options.{reward_name}"
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{setting}.url must be an http(s) URL like 'http://127.0.0.1:18085', got {url!r}.")
+        if not scorer:
+            raise ValueError(f"{setting}.scorer is empty; set it to the name of a scorer the server hosts.")
+        if not timeout > 0:
+            raise ValueError(f"{setting}.timeout must be positive (seconds), got {timeout}.")
+        if max_retries < 0:
+            raise ValueError(f"{setting}.max_retries must be 0 or more, got {max_retries}.")
+        if backoff < 0:
+            raise ValueError(f"{setting}.backoff must be 0 or more (seconds), got {backoff}.")
+        if batch_size < 1:
+            raise ValueError(f"{setting}.batch_size must be positive, got {batch_size}.")
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"{setting}.image_format must be one of {IMAGE_FORMATS}, got {image_format!r}.")
+        self.url = url.rstrip("/")
+        self.scorer = scorer
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+        self.batch_size = int(batch_size)
+        self.image_format = image_format
+        self.reward_name = reward_name
+        # Proxies from the environment are for the outside world; never route loopback through them.
+        handlers = [urllib.request.ProxyHandler({})] if is_loopback_host(parsed.hostname) else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __repr__(self) -> str:
+        return f"RemoteReward(url={self.url!r}, scorer={self.scorer!r})"
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health``; returns the server's reply dict (with its ``"scorers"`` list)."""
+        body = self._request("GET", "/health", None)
+        reply = self._parse_json(body)
+        if not isinstance(reply.get("scorers"), list):
+            raise RemoteRewardBadReplyError(
+                f"Reward server at {self.url} sent a /health reply without a 'scorers' list."
+            )
+        return reply
+
+    def check(self) -> None:
+        """Fail early if the server is down or does not host ``scorer``."""
+        hosted = self.health()["scorers"]
+        if self.scorer not in hosted:
+            raise RemoteRewardError(
+                f"The reward server at {self.url} does not host scorer {self.scorer!r} (it hosts {hosted}). "
+                f"Restart it with `--scorers {self.scorer}` or fix reward_options.{self.reward_name}."
+            )
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> torch.Tensor:
+        """Score a batch remotely.
+
+        Args:
+            images: float ``(N, 3, H, W)`` in ``[0, 1]``, any device.
+            prompts: ``N`` prompts.
+            metadata: ``N`` JSON-serialisable dicts (e.g. GenEval ``tag`` / ``include`` / ``exclude``).
+
+        Returns:
+            float32 ``(N,)`` on the CPU.
+        """
+        num = images.shape[0]
+        if len(prompts) != num or len(metadata) != num:
+            raise ValueError(f"Got {num} images, {len(prompts)} prompts and {len(metadata)} metadata dicts.")
+        scores = []
+        for part in chunk_slices(num, self.batch_size):
+            scores.extend(self._score_chunk(images[part], list(prompts[part]), list(metadata[part])))
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def _score_chunk(self, images: torch.Tensor, prompts: list[str], metadata: list[Mapping[str, Any]]) -> list[float]:
+        payload = {"protocol": PROTOCOL_VERSION, "scorer": self.scorer, **encode_images(images, self.image_format)}
+        payload["prompts"] = prompts
+        payload["metadata"] = [dict(m) for m in metadata]
+        try:
+            body = json.dumps(payload, allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"The prompts and metadata sent to the reward server must be JSON-serialisable: {error}"
+            ) from None
+        reply = self._parse_json(self._request("POST", "/score", body))
+        scores = reply.get("scores")
+        num = len(prompts)
+        if not isinstance(scores, list):
+            raise RemoteRewardBadReplyError(
+                f"Reward server at {self.url} sent a reply without a 'scores' list: {_preview(reply)}"
+            )
+        if len(scores) != num:
+            raise RemoteRewardBadReplyError(
+                f"Reward server at {self.url} sent {len(scores)} scores for {num} images (scorer {self.scorer!r})."
+            )
+        for value in scores:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RemoteRewardBadReplyError(
+                    f"Reward server at {self.url} sent a score that is not a finite number: {value!r} "
+                    f"(scorer {self.scorer!r})."
+                )
+        return [float(value) for value in scores]
+
+    def _parse_json(self, body: bytes) -> dict[str, Any]:
+        def reject_constant(name: str) -> None:
+            raise ValueError(f"non-finite number {name}")
+
+        try:
+            reply = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
+        except (UnicodeDecodeError, ValueError) as error:
+            raise RemoteRewardBadReplyError(
+                f"Reward server at {self.url} sent a reply that is not valid JSON ({error}): {body[:200]!r}"
+            ) from None
+        if not isinstance(reply, dict):
+            raise RemoteRewardBadReplyError(
+                f"Reward server at {self.url} sent JSON that is not an object: {_preview(reply)}"
+            )
+        return reply
+
+    def _request(self, method: str, path: str, body: bytes | None) -> bytes:
+        """One HTTP exchange with bounded retries; returns the body of a 200 answer."""
+        attempts = self.max_retries + 1
+        start = time.monotonic()
+        last_error: RemoteRewardError | None = None
+        for attempt in range(attempts):
+            if attempt:
+                delay = self.backoff * 2 ** (attempt - 1)
+                logger.warning(
+                    f"Reward server {self.url}{path}: {last_error}; retry {attempt}/{self.max_retries} in {delay:.1f}s",
+                    main_process_only=False,
+                )
+                time.sleep(delay)
+            request = urllib.request.Request(
+                self.url + path, data=body, method=method, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with self._opener.open(request, timeout=self.timeout) as response:
+                    data = response.read(_MAX_REPLY_BYTES + 1)
+                if len(data) > _MAX_REPLY_BYTES:
+                    raise RemoteRewardBadReplyError(
+                        f"Reward server at {self.url} sent a reply over {_MAX_REPLY_BYTES} bytes."
+                    )
+                return data
+            except urllib.error.HTTPError as error:
+                message = _error_message(error)
+                last_error = RemoteRewardHTTPError(
+                    f"Reward server at {self.url}{path} answered HTTP {error.code} "
+                    f"for scorer {self.scorer!r}: {message}",
+                    error.code,
+                )
+                if error.code not in _RETRY_STATUSES:
+                    raise last_error from None
+            except TimeoutError as error:
+                last_error = self._timeout_error(path, error)
+            except urllib.error.URLError as error:
+                if isinstance(error.reason, TimeoutError):
+                    last_error = self._timeout_error(path, error.reason)
+                else:
+                    last_error = self._unreachable_error(path, error.reason)
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.IncompleteRead) as error:
+                # Dropped or reset connections, answers cut short: worth another try.
+                last_error = self._unreachable_error(path, error)
+            except http.client.HTTPException as error:
+                # Bytes that are not HTTP at all: most likely another service on that port.
+                raise RemoteRewardBadReplyError(
+                    f"The server at {self.url}{path} did not answer with valid HTTP ({type(error).__name__}: "
+                    f"{_preview(str(error))}); is reward_options.{self.reward_name}.url the reward server?"
+                ) from None
+            except OSError as error:
+                last_error = self._unreachable_error(path, error)
+        elapsed = time.monotonic() - start
+        assert last_error is not None
+        raise type(last_error)(
+            f"{last_error} (gave up after {attempts} attempt(s) in {elapsed:.1f}s; "
+            f"reward_options.{self.reward_name}.max_retries = {self.max_retries})",
+            *([last_error.status] if isinstance(last_error, RemoteRewardHTTPError) else []),
+        )
+
+    def _timeout_error(self, path: str, error: BaseException) -> RemoteRewardTimeoutError:
+        return RemoteRewardTimeoutError(
+            f"Reward server at {self.url}{path} did not answer within {self.timeout:g}s ({error}); raise "
+            f"reward_options.{self.reward_name}.timeout or check the server's load"
+        )
+
+    def _unreachable_error(self, path: str, reason: object) -> RemoteRewardUnreachableError:
+        return RemoteRewardUnreachableError(
+            f"Reward server at {self.url}{path} is unreachable ({reason}); start it with "
+            f"`python scripts/reward_server.py --scorers {self.scorer} --port <port>` or fix "
+            f"reward_options.{self.reward_name}.url"
+        )
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    """The ``"error"`` field of an error answer, else the start of its body."""
+    try:
+        body = error.read(64 * 1024)
+    except Exception:  # the body of a failed answer is best effort
+        return error.reason or ""
+    try:
+        parsed = json.loads(body.decode("utf-8"))
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+            return parsed["error"]
+    except (UnicodeDecodeError, ValueError):
+        pass
+    return body[:300].decode("utf-8", errors="replace") or str(error.reason)
+
+
+def _preview(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for "localhost" and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_remote_reward(reward_name: str, device: torch.device, options: Mapping[str, Any]) -> RewardFn:
+    """Build the client reward ``reward_name`` from its options (see :data:`REMOTE_DEFAULTS`).
+
+    The scorer asked for is ``options["scorer"]``, or ``reward_name`` for the named remote rewards.
+    With ``check_health`` the server is asked at once whether it hosts that scorer.
+    """
+    opts = parse_options(reward_name, options, REMOTE_DEFAULTS)
+    scorer = opts["scorer"] or (reward_name if reward_name != "remote" else "")
+    client = RemoteReward(
+        opts["url"],
+        scorer,
+        timeout=opts["timeout"],
+        max_retries=opts["max_retries"],
+        backoff=opts["backoff"],
+        batch_size=opts["batch_size"],
+        image_format=opts["image_format"],
+        reward_name=reward_name,
+    )
+    if opts["check_health"]:
+        client.check()
+    return client
+
+
+def _register(name: str) -> None:
+    def factory(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
+        return make_remote_reward(name, device, options)
+
+    factory.__doc__ = f"Client reward {name!r}: scores images on a reward server (see flow_grpo.rewards.remote)."
+    factory.__name__ = f"make_{name}_remote"
+    factory.remote = True  # type: ignore[attr-defined]  # the server refuses to host client rewards
+    register_reward(name)(factory)
+
+
+for _name in ("remote", *NAMED_REMOTE_REWARDS):
+    _register(_name)
