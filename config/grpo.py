@@ -21,7 +21,9 @@ TINY_MODEL_DIR = os.path.join(".cache", "tiny-sd3")
 
 
 def _rewards(**weights: float) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(weights)
+    rewards = ml_collections.ConfigDict(weights)
+    rewards.lock()  # replacing a field of a locked config does not lock the replacement
+    return rewards
 
 
 def _finish(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -90,14 +92,14 @@ def tiny_tp_grpo() -> ml_collections.ConfigDict:
     """TP-GRPO on the tiny offline SD3 model with the JPEG-compressibility reward; runs on CPU."""
     config = base.get_config()
     config.pretrained.model = TINY_MODEL_DIR
-    config.pretrained.max_sequence_length = 32
+    config.pretrained.max_sequence_length = 64
     config.mixed_precision = "no"
     config.report_to = "none"
     config.dataset = "dataset/demo"
     config.num_epochs = 8
     config.save_freq = 0
     config.eval_freq = 0
-    config.sample.resolution = 32
+    config.sample.resolution = 64
     config.sample.num_steps = 6
     config.sample.eval_num_steps = 6
     config.sample.window_size = 4

@@ -157,6 +157,20 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
     _positive_int(config, "sample.eval_batch_size")
     _positive_int(config, "sample.resolution")
     _check_window(config)
+    from flow_grpo.models import ADAPTERS
+
+    family = config.pretrained.family
+    if family not in ADAPTERS:
+        _fail("pretrained.family", f"unknown model family {family!r}", f"Use one of {sorted(ADAPTERS)}.")
+    if check_paths:
+        _check_paths(config)
+    multiple = ADAPTERS[family].resolution_multiple(config.pretrained.model)
+    if sample.resolution % multiple:
+        _fail(
+            "sample.resolution",
+            f"{sample.resolution} is not a multiple of {multiple} (VAE factor x token patch of this model)",
+            f"Use a multiple of {multiple}, e.g. {max(multiple, sample.resolution // multiple * multiple)}.",
+        )
     train = config.train
     if train.clip_range <= 0:
         _fail("train.clip_range", f"must be positive, got {train.clip_range}", "Use e.g. 1e-5 (published).")
@@ -180,8 +194,6 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
         check_reward_names(list(config.eval_reward_fn.keys()))
     except ValueError as error:
         raise ConfigError(f"config.reward_fn / config.eval_reward_fn: {error}") from None
-    if check_paths:
-        _check_paths(config)
     return derive_layout(config, world_size)
 
 

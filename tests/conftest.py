@@ -6,11 +6,14 @@ import os
 import socket
 
 import pytest
+import torch
 from accelerate import PartialState
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Tiny models run faster on one thread than on two contending ones (and CI has two cores).
+torch.set_num_threads(1)
 PartialState()  # library code logs through accelerate, which needs its state as in a real run
 
 

@@ -8,6 +8,7 @@ subclass that calls its diffusers pipeline's own helpers.
 from __future__ import annotations
 
 import abc
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -55,6 +56,29 @@ class ModelAdapter(abc.ABC):
 
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     lora_target_modules: ClassVar[list[str]]
+    # Image sides must be multiples of this for hub models (VAE factor 8 x token patch 2).
+    default_resolution_multiple: ClassVar[int] = 16
+
+    @classmethod
+    def token_patch(cls, transformer_config: dict) -> int:
+        """Latent pixels per token side (the transformer's patch size, or the packing factor)."""
+        return int(transformer_config.get("patch_size", 1))
+
+    @classmethod
+    def resolution_multiple(cls, model: str) -> int:
+        """The image side must be a multiple of this: VAE factor x token patch.
+
+        Read from the component configs of a local pipeline directory without loading weights;
+        the family's default for a hub id.
+        """
+        root = os.path.expanduser(model)
+        if not os.path.isdir(root):
+            return cls.default_resolution_multiple
+        with open(os.path.join(root, "vae", "config.json")) as f:
+            vae = json.load(f)
+        with open(os.path.join(root, "transformer", "config.json")) as f:
+            transformer = json.load(f)
+        return 2 ** (len(vae["block_out_channels"]) - 1) * cls.token_patch(transformer)
 
     def __init__(self, pipeline: DiffusionPipeline, *, guidance_scale: float, max_sequence_length: int) -> None:
         self.pipeline = pipeline
@@ -79,13 +103,15 @@ class ModelAdapter(abc.ABC):
         local = os.path.expanduser(model)
         source = local if os.path.isdir(local) else model
         logger.info(f"loading {cls.pipeline_class.__name__} from {source}")
-        pipeline = cls.pipeline_class.from_pretrained(source, revision=revision or None)
+        pipeline = cls.pipeline_class.from_pretrained(
+            source, revision=revision or None, dtype={"default": dtype, "vae": torch.float32}
+        )
         pipeline.set_progress_bar_config(disable=True)
-        for name, component in pipeline.components.items():
+        for component in pipeline.components.values():
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False)
                 component.eval()
-                component.to(device=device, dtype=torch.float32 if name == "vae" else dtype)
+                component.to(device=device)
         return cls(pipeline, **kwargs)
 
     @property

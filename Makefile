@@ -1,0 +1,30 @@
+# `make demo` and `make test` create the virtual environment on first use.
+PYTHON_BASE ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TINY_MODEL := .cache/tiny-sd3
+
+.PHONY: install demo test tiny-model clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PYTHON) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(TINY_MODEL)/model_index.json: | $(STAMP)
+	$(PYTHON) -m flow_grpo.testing $(TINY_MODEL) --family sd3 --geometry real
+
+tiny-model: $(TINY_MODEL)/model_index.json
+
+demo: $(STAMP) $(TINY_MODEL)/model_index.json
+	OMP_NUM_THREADS=1 $(PYTHON) train_sd3.py --config=config/grpo.py:tiny_tp_grpo --config.run_name=demo
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .cache logs
