@@ -4,6 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY_MODEL := .cache/tiny-sd3
+TINY_FLUX := .cache/tiny-flux
 
 .PHONY: install demo test tiny-model clean
 
@@ -16,9 +17,12 @@ $(STAMP): requirements.txt setup.py
 	touch $(STAMP)
 
 $(TINY_MODEL)/model_index.json: | $(STAMP)
-	$(PYTHON) -m flow_grpo.testing $(TINY_MODEL) --family sd3 --geometry real
+	$(PYTHON) -m flow_grpo.testing $(TINY_MODEL) --family sd3 --geometry minimal
 
-tiny-model: $(TINY_MODEL)/model_index.json
+$(TINY_FLUX)/model_index.json: | $(STAMP)
+	$(PYTHON) -m flow_grpo.testing $(TINY_FLUX) --family flux --geometry minimal
+
+tiny-model: $(TINY_MODEL)/model_index.json $(TINY_FLUX)/model_index.json
 
 demo: $(STAMP) $(TINY_MODEL)/model_index.json
 	OMP_NUM_THREADS=1 $(PYTHON) train_sd3.py --config=config/grpo.py:tiny_tp_grpo --config.run_name=demo

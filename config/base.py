@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.pretrained = pretrained = ml_collections.ConfigDict()
     pretrained.model = "stabilityai/stable-diffusion-3.5-medium"  # hub id or local directory of the diffusers pipeline
     pretrained.revision = ""  # hub revision; empty = default branch
-    pretrained.family = "sd3"  # model adapter: "sd3" (the FLUX adapter plugs in the same way)
+    pretrained.family = "sd3"  # model adapter: "sd3" (train_sd3.py) or "flux" (train_flux.py)
     pretrained.max_sequence_length = 128  # T5 prompt length in tokens
 
     # ---- sampling (rollouts) ----
@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     sample.resolution = 512  # image height and width in pixels
     sample.num_steps = 10  # denoising steps of a training rollout
     sample.eval_num_steps = 40  # denoising steps of evaluation (plain ODE sampling)
-    sample.guidance_scale = 4.5  # classifier-free guidance weight w (SD3), train and eval
+    sample.guidance_scale = 4.5  # SD3: classifier-free guidance weight w; FLUX: guidance-embedding value; train and eval
     sample.step_kind = "cps"  # stochastic step of the window: "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
     sample.noise_level = 0.7  # noise level a in [0, 1] of the window steps
     sample.window_size = 9  # number W of stochastic (trained) steps per rollout

@@ -16,8 +16,9 @@ _spec = importlib.util.spec_from_file_location("flow_grpo_config_base", os.path.
 base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(base)
 
-# Where `make tiny-model` saves the tiny offline pipeline used by the CPU presets.
+# Where `make tiny-model` saves the tiny offline pipelines used by the CPU presets.
 TINY_MODEL_DIR = os.path.join(".cache", "tiny-sd3")
+TINY_FLUX_DIR = os.path.join(".cache", "tiny-flux")
 
 
 def _rewards(**weights: float) -> ml_collections.ConfigDict:
@@ -96,10 +97,10 @@ def tiny_tp_grpo() -> ml_collections.ConfigDict:
     config.mixed_precision = "no"
     config.report_to = "none"
     config.dataset = "dataset/demo"
-    config.num_epochs = 8
+    config.num_epochs = 10
     config.save_freq = 0
     config.eval_freq = 0
-    config.sample.resolution = 64
+    config.sample.resolution = 32
     config.sample.num_steps = 6
     config.sample.eval_num_steps = 6
     config.sample.window_size = 4
@@ -110,7 +111,7 @@ def tiny_tp_grpo() -> ml_collections.ConfigDict:
     config.sample.eval_batch_size = 4
     config.train.batch_size = 8
     config.train.updates_per_epoch = 1
-    config.train.learning_rate = 1e-2
+    config.train.learning_rate = 3e-2
     config.train.clip_range = 1e-3
     config.train.beta = 0.0
     config.train.lora_rank = 8
@@ -124,6 +125,73 @@ def tiny_tp_grpo() -> ml_collections.ConfigDict:
 def tiny_flow_grpo() -> ml_collections.ConfigDict:
     """Flow-GRPO twin of `tiny_tp_grpo`."""
     return _flow_grpo(tiny_tp_grpo())
+
+
+def flux_tp_grpo() -> ml_collections.ConfigDict:
+    """FLUX.1-dev TP-GRPO defaults shared by every FLUX preset (section 8 of ALGORITHM.md)."""
+    config = sd3_tp_grpo()
+    config.pretrained.model = "black-forest-labs/FLUX.1-dev"
+    config.pretrained.family = "flux"
+    config.pretrained.max_sequence_length = 512
+    config.mixed_precision = "bf16"
+    config.sample.num_steps = 6
+    config.sample.eval_num_steps = 28
+    config.sample.guidance_scale = 3.5
+    config.sample.window_size = 5
+    config.sample.window_range = (0, 5)
+    config.train.lora_rank = 64
+    config.train.lora_alpha = 128
+    return config
+
+
+def pickscore_flux() -> ml_collections.ConfigDict:
+    config = flux_tp_grpo()
+    config.dataset = "dataset/pickscore"
+    config.reward_fn = _rewards(pickscore=1.0)
+    config.eval_reward_fn = _rewards(pickscore=1.0)
+    return config
+
+
+def geneval_flux() -> ml_collections.ConfigDict:
+    """GenEval on FLUX; the window stays off the last step (the reference lets it reach it: NaN KL)."""
+    config = flux_tp_grpo()
+    config.dataset = "dataset/geneval"
+    config.reward_fn = _rewards(geneval=1.0)
+    config.eval_reward_fn = _rewards(geneval=1.0)
+    return config
+
+
+def ocr_flux() -> ml_collections.ConfigDict:
+    config = flux_tp_grpo()
+    config.dataset = "dataset/ocr"
+    config.reward_fn = _rewards(ocr=1.0)
+    config.eval_reward_fn = _rewards(ocr=1.0)
+    return config
+
+
+def pickscore_flux_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(pickscore_flux())
+
+
+def geneval_flux_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(geneval_flux())
+
+
+def ocr_flux_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(ocr_flux())
+
+
+def tiny_flux() -> ml_collections.ConfigDict:
+    """TP-GRPO on the tiny offline FLUX model (guidance embedding, packed latents); runs on CPU."""
+    config = tiny_tp_grpo()
+    config.pretrained.model = TINY_FLUX_DIR
+    config.pretrained.family = "flux"
+    config.sample.guidance_scale = 3.5
+    return config
+
+
+def tiny_flux_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(tiny_flux())
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:

@@ -46,7 +46,7 @@ class TinyGeometry:
 
 
 GEOMETRIES: dict[str, TinyGeometry] = {
-    "minimal": TinyGeometry(latent_channels=4, vae_blocks=(8,), patch_size=1, sample_size=32),
+    "minimal": TinyGeometry(latent_channels=4, vae_blocks=(8,), patch_size=2, sample_size=32),
     "real": TinyGeometry(latent_channels=16, vae_blocks=(8, 8, 8, 8), patch_size=2, sample_size=32),
 }
 

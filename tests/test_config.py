@@ -34,6 +34,14 @@ PRESET_NAMES = [
     "ocr_sd3_flow_grpo",
     "tiny_tp_grpo",
     "tiny_flow_grpo",
+    "pickscore_flux",
+    "geneval_flux",
+    "ocr_flux",
+    "pickscore_flux_flow_grpo",
+    "geneval_flux_flow_grpo",
+    "ocr_flux_flow_grpo",
+    "tiny_flux",
+    "tiny_flux_flow_grpo",
 ]
 
 
@@ -66,6 +74,17 @@ def test_published_sd3_settings() -> None:
     assert not presets.ocr_sd3_basic().tp.consistent
     layout = derive_layout(config, 32)
     assert layout.sample_batches_per_epoch == 4 and layout.gradient_accumulation_steps == 2 * 9
+
+
+def test_published_flux_settings() -> None:
+    config = presets.pickscore_flux()
+    assert (config.pretrained.family, config.mixed_precision) == ("flux", "bf16")
+    assert (config.sample.num_steps, config.sample.eval_num_steps, config.sample.guidance_scale) == (6, 28, 3.5)
+    assert (config.sample.window_size, tuple(config.sample.window_range)) == (5, (0, 5))
+    assert (config.train.lora_rank, config.train.lora_alpha) == (64, 128)
+    for name in ("geneval_flux", "ocr_flux", "pickscore_flux_flow_grpo"):
+        preset = presets.get_config(name)
+        assert preset.sample.window_range[1] <= preset.sample.num_steps - 1
 
 
 def test_unknown_preset() -> None:
