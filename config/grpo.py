@@ -186,7 +186,10 @@ def tiny_flux() -> ml_collections.ConfigDict:
     config = tiny_tp_grpo()
     config.pretrained.model = TINY_FLUX_DIR
     config.pretrained.family = "flux"
+    config.num_epochs = 12
     config.sample.guidance_scale = 3.5
+    config.sample.prompts_per_epoch = 8
+    config.train.learning_rate = 1e-1
     return config
 
 
