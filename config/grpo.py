@@ -32,6 +32,14 @@ def _finish(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def _task(config: ml_collections.ConfigDict, dataset: str, **rewards: float) -> ml_collections.ConfigDict:
+    """A published task: its prompt set `dataset/<dataset>` and its reward for training and evaluation."""
+    config.dataset = f"dataset/{dataset}"
+    config.reward_fn = _rewards(**rewards)
+    config.eval_reward_fn = _rewards(**rewards)
+    return _finish(config)
+
+
 def sd3_tp_grpo() -> ml_collections.ConfigDict:
     """SD3.5-Medium TP-GRPO defaults shared by every SD3 preset (section 8 of ALGORITHM.md)."""
     config = base.get_config()
@@ -42,27 +50,15 @@ def sd3_tp_grpo() -> ml_collections.ConfigDict:
 
 
 def pickscore_sd3() -> ml_collections.ConfigDict:
-    config = sd3_tp_grpo()
-    config.dataset = "dataset/pickscore"
-    config.reward_fn = _rewards(pickscore=1.0)
-    config.eval_reward_fn = _rewards(pickscore=1.0)
-    return _finish(config)
+    return _task(sd3_tp_grpo(), "pickscore", pickscore=1.0)
 
 
 def geneval_sd3() -> ml_collections.ConfigDict:
-    config = sd3_tp_grpo()
-    config.dataset = "dataset/geneval"
-    config.reward_fn = _rewards(geneval=1.0)
-    config.eval_reward_fn = _rewards(geneval=1.0)
-    return _finish(config)
+    return _task(sd3_tp_grpo(), "geneval", geneval=1.0)
 
 
 def ocr_sd3() -> ml_collections.ConfigDict:
-    config = sd3_tp_grpo()
-    config.dataset = "dataset/ocr"
-    config.reward_fn = _rewards(ocr=1.0)
-    config.eval_reward_fn = _rewards(ocr=1.0)
-    return _finish(config)
+    return _task(sd3_tp_grpo(), "ocr", ocr=1.0)
 
 
 def ocr_sd3_basic() -> ml_collections.ConfigDict:
@@ -145,28 +141,16 @@ def flux_tp_grpo() -> ml_collections.ConfigDict:
 
 
 def pickscore_flux() -> ml_collections.ConfigDict:
-    config = flux_tp_grpo()
-    config.dataset = "dataset/pickscore"
-    config.reward_fn = _rewards(pickscore=1.0)
-    config.eval_reward_fn = _rewards(pickscore=1.0)
-    return config
+    return _task(flux_tp_grpo(), "pickscore", pickscore=1.0)
 
 
 def geneval_flux() -> ml_collections.ConfigDict:
     """GenEval on FLUX; the window stays off the last step (the reference lets it reach it: NaN KL)."""
-    config = flux_tp_grpo()
-    config.dataset = "dataset/geneval"
-    config.reward_fn = _rewards(geneval=1.0)
-    config.eval_reward_fn = _rewards(geneval=1.0)
-    return config
+    return _task(flux_tp_grpo(), "geneval", geneval=1.0)
 
 
 def ocr_flux() -> ml_collections.ConfigDict:
-    config = flux_tp_grpo()
-    config.dataset = "dataset/ocr"
-    config.reward_fn = _rewards(ocr=1.0)
-    config.eval_reward_fn = _rewards(ocr=1.0)
-    return config
+    return _task(flux_tp_grpo(), "ocr", ocr=1.0)
 
 
 def pickscore_flux_flow_grpo() -> ml_collections.ConfigDict:

@@ -73,13 +73,12 @@ def t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-def _clip_text_encoder(vocab_size: int, hidden: int, projection: int) -> CLIPTextModelWithProjection:
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
+def _clip_text_config(vocab_size: int, hidden: int, projection: int | None = None) -> CLIPTextConfig:
+    extra = {} if projection is None else {"projection_dim": projection}
+    return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        projection_dim=projection,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=CLIP_MAX_LENGTH,
@@ -87,8 +86,13 @@ def _clip_text_encoder(vocab_size: int, hidden: int, projection: int) -> CLIPTex
         eos_token_id=1,
         pad_token_id=1,
         hidden_act="gelu",
+        **extra,
     )
-    return CLIPTextModelWithProjection(config).eval()
+
+
+def _clip_text_encoder(vocab_size: int, hidden: int, projection: int) -> CLIPTextModelWithProjection:
+    torch.manual_seed(0)
+    return CLIPTextModelWithProjection(_clip_text_config(vocab_size, hidden, projection)).eval()
 
 
 def _t5_encoder(vocab_size: int, d_model: int) -> T5EncoderModel:
@@ -132,7 +136,7 @@ def tiny_sd3_pipeline(geometry: str = "minimal") -> StableDiffusion3Pipeline:
     """Build a tiny SD3 pipeline with random weights (float32, CPU, eval mode).
 
     Args:
-        geometry: "minimal" (4 latent channels, VAE factor 1, patch 1) or "real" (16 channels,
+        geometry: "minimal" (4 latent channels, VAE factor 1, patch 2) or "real" (16 channels,
             VAE factor 8, patch 2).
     """
     if geometry not in GEOMETRIES:
@@ -172,19 +176,7 @@ def tiny_sd3_pipeline(geometry: str = "minimal") -> StableDiffusion3Pipeline:
 def _clip_pooled_text_encoder(vocab_size: int, hidden: int) -> CLIPTextModel:
     """A CLIP text model whose pooled output (B, hidden) is FLUX's `pooled_projections`."""
     torch.manual_seed(0)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_act="gelu",
-    )
-    return CLIPTextModel(config).eval()
+    return CLIPTextModel(_clip_text_config(vocab_size, hidden)).eval()
 
 
 def tiny_flux_pipeline(geometry: str = "minimal") -> FluxPipeline:

@@ -68,10 +68,11 @@ AESTHETIC_DEFAULTS: dict[str, Any] = {
 """Options of ``aesthetic`` (mirrored in ``config/base.py``)."""
 
 
-class ClipEncoder:
-    """A transformers ``CLIPModel`` with its tokenizer and an on-device image preprocessing.
+class EmbeddingEncoder:
+    """A contrastive image-text model with its tokenizer and an on-device image preprocessing.
 
-    Produces L2-normalised float32 embeddings; the model itself runs in ``dtype``.
+    Subclasses say how one chunk of pixels or prompts is embedded; this class chunks, encodes each
+    distinct prompt once and L2-normalises. Embeddings are float32; the model runs in ``dtype``.
     """
 
     def __init__(
@@ -91,6 +92,52 @@ class ClipEncoder:
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = batch_size
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels ``(n, 3, h, w)`` -> unnormalised embeddings ``(n, D)``."""
+        raise NotImplementedError
+
+    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> unnormalised embeddings ``(n, D)``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [0, 1] -> L2-normalised float32 ``(N, D)`` on the reward device."""
+        out = []
+        for part in chunk_slices(images.shape[0], self.batch_size):
+            pixels = self.preprocess(images[part].to(self.device, non_blocking=True)).to(self.dtype)
+            out.append(self._encode_pixels(pixels).float())
+        return nn.functional.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``N`` prompts -> L2-normalised float32 ``(N, D)``; each distinct prompt is encoded once."""
+        unique = list(dict.fromkeys(prompts))
+        out = [self._encode_prompts(unique[part]).float() for part in chunk_slices(len(unique), self.batch_size)]
+        embeddings = nn.functional.normalize(torch.cat(out), dim=-1)
+        index = {prompt: i for i, prompt in enumerate(unique)}
+        return embeddings[torch.tensor([index[p] for p in prompts], device=embeddings.device)]
+
+    @torch.no_grad()
+    def cosine(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Cosine similarity of each image with its prompt: float32 ``(N,)`` on the reward device."""
+        return (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)
+
+
+class ClipEncoder(EmbeddingEncoder):
+    """A transformers ``CLIPModel`` (PickScore, CLIPScore, the aesthetic predictor's backbone)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        preprocess: ImagePreprocess,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+    ) -> None:
+        super().__init__(model, tokenizer, preprocess, device, dtype, batch_size)
         text_positions = model.config.text_config.max_position_embeddings
         self.max_length = min(int(getattr(tokenizer, "model_max_length", text_positions)), text_positions)
 
@@ -133,37 +180,15 @@ class ClipEncoder:
         logger.info(f"Loaded {reward} model {model!r} ({dtype}) on {device}", main_process_only=False)
         return cls(clip, tokenizer, preprocess, device, dtype, batch_size)
 
-    @torch.no_grad()
-    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [0, 1] -> L2-normalised float32 ``(N, D)`` on the reward device."""
-        out = []
-        for part in chunk_slices(images.shape[0], self.batch_size):
-            pixels = self.preprocess(images[part].to(self.device, non_blocking=True)).to(self.dtype)
-            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-            out.append(self.model.visual_projection(pooled).float())
-        return nn.functional.normalize(torch.cat(out), dim=-1)
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
 
-    @torch.no_grad()
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``N`` prompts -> L2-normalised float32 ``(N, D)``; each distinct prompt is encoded once."""
-        unique = list(dict.fromkeys(prompts))
-        out = []
-        for part in chunk_slices(len(unique), self.batch_size):
-            tokens = self.tokenizer(
-                unique[part], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            ).to(self.device)
-            pooled = self.model.text_model(
-                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-            ).pooler_output
-            out.append(self.model.text_projection(pooled).float())
-        embeddings = nn.functional.normalize(torch.cat(out), dim=-1)
-        index = {prompt: i for i, prompt in enumerate(unique)}
-        return embeddings[torch.tensor([index[p] for p in prompts], device=embeddings.device)]
-
-    @torch.no_grad()
-    def cosine(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Cosine similarity of each image with its prompt: float32 ``(N,)`` on the reward device."""
-        return (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)
+    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        pooled = self.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+        return self.model.text_projection(pooled)
 
     @property
     def logit_scale(self) -> float:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
-from torch import nn
 
-from flow_grpo.rewards.options import chunk_slices, parse_options, resolve_dtype, resolve_weights_file
+from flow_grpo.rewards.clip_models import EmbeddingEncoder
+from flow_grpo.rewards.options import parse_options, resolve_dtype, resolve_weights_file
 from flow_grpo.rewards.preprocess import ImagePreprocess
 from flow_grpo.rewards.registry import register_reward
 
@@ -34,29 +34,8 @@ HPSV2_DEFAULTS: dict[str, Any] = {
 """Options of ``hpsv2`` (mirrored in ``config/base.py``)."""
 
 
-class OpenClipEncoder:
-    """An open_clip model with its tokenizer and an on-device image preprocessing.
-
-    Produces L2-normalised float32 embeddings; the model runs in ``dtype``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        preprocess: ImagePreprocess,
-        device: torch.device,
-        dtype: torch.dtype,
-        batch_size: int,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.batch_size = batch_size
+class OpenClipEncoder(EmbeddingEncoder):
+    """An open_clip model (HPS v2.1) with its tokenizer and an on-device image preprocessing."""
 
     @classmethod
     def load(
@@ -86,26 +65,11 @@ class OpenClipEncoder:
         )
         return cls(model, tokenizer, preprocess, device, dtype, batch_size)
 
-    @torch.no_grad()
-    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [0, 1] -> L2-normalised float32 ``(N, D)`` on the reward device."""
-        out = []
-        for part in chunk_slices(images.shape[0], self.batch_size):
-            pixels = self.preprocess(images[part].to(self.device, non_blocking=True)).to(self.dtype)
-            out.append(self.model.encode_image(pixels).float())
-        return nn.functional.normalize(torch.cat(out), dim=-1)
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
 
-    @torch.no_grad()
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``N`` prompts -> L2-normalised float32 ``(N, D)``; each distinct prompt is encoded once."""
-        unique = list(dict.fromkeys(prompts))
-        out = []
-        for part in chunk_slices(len(unique), self.batch_size):
-            tokens = self.tokenizer(unique[part]).to(self.device)
-            out.append(self.model.encode_text(tokens).float())
-        embeddings = nn.functional.normalize(torch.cat(out), dim=-1)
-        index = {prompt: i for i, prompt in enumerate(unique)}
-        return embeddings[torch.tensor([index[p] for p in prompts], device=embeddings.device)]
+    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(prompts).to(self.device))
 
 
 class HpsReward:
