@@ -19,6 +19,18 @@ from diffusers import DiffusionPipeline
 
 logger = get_logger(__name__)
 
+# Attention projections of an MMDiT block (image stream and context stream), as diffusers names them.
+JOINT_ATTENTION_LORA_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+
 
 @dataclass(frozen=True)
 class PromptBatch:

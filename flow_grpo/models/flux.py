@@ -16,7 +16,7 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from flow_grpo.models.base import ModelAdapter, PromptBatch
+from flow_grpo.models.base import JOINT_ATTENTION_LORA_TARGETS, ModelAdapter, PromptBatch
 
 
 class FluxAdapter(ModelAdapter):
@@ -31,15 +31,7 @@ class FluxAdapter(ModelAdapter):
     # Suffix patterns (PEFT list semantics), the layers the published FLUX runs train: image and
     # context attention projections and both feed-forward networks of the double-stream blocks; the
     # single-stream blocks' `attn.to_q/k/v` match the same patterns.
-    lora_target_modules = [
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
+    lora_target_modules = JOINT_ATTENTION_LORA_TARGETS + [
         "ff.net.0.proj",
         "ff.net.2",
         "ff_context.net.0.proj",

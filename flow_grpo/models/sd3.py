@@ -8,23 +8,14 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-from flow_grpo.models.base import ModelAdapter, PromptBatch
+from flow_grpo.models.base import JOINT_ATTENTION_LORA_TARGETS, ModelAdapter, PromptBatch
 
 
 class SD3Adapter(ModelAdapter):
     """SD3 with CFG `v = v_u + w (v_c - v_u)` against the empty prompt, in one batched call."""
 
     pipeline_class = StableDiffusion3Pipeline
-    lora_target_modules = [
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    ]
+    lora_target_modules = JOINT_ATTENTION_LORA_TARGETS
 
     def __init__(self, pipeline: StableDiffusion3Pipeline, *, guidance_scale: float, max_sequence_length: int) -> None:
         super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
