@@ -121,20 +121,14 @@ def rollout(
         x = adapter.initial_latents(batch, resolution, generator)
     else:
         x = initial_latents.to(device=adapter.device, dtype=torch.float32)
-    rows = torch.arange(batch, device=x.device)
+    live_prompts = prompts  # conditioning of [main, branches...], grown when a branch forks
     branch_states = x.new_zeros((0, *x.shape[1:]))
     recorded: dict[str, list[torch.Tensor]] = {"latents": [], "next": [], "log_probs": []}
     for k in range(num_steps):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         states = torch.cat([x, branch_states])
-        live = states.shape[0] // batch
         velocity = _chunked_velocity(
-            adapter,
-            states,
-            sigma.expand(states.shape[0]),
-            prompts.select(rows.repeat(live)),
-            max_states_per_call,
-            transformer,
+            adapter, states, sigma.expand(states.shape[0]), live_prompts, max_states_per_call, transformer
         )
         main_velocity = velocity[:batch]
         branch_states = euler_step(velocity[batch:], branch_states, sigma, sigma_next)
@@ -142,8 +136,8 @@ def rollout(
         if 0 <= j < window_size:
             if branches:
                 # Branch j (j = 0 is the R_0 baseline) leaves the main trajectory here with an ODE step.
-                forked = euler_step(main_velocity, x, sigma, sigma_next)
-                branch_states = torch.cat([branch_states, forked]) if j < window_size else branch_states
+                branch_states = torch.cat([branch_states, euler_step(main_velocity, x, sigma, sigma_next)])
+                live_prompts = PromptBatch.cat([live_prompts, prompts])
             step = stochastic_step(
                 step_kind, main_velocity, x, sigma, sigma_next, noise_level,
                 sigma_max=float(sigmas[1]), generator=generator,

@@ -31,7 +31,7 @@ from flow_grpo.config_checks import Layout, validate_config
 from flow_grpo.data import GroupSampler, PromptDataset, dataset_paths
 from flow_grpo.ema import ParameterEMA
 from flow_grpo.losses import grpo_loss
-from flow_grpo.models import ModelAdapter, PromptBatch, load_adapter
+from flow_grpo.models import PromptBatch, load_adapter
 from flow_grpo.rewards import AsyncScorer, build_reward
 from flow_grpo.sampling import draw_window_start, rollout, sample_ode
 from flow_grpo.sde import stochastic_step
@@ -75,16 +75,11 @@ class EpochSamples:
 class Trainer:
     """Flow-GRPO / TP-GRPO training of LoRA adapters on a flow-matching model."""
 
-    def __init__(self, config: ml_collections.ConfigDict, adapter: ModelAdapter | None = None) -> None:
-        """Validate the config, then set up accelerate, the model with LoRA, optimizer, data and rewards.
-
-        Args:
-            config: the training config (`config/base.py`).
-            adapter: an already loaded adapter (tests); by default loaded from `config.pretrained`.
-        """
+    def __init__(self, config: ml_collections.ConfigDict) -> None:
+        """Validate the config, then set up accelerate, the model with LoRA, optimizer, data and rewards."""
         self.config = config
         world_size = PartialState().num_processes
-        self.layout: Layout = validate_config(config, world_size, check_paths=adapter is None)
+        self.layout: Layout = validate_config(config, world_size)
         run_name = config.run_name or time.strftime("run-%Y%m%d-%H%M%S")
         self.run_dir = os.path.join(config.logdir, run_name)
         self.accelerator = Accelerator(
@@ -117,7 +112,7 @@ class Trainer:
         )
 
         dtype = DTYPES[config.mixed_precision]
-        self.adapter = adapter or load_adapter(config, accelerator.device, dtype)
+        self.adapter = load_adapter(config, accelerator.device, dtype)
         transformer = self.adapter.transformer
         transformer.requires_grad_(False)
         transformer.add_adapter(
@@ -146,8 +141,12 @@ class Trainer:
             if config.train.ema
             else None
         )
-        self.reward = build_reward(dict(config.reward_fn), accelerator.device, config.reward_options.to_dict())
-        self.eval_reward = build_reward(dict(config.eval_reward_fn), accelerator.device, config.reward_options.to_dict())
+        # One model per reward name, shared by the training and the evaluation reward.
+        built = build_reward(
+            {**dict(config.eval_reward_fn), **dict(config.reward_fn)}, accelerator.device, config.reward_options.to_dict()
+        )
+        self.reward = built.select(dict(config.reward_fn))
+        self.eval_reward = built.select(dict(config.eval_reward_fn))
         self.sigma_max = float(self.adapter.sigmas(config.sample.num_steps, config.sample.resolution)[1])
         self.optimizer_updates = 0
         self.history: list[dict[str, float]] = []
@@ -198,7 +197,7 @@ class Trainer:
                     metadata = [m for m in metadata for _ in range(per_image)]
                 else:
                     images = result.images
-                pending.append(scorer.submit(images.detach().cpu(), texts, metadata))
+                pending.append(scorer.submit(images.detach(), texts, metadata))  # rewards move images where they run
                 batches.append((embeds, result, plan.group_ids[i]))
             scores = [future.result() for future in pending]
         device = accelerator.device
@@ -256,14 +255,13 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def _policy_step(self, samples: EpochSamples, rows: torch.Tensor, j: int, transformer: torch.nn.Module):
         sample = self.config.sample
-        velocity = self.adapter.velocity(
-            samples.latents[rows, j], samples.sigmas[rows, j], samples.prompts.select(rows), transformer
-        )
+        latents, sigmas = samples.latents[rows, j], samples.sigmas[rows, j]
+        velocity = self.adapter.velocity(latents, sigmas, samples.prompts.select(rows), transformer)
         return stochastic_step(
             sample.step_kind,
             velocity,
-            samples.latents[rows, j],
-            samples.sigmas[rows, j],
+            latents,
+            sigmas,
             samples.next_sigmas[rows, j],
             sample.noise_level,
             sigma_max=self.sigma_max,

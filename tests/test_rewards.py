@@ -116,6 +116,18 @@ def test_multi_reward_weighted_sum_keeps_raw_scores(fake_rewards):
     torch.testing.assert_close(scores["avg"], 0.5 * jpeg + 2.0 * brightness - index)
 
 
+def test_select_reweights_without_building_again(fake_rewards):
+    built = build_reward({"test_brightness": 1.0, "test_index": 1.0}, "cpu")
+    assert len(fake_rewards) == 1  # the brightness factory ran once
+    train, evaluation = built.select({"test_brightness": 2.0}), built.select({"test_index": 1.0, "test_brightness": 1.0})
+    assert len(fake_rewards) == 1  # selecting builds nothing
+    images, prompts, metadata = _inputs(3)
+    torch.testing.assert_close(train(images, prompts, metadata)["avg"], 2.0 * images.mean(dim=(1, 2, 3)))
+    assert evaluation.names == ["test_index", "test_brightness"]
+    with pytest.raises(ValueError, match="not built"):
+        built.select({"jpeg_compressibility": 1.0})
+
+
 def test_factory_receives_device_and_its_options(fake_rewards):
     options = {"test_brightness": {"scale": 3.0}, "jpeg_incompressibility": {"unused": 1}}
     reward = build_reward({"test_brightness": 1.0}, "cpu", options)

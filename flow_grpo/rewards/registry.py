@@ -171,6 +171,13 @@ class MultiReward:
         scores[AVERAGE_KEY] = total
         return scores
 
+    def select(self, weights: Mapping[str, float]) -> "MultiReward":
+        """A MultiReward over some of these rewards with new weights, sharing the built models."""
+        missing = sorted(set(weights) - set(self._rewards))
+        if missing:
+            raise ValueError(f"Rewards {missing} were not built; built rewards: {self.names}.")
+        return MultiReward({name: self._rewards[name] for name in weights}, weights)
+
     def __repr__(self) -> str:
         return f"MultiReward({self._weights})"
 
