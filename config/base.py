@@ -19,7 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixed_precision = "fp16"  # accelerate mixed precision: "no", "fp16" or "bf16"; frozen weights use this dtype
     config.allow_tf32 = True  # allow TF32 matrix products on Ampere and newer GPUs
     config.num_epochs = 300  # number of sample -> train epochs
-    config.save_freq = 30  # save the LoRA every this many epochs (and after the last one); 0 = only at the end
+    config.save_freq = 30  # write a checkpoint every this many epochs (and after the last one); 0 = only at the end
+    config.keep_checkpoints = 3  # keep the newest this many checkpoints of the run; 0 = keep all
+    config.resume_from = ""  # run directory (newest checkpoint) or checkpoint directory to continue from
+    config.nonfinite = "stop"  # NaN/inf in rewards, advantages or loss: "stop" the run or "skip" the batch
+    config.distributed_timeout_s = 1800  # a collective waiting this long (e.g. on a dead process) ends the job
+    config.log_images = 8  # eval images in the logged grid and reward curves plotted per eval (main process)
     config.eval_freq = 30  # evaluate every this many epochs (and after the last one); 0 = never
     config.report_to = "wandb"  # accelerate tracker: "wandb" (WANDB_MODE=offline works) or "none"
     config.project_name = "flow_grpo"  # tracker project name

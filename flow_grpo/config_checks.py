@@ -15,6 +15,7 @@ ALGORITHMS = ("flow_grpo", "tp_grpo")
 STEP_KINDS = ("sde", "cps")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("wandb", "none")
+NONFINITE = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -141,6 +142,12 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
         _fail("algorithm", f"unknown algorithm {config.algorithm!r}", f"Use one of {ALGORITHMS}.")
     if config.mixed_precision not in MIXED_PRECISION:
         _fail("mixed_precision", f"unknown value {config.mixed_precision!r}", f"Use one of {MIXED_PRECISION}.")
+    if config.nonfinite not in NONFINITE:
+        _fail("nonfinite", f"unknown policy {config.nonfinite!r}", f"Use one of {NONFINITE}.")
+    if config.keep_checkpoints < 0 or config.save_freq < 0 or config.log_images < 0:
+        _fail("keep_checkpoints / save_freq / log_images", "must be 0 or more", "Use 0 to disable.")
+    if config.resume_from and not os.path.isdir(config.resume_from):
+        _fail("resume_from", f"directory {config.resume_from!r} does not exist", "Point it at logs/<run> or a checkpoint.")
     if config.report_to not in TRACKERS:
         _fail("report_to", f"unknown tracker {config.report_to!r}", f"Use one of {TRACKERS}.")
     sample = config.sample

@@ -10,10 +10,10 @@ trajectories with `train.updates_per_epoch` optimizer updates.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -21,11 +21,12 @@ import ml_collections
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from flow_grpo import checkpointing, tracking
 from flow_grpo.advantages import broadcast_to_steps, group_advantages
 from flow_grpo.config_checks import Layout, validate_config
 from flow_grpo.data import GroupSampler, PromptDataset, dataset_paths
@@ -40,6 +41,10 @@ from flow_grpo.turning_points import step_rewards, summarize
 logger = get_logger(__name__)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf in a reward, an advantage or the loss, with `config.nonfinite = "stop"`."""
 
 
 def derived_seed(*parts: int) -> int:
@@ -87,6 +92,7 @@ class Trainer:
             gradient_accumulation_steps=self.layout.gradient_accumulation_steps,
             log_with=None if config.report_to == "none" else config.report_to,
             project_config=ProjectConfiguration(project_dir=self.run_dir),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.distributed_timeout_s))],
         )
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
@@ -96,7 +102,11 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=2))
         if config.report_to != "none":
-            accelerator.init_trackers(config.project_name, config=config.to_dict(), init_kwargs={"wandb": {"name": run_name}})
+            accelerator.init_trackers(
+                config.project_name,
+                config=config.to_dict(),
+                init_kwargs={"wandb": {"name": run_name, "dir": os.path.abspath(self.run_dir)}},
+            )
         logger.info(f"run directory {self.run_dir}; layout {self.layout}")
 
         self.train_dataset = PromptDataset.from_file(dataset_paths(config.dataset, "train"))
@@ -115,6 +125,7 @@ class Trainer:
         self.adapter = load_adapter(config, accelerator.device, dtype)
         transformer = self.adapter.transformer
         transformer.requires_grad_(False)
+        set_seed(config.seed)  # the LoRA A matrices are drawn from the global generator
         transformer.add_adapter(
             LoraConfig(
                 r=config.train.lora_rank,
@@ -123,6 +134,7 @@ class Trainer:
                 target_modules=self.adapter.lora_target_modules,
             )
         )
+        self.trainable_names = [name for name, p in transformer.named_parameters() if p.requires_grad]
         self.trainable = [p for p in transformer.parameters() if p.requires_grad]
         for param in self.trainable:
             param.data = param.data.float()  # LoRA in float32, frozen base in the compute dtype
@@ -149,7 +161,12 @@ class Trainer:
         self.eval_reward = built.select(dict(config.eval_reward_fn))
         self.sigma_max = float(self.adapter.sigmas(config.sample.num_steps, config.sample.resolution)[1])
         self.optimizer_updates = 0
+        self.start_epoch = 0
+        self.sampling_seconds = 0.0
+        self.last_curves: tuple[torch.Tensor, torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
+        if config.resume_from:
+            self.load_checkpoint(checkpointing.resolve_checkpoint(config.resume_from))
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -168,6 +185,7 @@ class Trainer:
         plan = self.sampler.plan(epoch)
         pending = []
         batches = []
+        sampling_started = time.perf_counter()
         with AsyncScorer(self.reward) as scorer:
             for i in tqdm(range(plan.num_batches), desc=f"epoch {epoch}: sampling", disable=not accelerator.is_local_main_process, leave=False):
                 texts, metadata = self._texts(self.train_dataset, plan.dataset_indices[i].tolist())
@@ -199,7 +217,8 @@ class Trainer:
                     images = result.images
                 pending.append(scorer.submit(images.detach(), texts, metadata))  # rewards move images where they run
                 batches.append((embeds, result, plan.group_ids[i]))
-            scores = [future.result() for future in pending]
+            self.sampling_seconds = time.perf_counter() - sampling_started
+            scores = [future.result() for future in pending]  # the wait here is scoring not hidden by sampling
         device = accelerator.device
         rewards: dict[str, list[torch.Tensor]] = {}
         completed = []
@@ -225,32 +244,59 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------- advantages
-    def advantages(self, samples: EpochSamples) -> tuple[torch.Tensor, dict[str, float]]:
-        """Advantages (Bp, W) of this process's trajectories, normalised over the gathered epoch batch."""
+    def _nonfinite(self, epoch: int, quantity: str) -> None:
+        """Apply `config.nonfinite` to a NaN/inf `quantity`: raise, or log that the batch is skipped."""
+        message = f"epoch {epoch}: non-finite {quantity}"
+        if self.config.nonfinite == "stop":
+            raise NonFiniteError(message + " (config.nonfinite='stop'; no checkpoint is written for this epoch)")
+        logger.warning(message + "; skipped (config.nonfinite='skip')")
+
+    def advantages(self, epoch: int, samples: EpochSamples) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Advantages (Bp, W) of this process's trajectories, normalised over the gathered epoch batch.
+
+        Returns None instead of advantages when the rewards or advantages are not finite and
+        `config.nonfinite == "skip"` (every process decides alike: they see the same gathered data).
+        """
         config, accelerator = self.config, self.accelerator
         group_ids = accelerator.gather(samples.group_ids)
-        metrics: dict[str, float] = {}
+        metrics = self._group_metrics(group_ids)
         for name, value in samples.rewards.items():
             metrics[f"reward/{name}"] = accelerator.gather(value).float().mean().item()
+        clip = dict(adv_clip_max=config.train.adv_clip_max, global_std=config.train.global_std)
         if self.is_tp:
-            completed = accelerator.gather(samples.completed_rewards)
+            scored = accelerator.gather(samples.completed_rewards)
             result = step_rewards(
-                completed, consistent=config.tp.consistent, first_step=config.tp.first_step, balance=config.tp.balance
+                scored, consistent=config.tp.consistent, first_step=config.tp.first_step, balance=config.tp.balance
             )
-            advantages = group_advantages(
-                result.rewards, group_ids, adv_clip_max=config.train.adv_clip_max, global_std=config.train.global_std
-            )
+            advantages = group_advantages(result.rewards, group_ids, **clip)
             metrics.update({f"tp/{key}": value for key, value in summarize(result).items()})
-            metrics["reward/baseline_R0"] = completed[:, 0].mean().item()
+            metrics["reward/baseline_R0"] = scored[:, 0].mean().item()
+            self.last_curves = (scored, result.turning_points)
         else:
-            final = accelerator.gather(samples.rewards["avg"])
-            advantages = broadcast_to_steps(
-                group_advantages(final, group_ids, adv_clip_max=config.train.adv_clip_max, global_std=config.train.global_std),
-                config.sample.window_size,
-            )
+            scored = accelerator.gather(samples.rewards["avg"])
+            advantages = broadcast_to_steps(group_advantages(scored, group_ids, **clip), config.sample.window_size)
+        for quantity, value in (("rewards", scored), ("advantages", advantages)):
+            if not torch.isfinite(value).all():
+                self._nonfinite(epoch, quantity)
+                return None, metrics
         rows = samples.group_ids.shape[0]
         start = accelerator.process_index * rows
         return advantages[start : start + rows], metrics
+
+    def _group_metrics(self, group_ids: torch.Tensor) -> dict[str, float]:
+        """Check that every group of the gathered epoch has `group_size` members; report how many span processes."""
+        accelerator = self.accelerator
+        counts = torch.bincount(group_ids)
+        present = counts[counts > 0]
+        if not torch.all(present == self.config.sample.group_size):
+            raise RuntimeError(f"group sizes {present.tolist()} differ from sample.group_size={self.config.sample.group_size}")
+        ranks = torch.arange(accelerator.num_processes, device=group_ids.device).repeat_interleave(
+            group_ids.shape[0] // accelerator.num_processes
+        )
+        lowest = torch.full_like(counts, accelerator.num_processes).scatter_reduce(0, group_ids, ranks, "amin")
+        highest = torch.full_like(counts, -1).scatter_reduce(0, group_ids, ranks, "amax")
+        spanning = ((highest > lowest) & (counts > 0)).sum()
+        return {"data/groups": float(present.numel()), "data/groups_across_processes": float(spanning)}
 
     # ------------------------------------------------------------------ training
     def _policy_step(self, samples: EpochSamples, rows: torch.Tensor, j: int, transformer: torch.nn.Module):
@@ -277,6 +323,7 @@ class Trainer:
         unwrapped = accelerator.unwrap_model(self.model)
         stats: dict[str, list[torch.Tensor]] = {}
         first_ratio = None
+        nonfinite = torch.zeros((), device=accelerator.device)
         self.model.train()
         micro_batches = order.split(train.batch_size)
         progress = tqdm(
@@ -292,10 +339,8 @@ class Trainer:
                         step = self._policy_step(samples, rows, j, self.model)
                         reference_mean = None
                         if train.beta > 0:
-                            with torch.no_grad():
-                                unwrapped.disable_adapters()
+                            with torch.no_grad(), _adapters_disabled(unwrapped):
                                 reference_mean = self._policy_step(samples, rows, j, unwrapped).mean
-                                unwrapped.enable_adapters()
                     out = grpo_loss(
                         step.log_prob,
                         samples.log_probs[rows, j],
@@ -309,14 +354,20 @@ class Trainer:
                     if first_ratio is None:
                         first_ratio = out.ratio_mean.detach()
                     accelerator.backward(out.loss)
-                    if accelerator.sync_gradients and train.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(self.trainable, train.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
+                    nonfinite = nonfinite + (~torch.isfinite(out.loss.detach())).float()
                     if accelerator.sync_gradients:
-                        self.optimizer_updates += 1
-                        if self.ema is not None:
-                            self.ema.step(self.optimizer_updates)
+                        # One check per update, on the summed flag, so every process decides alike.
+                        if accelerator.reduce(nonfinite, "sum").item() > 0:
+                            self._nonfinite(epoch, "loss")
+                        else:
+                            if train.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(self.trainable, train.max_grad_norm)
+                            self.optimizer.step()
+                            self.optimizer_updates += 1
+                            if self.ema is not None:
+                                self.ema.step(self.optimizer_updates)
+                        self.optimizer.zero_grad()
+                        nonfinite = torch.zeros((), device=accelerator.device)
                 for key in ("loss", "policy_loss", "kl", "approx_kl", "clip_fraction", "ratio_mean"):
                     stats.setdefault(key, []).append(getattr(out, key).detach())
                 progress.update()
@@ -329,11 +380,17 @@ class Trainer:
 
     # ------------------------------------------------------------ eval and save
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """ODE sampling on the test prompts (EMA weights if enabled), scored with every eval reward."""
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """ODE sampling on the test prompts (EMA weights if enabled), scored with every eval reward.
+
+        The main process also writes a grid of its first `config.log_images` images with their
+        prompts and scores to `images/` and to the tracker.
+        """
         config, accelerator = self.config, self.accelerator
         indices = list(range(accelerator.process_index, len(self.test_dataset), accelerator.num_processes))
-        scores: dict[str, list[torch.Tensor]] = {}
+        names = [*self.eval_reward.names, "avg"]
+        totals = torch.zeros(len(names) + 1, device=accelerator.device)  # per-reward sums, then the count
+        shown: list[tuple[torch.Tensor, str, float]] = []
         with self._ema_weights():
             for start in range(0, len(indices), config.sample.eval_batch_size):
                 chunk = indices[start : start + config.sample.eval_batch_size]
@@ -348,68 +405,147 @@ class Trainer:
                         generator=generator,
                         max_states_per_call=config.sample.max_states_per_call,
                     )
-                for name, value in self.eval_reward(images, texts, metadata).items():
-                    scores.setdefault(name, []).append(value.to(accelerator.device))
-        metrics = {}
-        for name, values in scores.items():
-            gathered = accelerator.gather_for_metrics(torch.cat(values))
-            metrics[f"eval/{name}"] = gathered.float().mean().item()
+                scores = self.eval_reward(images, texts, metadata)
+                totals[:-1] += torch.stack([scores[name].sum() for name in names]).to(accelerator.device)
+                totals[-1] += len(chunk)
+                for image, text, score in zip(images, texts, scores["avg"].tolist()):
+                    if len(shown) < config.log_images:
+                        shown.append((image.cpu(), text, score))
+        totals = accelerator.reduce(totals, "sum")
+        metrics = {f"eval/{name}": (totals[i] / totals[-1].clamp(min=1)).item() for i, name in enumerate(names)}
+        if accelerator.is_main_process and shown:
+            captions = [f"{text} | {score:.4f}" for _, text, score in shown]
+            self._log_image(epoch, "eval_images", tracking.image_grid(torch.stack([s[0] for s in shown])), captions)
         return metrics
+
+    def _log_image(self, epoch: int, name: str, image, captions: list[str] | None = None) -> None:
+        """Save a PIL image to `<run>/images/<name>_epoch_XXXXX.png` and send it to wandb when active."""
+        directory = os.path.join(self.run_dir, "images")
+        os.makedirs(directory, exist_ok=True)
+        image.save(os.path.join(directory, f"{name}_epoch_{epoch:05d}.png"))
+        if captions is not None:
+            with open(os.path.join(directory, f"{name}_epoch_{epoch:05d}.txt"), "w") as f:
+                f.write("\n".join(captions) + "\n")
+        if self.config.report_to == "wandb":
+            import wandb
+
+            caption = " || ".join(captions) if captions else None
+            self.accelerator.get_tracker("wandb", unwrap=True).log({name: wandb.Image(image, caption=caption)}, step=epoch)
 
     def _ema_weights(self) -> contextlib.AbstractContextManager:
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
-    def save_lora(self, epoch: int) -> str:
-        """Save the LoRA (EMA weights if enabled) in the diffusers format; returns the directory.
+    def save_checkpoint(self, epoch: int) -> str:
+        """Write the checkpoint after `epoch` (see `flow_grpo.checkpointing`); returns its directory.
 
-        Written to a temporary directory and renamed, so a crash never leaves a half-written one.
+        Everything goes into a `.tmp` directory that is renamed once complete, so a crash while
+        writing leaves the previous checkpoint intact; the newest `config.keep_checkpoints` stay.
         """
         accelerator = self.accelerator
-        target = os.path.join(self.run_dir, "checkpoints", f"epoch_{epoch:05d}", "lora")
+        target = checkpointing.checkpoint_dir(self.run_dir, epoch)
+        temporary = checkpointing.temporary_dir(target)
+        unwrapped = accelerator.unwrap_model(self.model)
         if accelerator.is_main_process:
-            temporary = target + ".tmp"
-            shutil.rmtree(temporary, ignore_errors=True)
+            os.makedirs(temporary, exist_ok=True)
             with self._ema_weights():
-                layers = get_peft_model_state_dict(accelerator.unwrap_model(self.model))
-                self.adapter.pipeline_class.save_lora_weights(temporary, transformer_lora_layers=layers)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(temporary, target)
+                self.adapter.pipeline_class.save_lora_weights(
+                    os.path.join(temporary, "lora"),
+                    transformer_lora_layers=get_peft_model_state_dict(unwrapped),
+                    transformer_lora_adapter_metadata=unwrapped.peft_config["default"].to_dict(),
+                )
+            state = {
+                "epoch": epoch,
+                "optimizer_updates": self.optimizer_updates,
+                "lora": {name: p.detach().cpu() for name, p in zip(self.trainable_names, self.trainable)},
+                "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            }
+            torch.save(state, os.path.join(temporary, checkpointing.STATE_FILE + ".part"))
+            os.replace(
+                os.path.join(temporary, checkpointing.STATE_FILE + ".part"),
+                os.path.join(temporary, checkpointing.STATE_FILE),
+            )
+        accelerator.wait_for_everyone()
+        torch.save(checkpointing.rng_state(), os.path.join(temporary, f"rng_{accelerator.process_index}.pt"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            checkpointing.publish(target, self.config.keep_checkpoints)
         accelerator.wait_for_everyone()
         return target
 
+    def load_checkpoint(self, path: str) -> None:
+        """Restore LoRA, optimizer, EMA, scaler, counters and this process's RNG from a checkpoint."""
+        state = torch.load(os.path.join(path, checkpointing.STATE_FILE), map_location="cpu", weights_only=False)
+        if list(state["lora"]) != self.trainable_names:
+            raise ValueError(f"checkpoint {path} holds a different LoRA (rank or target modules) than this config")
+        with torch.no_grad():
+            for param, saved in zip(self.trainable, state["lora"].values()):
+                param.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.accelerator.scaler is not None and state["scaler"] is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.optimizer_updates = state["optimizer_updates"]
+        self.start_epoch = state["epoch"] + 1
+        rng_file = os.path.join(path, f"rng_{self.accelerator.process_index}.pt")
+        if os.path.isfile(rng_file):
+            checkpointing.set_rng_state(torch.load(rng_file, weights_only=False))
+        logger.info(f"resumed from {path}: continuing at epoch {self.start_epoch}")
+
     # ---------------------------------------------------------------------- loop
     def train(self) -> list[dict[str, float]]:
-        """Run `config.num_epochs` epochs; returns the per-epoch metrics."""
+        """Run epochs `start_epoch ... config.num_epochs - 1`; returns their metrics.
+
+        Each epoch's metrics are appended to `<run>/metrics.jsonl` as soon as the epoch ends.
+        """
         config, accelerator = self.config, self.accelerator
-        for epoch in range(config.num_epochs):
+        for epoch in range(self.start_epoch, config.num_epochs):
             started = time.perf_counter()
             samples = self.sample_epoch(epoch)
             sampled = time.perf_counter()
-            advantages, metrics = self.advantages(samples)
-            metrics.update(self.train_epoch(epoch, samples, advantages))
+            advantages, metrics = self.advantages(epoch, samples)
+            if advantages is not None:
+                metrics.update(self.train_epoch(epoch, samples, advantages))
             trained = time.perf_counter()
             last = epoch == config.num_epochs - 1
             if config.eval_freq and ((epoch + 1) % config.eval_freq == 0 or last):
-                metrics.update(self.evaluate())
+                metrics.update(self.evaluate(epoch))
+                if self.is_tp and accelerator.is_main_process and config.log_images:
+                    completed, turning_points = self.last_curves
+                    shown = min(config.log_images, completed.shape[0], 6)
+                    plot = tracking.reward_curves_plot(completed[:shown], turning_points[:shown])
+                    self._log_image(epoch, "reward_curves", plot)
             if last or (config.save_freq and (epoch + 1) % config.save_freq == 0):
-                self.save_lora(epoch)
+                self.save_checkpoint(epoch)
             metrics.update(
                 {
                     "epoch": epoch,
-                    "time/sampling_and_scoring": sampled - started,
+                    "time/sampling": self.sampling_seconds,
+                    "time/scoring_wait": sampled - started - self.sampling_seconds,
                     "time/training": trained - sampled,
                     "time/epoch": time.perf_counter() - started,
                 }
             )
             accelerator.log(metrics, step=epoch)
             self.history.append(metrics)
+            if accelerator.is_main_process:
+                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
             logger.info(_epoch_line(metrics, self.is_tp), main_process_only=True)
         accelerator.end_training()
-        if accelerator.is_main_process:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:
-                for row in self.history:
-                    f.write(json.dumps(row) + "\n")
         return self.history
+
+
+@contextlib.contextmanager
+def _adapters_disabled(transformer: torch.nn.Module):
+    """The LoRA-disabled reference model for the duration of the block."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
 
 
 def _epoch_line(metrics: dict[str, float], tp: bool) -> str:
@@ -422,8 +558,11 @@ def _epoch_line(metrics: dict[str, float], tp: bool) -> str:
             f"+{int(metrics['tp/tp_pos_before'])}/-{int(metrics['tp/tp_neg_before'])})"
         )
         parts.append(f"mean d_j {metrics['tp/mean_incremental']:+.4f}")
-    parts.append(f"kl {metrics['train/kl']:.2e}")
-    parts.append(f"clip {metrics['train/clip_fraction']:.2f}")
+    if "train/kl" in metrics:
+        parts.append(f"kl {metrics['train/kl']:.2e}")
+        parts.append(f"clip {metrics['train/clip_fraction']:.2f}")
+    else:
+        parts.append("training skipped")
     if "eval/avg" in metrics:
         parts.append(f"eval {metrics['eval/avg']:.4f}")
     parts.append(f"{metrics['time/epoch']:.1f}s")

@@ -54,7 +54,7 @@ def test_first_update_ratio_is_one_and_only_lora_changes(preset, tiny_sd3_real_d
     trainer.adapter.transformer.enable_adapters()
     assert torch.equal(kl_to_reference(step.mean, reference.mean, step.std), torch.zeros(4))
 
-    advantages, metrics = trainer.advantages(samples)
+    advantages, metrics = trainer.advantages(0, samples)
     assert advantages.shape == samples.log_probs.shape
     metrics.update(trainer.train_epoch(0, samples, advantages))
     assert abs(metrics["train/ratio_first"] - 1.0) < 1e-5
@@ -74,7 +74,7 @@ def test_tp_metrics_and_saved_lora_load_into_pipeline(tiny_sd3_real_dir, tmp_pat
     metrics = history[-1]
     for key in ("reward/avg", "reward/jpeg_compressibility", "reward/baseline_R0", "tp/tp_rate", "tp/tp_pos_before",
                 "tp/tp_neg_after", "tp/mean_incremental", "train/kl", "train/clip_fraction", "eval/avg",
-                "tp/tp_rate/step_0", "time/sampling_and_scoring"):
+                "tp/tp_rate/step_0", "time/sampling", "time/scoring_wait", "data/groups_across_processes"):
         assert key in metrics, key
     run_dir = tmp_path / "test"
     assert (run_dir / "config.json").exists() and (run_dir / "metrics.jsonl").exists()

@@ -1,0 +1,156 @@
+"""Checkpoints, exact resume, crash safety, non-finite guards, LoRA export and offline reporting."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from flow_grpo import checkpointing
+from flow_grpo.rewards import registry
+from flow_grpo.sampling import sample_ode
+from flow_grpo.trainer import NonFiniteError, Trainer
+from tests.test_trainer import tiny_config
+
+FAST = {"sample.prompts_per_epoch": 2, "train.beta": 0.01, "train.ema": True, "train.ema_every": 1}
+
+
+def _lora(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in zip(trainer.trainable_names, trainer.trainable)}
+
+
+def _without_times(row: dict) -> dict:
+    return {key: value for key, value in row.items() if not key.startswith("time/")}
+
+
+def test_resumed_run_matches_uninterrupted_run(tiny_sd3_dir, tmp_path) -> None:
+    straight = Trainer(tiny_config(tiny_sd3_dir, tmp_path / "a", num_epochs=4, save_freq=1, **FAST))
+    history = straight.train()
+
+    first = Trainer(tiny_config(tiny_sd3_dir, tmp_path / "b", num_epochs=2, save_freq=1, **FAST))
+    first.train()
+    run_dir = str(tmp_path / "b" / "test")
+    resumed = Trainer(tiny_config(tiny_sd3_dir, tmp_path / "b", num_epochs=4, save_freq=1, resume_from=run_dir, **FAST))
+    assert resumed.start_epoch == 2
+    resumed_history = resumed.train()
+
+    assert [row["epoch"] for row in resumed_history] == [2, 3]
+    for expected, got in zip(history[2:], resumed_history):
+        assert _without_times(got) == _without_times(expected)
+    for name, value in _lora(straight).items():
+        assert torch.equal(_lora(resumed)[name], value), name
+    for expected, got in zip(straight.ema.shadow, resumed.ema.shadow):
+        assert torch.equal(expected, got)
+    # metrics.jsonl of the resumed run holds all four epochs, appended as they ended.
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2, 3]
+
+
+def test_crash_while_writing_keeps_last_good_checkpoint(tiny_sd3_dir, tmp_path, monkeypatch) -> None:
+    trainer = Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, save_freq=1, keep_checkpoints=1, **FAST))
+    samples = trainer.sample_epoch(0)
+    advantages, _ = trainer.advantages(0, samples)
+    trainer.train_epoch(0, samples, advantages)
+    good = trainer.save_checkpoint(0)
+    saved_lora = _lora(trainer)
+    samples = trainer.sample_epoch(1)
+    trainer.train_epoch(1, samples, trainer.advantages(1, samples)[0])
+
+    real_save = torch.save
+
+    def crashing_save(obj, path, *args, **kwargs):
+        if str(path).endswith(checkpointing.STATE_FILE + ".part"):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        trainer.save_checkpoint(1)
+    monkeypatch.setattr(torch, "save", real_save)
+
+    run_dir = str(tmp_path / "test")
+    assert os.path.isdir(checkpointing.checkpoint_dir(run_dir, 1) + ".tmp")  # the broken write is left aside
+    assert checkpointing.resolve_checkpoint(run_dir) == good
+    resumed = Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, resume_from=run_dir, **FAST))
+    assert resumed.start_epoch == 1
+    for name, value in saved_lora.items():
+        assert torch.equal(_lora(resumed)[name], value)
+
+
+def test_only_newest_checkpoints_are_kept(tiny_sd3_dir, tmp_path) -> None:
+    Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=3, save_freq=1, keep_checkpoints=2, **FAST)).train()
+    kept = [os.path.basename(p) for p in checkpointing.list_checkpoints(str(tmp_path / "test"))]
+    assert kept == ["epoch_00001", "epoch_00002"]
+
+
+def test_resume_from_nothing_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        checkpointing.resolve_checkpoint(str(tmp_path))
+
+
+@pytest.fixture
+def nan_reward(monkeypatch):
+    def make(device, options):
+        return lambda images, prompts, metadata: torch.full((images.shape[0],), float("nan"))
+
+    monkeypatch.setitem(registry._REGISTRY, "test_nan", make)
+
+
+def test_nonfinite_rewards_stop_without_checkpoint(tiny_sd3_dir, tmp_path, nan_reward) -> None:
+    config = tiny_config(tiny_sd3_dir, tmp_path, num_epochs=1, **FAST)
+    config.reward_fn = ml_collections.ConfigDict({"test_nan": 1.0})
+    with pytest.raises(NonFiniteError, match="epoch 0: non-finite rewards"):
+        Trainer(config).train()
+    assert checkpointing.list_checkpoints(str(tmp_path / "test")) == []
+
+
+def test_nonfinite_rewards_can_skip_the_batch(tiny_sd3_dir, tmp_path, nan_reward) -> None:
+    config = tiny_config(tiny_sd3_dir, tmp_path, num_epochs=1, nonfinite="skip", **FAST)
+    config.reward_fn = ml_collections.ConfigDict({"test_nan": 1.0})
+    trainer = Trainer(config)
+    before = _lora(trainer)
+    history = trainer.train()
+    assert "train/loss" not in history[0] and trainer.optimizer_updates == 0
+    assert all(torch.equal(before[name], value) for name, value in _lora(trainer).items())
+
+
+def test_exported_lora_reproduces_trained_images(tiny_sd3_dir, tmp_path) -> None:
+    # alpha != rank: the export must carry the LoRA scale.
+    config = tiny_config(
+        tiny_sd3_dir, tmp_path, num_epochs=1, **{"sample.prompts_per_epoch": 2, "train.lora_alpha": 16}
+    )
+    trainer = Trainer(config)
+    trainer.train()
+    prompts = ["a red bicycle", "a quiet harbour"]
+    noise = trainer.adapter.initial_latents(2, 32, torch.Generator().manual_seed(0))
+    trained = sample_ode(trainer.adapter, trainer.adapter.encode_prompts(prompts), num_steps=4, resolution=32, initial_latents=noise)
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=prompts, latents=noise.clone(), num_inference_steps=4, guidance_scale=4.5, height=32,
+                  width=32, max_sequence_length=64, output_type="pt")
+    untrained = pipeline(**kwargs).images
+    pipeline.load_lora_weights(os.path.join(str(tmp_path / "test"), "checkpoints", "epoch_00000", "lora"))
+    exported = pipeline(**kwargs).images
+    assert not torch.allclose(untrained, trained, atol=1e-4)  # training changed the images
+    torch.testing.assert_close(exported, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_offline_wandb_run_directory_has_metrics_and_images(tiny_sd3_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = tiny_config(tiny_sd3_dir, tmp_path, num_epochs=1, report_to="wandb", eval_freq=1, **FAST)
+    Trainer(config).train()
+    run_dir = tmp_path / "test"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and "eval/avg" in rows[0] and "tp/tp_rate" in rows[0]
+    images = sorted(os.listdir(run_dir / "images"))
+    assert "eval_images_epoch_00000.png" in images and "reward_curves_epoch_00000.png" in images
+    offline_runs = [d for d in os.listdir(run_dir / "wandb") if d.startswith("offline-run")]
+    assert offline_runs
+    files = [f for _, _, names in os.walk(run_dir / "wandb" / offline_runs[0]) for f in names]
+    assert any(name.endswith(".wandb") for name in files)
+    assert any(name.endswith(".png") for name in files)  # the logged images
