@@ -43,6 +43,15 @@ logger = get_logger(__name__)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def use_cpu() -> bool:
+    """Run on the CPU: no CUDA/MPS device, or ACCELERATE_USE_CPU set (as `accelerate launch --cpu` does).
+
+    accelerate only sets up a multi-process CPU job (gloo) when told it runs on the CPU.
+    """
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return forced or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
 class NonFiniteError(FloatingPointError):
     """NaN or inf in a reward, an advantage or the loss, with `config.nonfinite = "stop"`."""
 
@@ -83,11 +92,12 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         """Validate the config, then set up accelerate, the model with LoRA, optimizer, data and rewards."""
         self.config = config
-        world_size = PartialState().num_processes
+        world_size = PartialState(cpu=use_cpu()).num_processes
         self.layout: Layout = validate_config(config, world_size)
         run_name = config.run_name or time.strftime("run-%Y%m%d-%H%M%S")
         self.run_dir = os.path.join(config.logdir, run_name)
         self.accelerator = Accelerator(
+            cpu=use_cpu(),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=self.layout.gradient_accumulation_steps,
             log_with=None if config.report_to == "none" else config.report_to,
