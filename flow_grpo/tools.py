@@ -46,12 +46,12 @@ __all__ = [
     "LORA_WEIGHTS_FILE",
     "ImageJob",
     "LoadedModel",
+    "check_sampling_config",
     "compute_dtype",
     "find_lora_dir",
     "generate_batches",
     "image_seed",
     "load_model",
-    "lora_scale",
     "parse_reward_weights",
     "plan_jobs",
     "resolve_prompts",
@@ -59,6 +59,7 @@ __all__ = [
     "run_generation",
     "save_png",
     "summarize_scores",
+    "trained_lora_scale",
     "write_scores_csv",
 ]
 
@@ -212,7 +213,7 @@ def find_lora_dir(path: str | os.PathLike[str]) -> Path:
     )
 
 
-def lora_scale(lora_dir: Path, config: ml_collections.ConfigDict) -> tuple[float, str]:
+def trained_lora_scale(lora_dir: Path, config: ml_collections.ConfigDict) -> tuple[float, str]:
     """The adapter weight that restores the trained LoRA scale `alpha / rank`, and where it came from.
 
     1.0 when the file carries diffusers' adapter metadata (alpha is then loaded as saved); else
@@ -263,15 +264,25 @@ def check_sampling_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def load_model(config: ml_collections.ConfigDict, device: torch.device, lora: str | None = None) -> LoadedModel:
-    """Load the pipeline of `config.pretrained` on `device`, and the LoRA checkpoint `lora` if given."""
+def load_model(
+    config: ml_collections.ConfigDict, device: torch.device, lora: str | None = None, scale: float | None = None
+) -> LoadedModel:
+    """Load the pipeline of `config.pretrained` on `device`, and the LoRA checkpoint `lora` if given.
+
+    `scale` is the adapter weight of the LoRA; None restores the trained scale (see `trained_lora_scale`).
+    """
     check_sampling_config(config)
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the LoRA scale must be a positive number, got {scale}")
     lora_dir = find_lora_dir(lora) if lora else None  # fail on a bad path before loading the model
     adapter = load_adapter(config, device, compute_dtype(config, device))
     if lora_dir is None:
         return LoadedModel(adapter, None, None, None)
     adapter.pipeline.load_lora_weights(str(lora_dir), adapter_name=ADAPTER_NAME)
-    scale, source = lora_scale(lora_dir, config)
+    if scale is None:
+        scale, source = trained_lora_scale(lora_dir, config)
+    else:
+        source = "given"
     if scale != 1.0:
         adapter.pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
     adapter.transformer.requires_grad_(False)
@@ -384,6 +395,7 @@ def run_evaluation(
     out_dir: str | os.PathLike[str],
     *,
     lora: str | None = None,
+    lora_scale: float | None = None,
     prompts: str = "",
     texts: Sequence[str] = (),
     split: str = "test",
@@ -402,6 +414,7 @@ def run_evaluation(
         config: a training config (preset plus overrides).
         out_dir: directory for `summary.json`, `scores.csv` (and `images/` with `save_images`).
         lora: LoRA checkpoint directory; None evaluates the base model.
+        lora_scale: adapter weight of the LoRA; None restores the trained `alpha / rank` (see `trained_lora_scale`).
         prompts, texts, split, max_prompts: see `resolve_prompts` (default: the config's test split).
         rewards: reward name -> weight; None or empty uses `config.eval_reward_fn`.
         images_per_prompt: samples per prompt, each with its own seed.
@@ -415,7 +428,7 @@ def run_evaluation(
     check_reward_names(weights)  # before any model is loaded
     prompt_list, origin = resolve_prompts(prompts, dataset=config.dataset, split=split, texts=texts, max_prompts=max_prompts)
     jobs = plan_jobs(prompt_list, images_per_prompt, config.seed)
-    loaded = load_model(config, state.device, lora)
+    loaded = load_model(config, state.device, lora, lora_scale)
     reward: MultiReward = build_reward(weights, state.device, config.reward_options.to_dict())
     names = [*reward.names, AVERAGE_KEY]
     out = Path(out_dir)
@@ -472,6 +485,7 @@ def run_generation(
     out_dir: str | os.PathLike[str],
     *,
     lora: str | None = None,
+    lora_scale: float | None = None,
     prompts: str = "",
     texts: Sequence[str] = (),
     split: str = "test",
@@ -486,7 +500,7 @@ def run_generation(
     state = PartialState()
     prompt_list, origin = resolve_prompts(prompts, dataset=config.dataset, split=split, texts=texts, max_prompts=max_prompts)
     jobs = plan_jobs(prompt_list, images_per_prompt, config.seed)
-    loaded = load_model(config, state.device, lora)
+    loaded = load_model(config, state.device, lora, lora_scale)
     out = Path(out_dir)
     image_dir = out / "images"
     if state.is_main_process:

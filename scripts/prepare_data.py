@@ -1,0 +1,289 @@
+"""Build the prompt sets `dataset/<name>/` that the presets read, from public prompt sources.
+
+    python scripts/prepare_data.py --source pickapic          # -> dataset/pickscore/train.txt, test.txt
+    python scripts/prepare_data.py --source geneval           # -> dataset/geneval/{train,test}_metadata.jsonl
+    python scripts/prepare_data.py --source ocr               # -> dataset/ocr/train.txt, test.txt
+    python scripts/prepare_data.py --source files --inputs my_prompts.txt,more.jsonl --name custom
+
+Sources (the first three need network access):
+
+- `pickapic`: the captions of Pick-a-Pic (`yuvalkirstain/pickapic_v1_no_images` on the Hugging Face
+  hub, read with the `datasets` library: `pip install datasets`). Train prompts come from its `train`
+  split, test prompts from `test_unique`.
+- `geneval`: GenEval's prompt metadata (`prompts/evaluation_metadata.jsonl` of
+  github.com/djghosh13/geneval; one JSON object per line with `prompt`, `tag`, `include`, ...),
+  split into train and test. These are GenEval's *evaluation* prompts: a model trained on the train
+  part is not evaluated on held-out GenEval prompts. For benchmark numbers, train on prompts made from
+  GenEval's templates and object classes and keep the whole evaluation set for testing:
+  `--source files --inputs my_geneval_train.jsonl --test_inputs evaluation_metadata.jsonl --name geneval`.
+- `ocr`: text-rendering prompts from two public lists (`--url` for train, `--test_url` for test).
+- `files`: local `.txt` / `.jsonl` files (`--inputs`, optionally `--test_inputs`), e.g. prompts
+  written by hand or produced by another tool.
+
+Every source goes through the same steps: whitespace is normalised, duplicates are dropped (case-
+insensitive; the first occurrence and its metadata are kept), test prompts are removed from the
+train set, and, when the source has no test split of its own, a deterministic split puts a
+`--test_fraction` of the prompts into the test set. The split ranks prompts by a hash of
+`(--seed, prompt)`, so it does not depend on the input order and is the same on every machine.
+Prompts with metadata are written as `{split}_metadata.jsonl`, others as `{split}.txt`; a
+`prepare_data.json` next to them records the source and the counts. Existing files are kept unless
+`--overwrite` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import urllib.request
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+# Run from a checkout without installing: `flow_grpo.data` holds the prompt-file formats.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flow_grpo.data import Prompt, load_prompts  # noqa: E402
+
+PICKAPIC_DATASET = "yuvalkirstain/pickapic_v1_no_images"
+GENEVAL_METADATA_URL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl"
+OCR_TRAIN_URL = "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/ocr/train.txt"
+OCR_TEST_URL = "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/ocr/test.txt"
+
+DEFAULT_NAMES = {"pickapic": "pickscore", "geneval": "geneval", "ocr": "ocr", "files": "custom"}
+"""Output directory name per source; the presets read `dataset/pickscore`, `dataset/geneval`, `dataset/ocr`."""
+
+
+# ------------------------------------------------------------------------ pure functions
+
+
+def normalize_prompt(text: str) -> str:
+    """Strip the prompt and collapse runs of whitespace (newlines and tabs included) to one space."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def deduplicate(prompts: Iterable[Prompt]) -> list[Prompt]:
+    """Normalised prompts without blanks and duplicates (case-insensitive), first occurrence kept, order kept."""
+    seen: set[str] = set()
+    unique = []
+    for prompt in prompts:
+        text = normalize_prompt(prompt.text)
+        key = text.casefold()
+        if not text or key in seen:
+            continue
+        seen.add(key)
+        unique.append(Prompt(text, dict(prompt.metadata)))
+    return unique
+
+
+def _rank_key(seed: int, prompt: Prompt) -> bytes:
+    return hashlib.sha256(f"{seed}\0{prompt.text.casefold()}".encode()).digest()
+
+
+def split_prompts(
+    prompts: Sequence[Prompt],
+    test_fraction: float,
+    seed: int,
+    test_prompts: Sequence[Prompt] | None = None,
+) -> tuple[list[Prompt], list[Prompt]]:
+    """Deduplicate and split into `(train, test)`.
+
+    Args:
+        prompts: candidate prompts (the train candidates when `test_prompts` is given).
+        test_fraction: share of the prompts put into the test set when `test_prompts` is None;
+            at least one prompt goes to each side. Ignored otherwise.
+        seed: seed of the deterministic split.
+        test_prompts: a test split given by the source; train prompts equal (case-insensitively) to
+            a test prompt are dropped from train.
+
+    Returns:
+        Train and test prompts, each in the order of the (deduplicated) input.
+
+    Raises:
+        ValueError: on a fraction outside (0, 1), or too few prompts to fill both sides.
+    """
+    unique = deduplicate(prompts)
+    if test_prompts is not None:
+        test = deduplicate(test_prompts)
+        held_out = {prompt.text.casefold() for prompt in test}
+        train = [prompt for prompt in unique if prompt.text.casefold() not in held_out]
+    else:
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        if len(unique) < 2:
+            raise ValueError(f"{len(unique)} unique prompt(s) cannot be split into a train and a test set")
+        num_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
+        ranked = sorted(range(len(unique)), key=lambda i: _rank_key(seed, unique[i]))
+        test_indices = set(ranked[:num_test])
+        train = [prompt for i, prompt in enumerate(unique) if i not in test_indices]
+        test = [prompt for i, prompt in enumerate(unique) if i in test_indices]
+    if not train or not test:
+        raise ValueError(f"the split left {len(train)} train and {len(test)} test prompts; both need at least one")
+    return train, test
+
+
+def cap(prompts: Sequence[Prompt], limit: int, seed: int) -> list[Prompt]:
+    """At most `limit` prompts (0 = all), chosen by the same hash ranking as the split, in input order."""
+    if limit <= 0 or len(prompts) <= limit:
+        return list(prompts)
+    keep = set(sorted(range(len(prompts)), key=lambda i: _rank_key(seed, prompts[i]))[:limit])
+    return [prompt for i, prompt in enumerate(prompts) if i in keep]
+
+
+def format_prompts(prompts: Sequence[Prompt]) -> tuple[str, str]:
+    """`(file suffix, content)`: `.txt` with one prompt per line, or `_metadata.jsonl` when any prompt has metadata."""
+    if any(prompt.metadata for prompt in prompts):
+        lines = [json.dumps({"prompt": prompt.text, **prompt.metadata}, ensure_ascii=False) for prompt in prompts]
+        return "_metadata.jsonl", "\n".join(lines) + "\n"
+    return ".txt", "\n".join(prompt.text for prompt in prompts) + "\n"
+
+
+def write_prompt_sets(
+    out_dir: str | Path,
+    train: Sequence[Prompt],
+    test: Sequence[Prompt],
+    provenance: dict[str, Any],
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write `train` / `test` prompt files (see `format_prompts`) and `prepare_data.json` into `out_dir`.
+
+    Raises:
+        FileExistsError: when a prompt file of either split already exists and `overwrite` is False.
+    """
+    out = Path(out_dir)
+    existing = [out / f"{split}{suffix}" for split in ("train", "test") for suffix in (".txt", "_metadata.jsonl")]
+    existing = [path for path in existing if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"prompt files already exist: {', '.join(map(str, existing))}; pass --overwrite to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in existing:  # a format change (txt <-> jsonl) must not leave the old file to shadow the new one
+        path.unlink()
+    written = []
+    for split, prompts in (("train", train), ("test", test)):
+        suffix, content = format_prompts(prompts)
+        path = out / f"{split}{suffix}"
+        path.write_text(content, encoding="utf-8")
+        written.append(path)
+    record = {**provenance, "num_train": len(train), "num_test": len(test), "files": [path.name for path in written]}
+    (out / "prepare_data.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return written
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def parse_prompt_text(content: str, name: str) -> list[Prompt]:
+    """Prompts of a downloaded `.txt` (one per line) or `.jsonl` (objects with "prompt") file named `name`."""
+    if name.endswith(".jsonl"):
+        prompts = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{name}, line {number}: expected a JSON object with a string 'prompt'")
+            text = record.pop("prompt")
+            prompts.append(Prompt(text, record))
+        return prompts
+    return [Prompt(line, {}) for line in content.splitlines() if line.strip()]
+
+
+def download_text(url: str, timeout: float = 60.0) -> str:
+    """The body of `url` as UTF-8 text; a clear error when the machine is offline or the URL is gone."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read().decode("utf-8")
+    except OSError as error:
+        raise RuntimeError(
+            f"could not download {url} ({error}); this source needs network access. Download the file "
+            "elsewhere and use --source files --inputs <file>."
+        ) from error
+
+
+def pickapic_prompts(dataset: str, train_split: str, test_split: str, column: str) -> tuple[list[Prompt], list[Prompt]]:
+    """Captions of the train and test splits of a Pick-a-Pic style hub dataset."""
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit(
+            "--source pickapic reads the hub dataset with the `datasets` library, which is not installed: "
+            "pip install datasets"
+        ) from None
+
+    def captions(split: str) -> list[Prompt]:
+        rows = datasets.load_dataset(dataset, split=split)
+        if column not in rows.column_names:
+            raise SystemExit(f"dataset {dataset} split {split} has no column {column!r}; columns: {rows.column_names}")
+        return [Prompt(text, {}) for text in rows[column] if isinstance(text, str)]
+
+    return captions(train_split), captions(test_split)
+
+
+def collect(args: argparse.Namespace) -> tuple[list[Prompt], list[Prompt] | None, dict[str, Any]]:
+    """`(candidates, test split of the source or None, provenance)` for `args.source`."""
+    if args.source == "pickapic":
+        train, test = pickapic_prompts(args.hf_dataset, args.hf_train_split, args.hf_test_split, args.hf_column)
+        return train, test, {"dataset": args.hf_dataset, "splits": [args.hf_train_split, args.hf_test_split]}
+    if args.source == "geneval":
+        url = args.url or GENEVAL_METADATA_URL
+        return parse_prompt_text(download_text(url), url), None, {"url": url}
+    if args.source == "ocr":
+        train_url, test_url = args.url or OCR_TRAIN_URL, args.test_url or OCR_TEST_URL
+        train = parse_prompt_text(download_text(train_url), train_url)
+        test = parse_prompt_text(download_text(test_url), test_url)
+        return train, test, {"urls": [train_url, test_url]}
+    inputs = [path for path in args.inputs.split(",") if path]
+    if not inputs:
+        raise SystemExit("--source files needs --inputs a.txt[,b.jsonl,...]")
+    train = [prompt for path in inputs for prompt in load_prompts(path)]
+    test_inputs = [path for path in args.test_inputs.split(",") if path]
+    test = [prompt for path in test_inputs for prompt in load_prompts(path)] if test_inputs else None
+    return train, test, {"inputs": inputs, "test_inputs": test_inputs}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, choices=sorted(DEFAULT_NAMES), help="where the prompts come from")
+    parser.add_argument("--out", default="dataset", help="parent directory of the prompt set (default: dataset)")
+    parser.add_argument("--name", default="", help="prompt set directory name (default: pickscore / geneval / ocr / custom)")
+    parser.add_argument("--test_fraction", type=float, default=0.1, help="test share when the source has no test split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic split and caps")
+    parser.add_argument("--max_train", type=int, default=0, help="keep at most this many train prompts (0 = all)")
+    parser.add_argument("--max_test", type=int, default=0, help="keep at most this many test prompts (0 = all)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing prompt files")
+    parser.add_argument("--url", default="", help="geneval: metadata JSONL URL; ocr: train list URL")
+    parser.add_argument("--test_url", default="", help="ocr: test list URL")
+    parser.add_argument("--hf_dataset", default=PICKAPIC_DATASET, help="pickapic: hub dataset id")
+    parser.add_argument("--hf_train_split", default="train", help="pickapic: split of the train prompts")
+    parser.add_argument("--hf_test_split", default="test_unique", help="pickapic: split of the test prompts")
+    parser.add_argument("--hf_column", default="caption", help="pickapic: column holding the prompt")
+    parser.add_argument("--inputs", default="", help="files: comma-separated .txt / .jsonl prompt files")
+    parser.add_argument("--test_inputs", default="", help="files: comma-separated test prompt files (else split)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        candidates, test_candidates, provenance = collect(args)
+        train, test = split_prompts(candidates, args.test_fraction, args.seed, test_candidates)
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    train, test = cap(train, args.max_train, args.seed), cap(test, args.max_test, args.seed)
+    out_dir = Path(args.out) / (args.name or DEFAULT_NAMES[args.source])
+    provenance = {"source": args.source, **provenance, "seed": args.seed}
+    if test_candidates is None:
+        provenance["test_fraction"] = args.test_fraction
+    try:
+        written = write_prompt_sets(out_dir, train, test, provenance, overwrite=args.overwrite)
+    except FileExistsError as error:
+        raise SystemExit(f"error: {error}") from None
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{len(train)} train and {len(test)} test prompts in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""Evaluation / generation tools on the tiny SD3 model, and the prompt-set preparation helpers."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flow_grpo.data import Prompt, load_prompts
+from flow_grpo.tools import (
+    find_lora_dir,
+    generate_batches,
+    load_model,
+    parse_reward_weights,
+    plan_jobs,
+    run_evaluation,
+    run_generation,
+    trained_lora_scale,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+presets = _load("presets_for_tools", ROOT / "config" / "grpo.py")
+prepare_data = _load("prepare_data_for_tools", ROOT / "scripts" / "prepare_data.py")
+
+DEMO_TEST_PROMPTS = [line.strip() for line in (ROOT / "dataset" / "demo" / "test.txt").read_text().splitlines() if line.strip()]
+
+
+def tiny_config(model_dir: str):
+    config = presets.tiny_tp_grpo()
+    config.pretrained.model = model_dir
+    config.dataset = str(ROOT / "dataset" / "demo")
+    return config
+
+
+def save_lora(model_dir: str, target: Path, *, rank: int, alpha: int, with_metadata: bool) -> Path:
+    """A LoRA with random non-zero B (so it changes the output), saved the way the trainer saves one."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(model_dir)
+    transformer = pipeline.transformer
+    transformer.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"])
+    )
+    generator = torch.Generator().manual_seed(0)  # the same weights on every call
+    for name, param in transformer.named_parameters():
+        if "lora_" in name:
+            param.data = 0.2 * torch.randn(param.shape, generator=generator)
+    extra = {"transformer_lora_adapter_metadata": transformer.peft_config["default"].to_dict()} if with_metadata else {}
+    StableDiffusion3Pipeline.save_lora_weights(str(target), transformer_lora_layers=get_peft_model_state_dict(transformer), **extra)
+    return target
+
+
+def read_pngs(out_dir: Path) -> dict[str, np.ndarray]:
+    return {path.name: np.asarray(Image.open(path)).astype(np.int16) for path in sorted((out_dir / "images").glob("*.png"))}
+
+
+# ------------------------------------------------------------------------ arguments
+
+
+def test_parse_reward_weights() -> None:
+    assert parse_reward_weights("pickscore:1, aesthetic:0.5,clipscore") == {"pickscore": 1.0, "aesthetic": 0.5, "clipscore": 1.0}
+    assert parse_reward_weights("  ") == {}
+    with pytest.raises(ValueError, match="not a number"):
+        parse_reward_weights("pickscore:high")
+    with pytest.raises(ValueError, match="twice"):
+        parse_reward_weights("pickscore:1,pickscore:2")
+    with pytest.raises(ValueError, match="no name"):
+        parse_reward_weights(":1")
+
+
+def test_find_lora_dir_accepts_epoch_dir_and_names_what_is_missing(tmp_path) -> None:
+    lora = tmp_path / "epoch_00003" / "lora"
+    lora.mkdir(parents=True)
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert find_lora_dir(tmp_path / "epoch_00003") == lora
+    assert find_lora_dir(lora) == lora
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
+        find_lora_dir(tmp_path)
+
+
+def test_trained_lora_scale_prefers_metadata_then_run_config_then_preset(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    config = presets.pickscore_sd3()  # rank 32, alpha 64
+    weights = {"transformer.x.lora_A.weight": torch.zeros(1)}
+    with_metadata = tmp_path / "with_metadata"
+    with_metadata.mkdir()
+    save_file(weights, str(with_metadata / "pytorch_lora_weights.safetensors"), metadata={"format": "pt", "lora_adapter_metadata": "{}"})
+    assert trained_lora_scale(with_metadata, config)[0] == 1.0
+
+    lora = tmp_path / "run" / "checkpoints" / "epoch_00001" / "lora"
+    lora.mkdir(parents=True)
+    save_file(weights, str(lora / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    scale, source = trained_lora_scale(lora, config)
+    assert scale == 2.0 and "of the config" in source  # no run config.json: the preset's alpha / rank
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {"lora_rank": 8, "lora_alpha": 4}}))
+    scale, source = trained_lora_scale(lora, config)
+    assert scale == 0.5 and source.endswith("config.json")
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+def test_evaluate_base_model_writes_summary_and_csv(tiny_sd3_dir, tmp_path) -> None:
+    rewards = {"jpeg_compressibility": 1.0, "jpeg_incompressibility": 0.5}
+    summary = run_evaluation(tiny_config(tiny_sd3_dir), tmp_path, rewards=rewards, images_per_prompt=2, max_prompts=3)
+
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["count"] == 6
+    assert summary["weights"] == rewards
+    settings = summary["settings"]
+    assert settings["lora"] is None and settings["num_prompts"] == 3 and settings["images_per_prompt"] == 2
+    assert (settings["num_steps"], settings["resolution"], settings["seed"]) == (6, 32, 42)
+
+    with open(tmp_path / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["prompt_index"]), int(r["image_index"])) for r in rows] == [(p, i) for p in range(3) for i in range(2)]
+    assert [r["prompt"] for r in rows] == [p for p in DEMO_TEST_PROMPTS[:3] for _ in range(2)]
+    assert len({r["seed"] for r in rows}) == 6  # every image has its own noise
+    compress = np.array([float(r["jpeg_compressibility"]) for r in rows])
+    incompress = np.array([float(r["jpeg_incompressibility"]) for r in rows])
+    average = np.array([float(r["avg"]) for r in rows])
+    np.testing.assert_allclose(incompress, -compress)
+    np.testing.assert_allclose(average, compress + 0.5 * incompress, rtol=1e-6)
+    assert np.all(compress < 0)  # minus a JPEG size in kB
+    for name, values in (("jpeg_compressibility", compress), ("avg", average)):
+        assert summary["rewards"][name]["mean"] == pytest.approx(values.mean(), rel=1e-6)
+        assert summary["rewards"][name]["std"] == pytest.approx(values.std(), rel=1e-5, abs=1e-9)
+
+
+def test_images_do_not_depend_on_batch_size(tiny_sd3_dir) -> None:
+    adapter = load_model(tiny_config(tiny_sd3_dir), torch.device("cpu")).adapter
+    jobs = plan_jobs([Prompt("a red kite"), Prompt("two cats on a sofa")], images_per_prompt=2, seed=7)
+
+    def sample(batch_size: int) -> torch.Tensor:
+        batches = generate_batches(adapter, jobs, num_steps=4, resolution=32, batch_size=batch_size)
+        return torch.cat([images for _, images in batches])
+
+    one_by_one, together = sample(1), sample(4)
+    assert one_by_one.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(one_by_one, together, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(together[0], together[1])  # same prompt, different seeds
+
+
+def test_lora_changes_images_and_trained_scale_is_restored(tiny_sd3_dir, tmp_path) -> None:
+    # The same LoRA (rank 4, alpha 8: scale 2) saved twice: with diffusers' adapter metadata, and as
+    # the trainer writes it (no metadata) inside a run directory whose config.json records alpha / rank.
+    with_metadata = save_lora(tiny_sd3_dir, tmp_path / "with_metadata", rank=4, alpha=8, with_metadata=True)
+    run_dir = tmp_path / "run"
+    save_lora(tiny_sd3_dir, run_dir / "checkpoints" / "epoch_00000" / "lora", rank=4, alpha=8, with_metadata=False)
+    (run_dir / "config.json").write_text(json.dumps({"train": {"lora_rank": 4, "lora_alpha": 8}}))
+
+    config = tiny_config(tiny_sd3_dir)
+    texts = ["a lighthouse at dusk", "a bowl of fruit"]
+    run_generation(config, tmp_path / "base", texts=texts)
+    run_generation(config, tmp_path / "meta", texts=texts, lora=str(with_metadata))
+    index = run_generation(config, tmp_path / "run_out", texts=texts, lora=str(run_dir / "checkpoints" / "epoch_00000"))
+
+    settings = json.loads((tmp_path / "run_out" / "settings.json").read_text())
+    assert settings["lora_scale"] == 2.0 and "config.json" in settings["lora_scale_source"]
+    assert len(index) == 2
+    base, meta, run = read_pngs(tmp_path / "base"), read_pngs(tmp_path / "meta"), read_pngs(tmp_path / "run_out")
+    assert base.keys() == meta.keys() == run.keys() == {"00000_00.png", "00001_00.png"}
+    for name in base:
+        assert np.abs(base[name] - meta[name]).max() > 2, "the LoRA must change the image"
+        assert np.abs(meta[name] - run[name]).max() <= 1, "both checkpoints must load with scale alpha / rank"
+
+
+def _script_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def test_generate_cli_writes_one_png_per_image(tiny_sd3_dir, tmp_path) -> None:
+    out = tmp_path / "samples"
+    result = subprocess.run(
+        [
+            sys.executable, str(ROOT / "scripts" / "generate.py"),
+            "--config=config/grpo.py:tiny_tp_grpo", f"--config.pretrained.model={tiny_sd3_dir}",
+            "--config.sample.eval_batch_size=4", f"--out={out}", "--prompts=dataset/demo/test.txt",
+            "--max_prompts=2", "--num_images=3",
+        ],
+        cwd=ROOT, env=_script_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pngs = sorted(path.name for path in (out / "images").glob("*.png"))
+    assert pngs == [f"{p:05d}_{i:02d}.png" for p in range(2) for i in range(3)]
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [entry["file"] for entry in index] == [f"images/{name}" for name in pngs]
+    assert [entry["prompt"] for entry in index] == [p for p in DEMO_TEST_PROMPTS[:2] for _ in range(3)]
+    assert Image.open(out / index[0]["file"]).size == (32, 32)
+
+
+def test_evaluate_cli_with_lora_and_reward_flag(tiny_sd3_dir, tmp_path) -> None:
+    lora = save_lora(tiny_sd3_dir, tmp_path / "lora", rank=4, alpha=4, with_metadata=False)
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [
+            sys.executable, str(ROOT / "scripts" / "evaluate.py"),
+            "--config=config/grpo.py:tiny_tp_grpo", f"--config.pretrained.model={tiny_sd3_dir}",
+            f"--lora={lora}", "--lora_scale=0.5", f"--out={out}", "--rewards=jpeg_incompressibility:2",
+            "--prompt=a small boat", "--prompt=a tall tree", "--save_images",
+        ],
+        cwd=ROOT, env=_script_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["count"] == 2 and summary["weights"] == {"jpeg_incompressibility": 2.0}
+    assert summary["settings"]["lora"] == str(lora)
+    assert (summary["settings"]["lora_scale"], summary["settings"]["lora_scale_source"]) == (0.5, "given")
+    assert summary["rewards"]["avg"]["mean"] == pytest.approx(2 * summary["rewards"]["jpeg_incompressibility"]["mean"], rel=1e-6)
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["prompt"] for r in rows] == ["a small boat", "a tall tree"]
+    assert all((out / r["image"]).is_file() for r in rows)
+    assert "summary:" in result.stdout
+
+
+def test_unknown_reward_fails_before_the_model_is_loaded(tmp_path) -> None:
+    # The model directory does not exist either: the reward name is checked first.
+    with pytest.raises(ValueError, match=r"sharpness.*jpeg_compressibility"):
+        run_evaluation(tiny_config(str(tmp_path / "missing")), tmp_path / "eval", rewards={"sharpness": 1.0})
+    assert not (tmp_path / "eval").exists()
+
+
+def test_missing_model_fails_before_loading(tmp_path) -> None:
+    with pytest.raises(ValueError, match="pretrained.model"):
+        load_model(tiny_config(str(tmp_path / "missing")), torch.device("cpu"))
+
+
+# ------------------------------------------------------------------- prompt sets
+
+
+def _prompts(*texts: str) -> list[Prompt]:
+    return [Prompt(text, {}) for text in texts]
+
+
+def test_deduplicate_normalises_whitespace_and_case_and_keeps_first() -> None:
+    prompts = [Prompt("  A red  car\n", {"tag": "first"}), Prompt("a red car", {"tag": "second"}), Prompt("   ", {}), Prompt("a blue car", {})]
+    unique = prepare_data.deduplicate(prompts)
+    assert [p.text for p in unique] == ["A red car", "a blue car"]
+    assert unique[0].metadata == {"tag": "first"}
+
+
+def test_split_is_deterministic_disjoint_and_order_independent() -> None:
+    texts = [f"prompt number {i}" for i in range(50)]
+    train, test = prepare_data.split_prompts(_prompts(*texts, "PROMPT NUMBER 3"), 0.2, seed=1)
+    assert len(test) == 10 and len(train) == 40
+    assert {p.text for p in train} | {p.text for p in test} == set(texts)
+    assert not {p.text for p in train} & {p.text for p in test}
+    shuffled_train, shuffled_test = prepare_data.split_prompts(_prompts(*reversed(texts)), 0.2, seed=1)
+    assert {p.text for p in shuffled_test} == {p.text for p in test}
+    _, other_seed_test = prepare_data.split_prompts(_prompts(*texts), 0.2, seed=2)
+    assert {p.text for p in other_seed_test} != {p.text for p in test}
+    assert [p.text for p in train] == [t for t in texts if t in {p.text for p in train}]  # input order kept
+
+
+def test_split_with_given_test_set_removes_leaked_prompts() -> None:
+    train, test = prepare_data.split_prompts(_prompts("a cat", "a dog", "a Fox"), 0.5, 0, test_prompts=_prompts("a fox", "a fox", "an owl"))
+    assert [p.text for p in train] == ["a cat", "a dog"]
+    assert [p.text for p in test] == ["a fox", "an owl"]
+    with pytest.raises(ValueError, match="test_fraction"):
+        prepare_data.split_prompts(_prompts("a", "b"), 1.0, 0)
+    with pytest.raises(ValueError, match="cannot be split"):
+        prepare_data.split_prompts(_prompts("a", "A"), 0.5, 0)
+
+
+def test_cap_keeps_a_deterministic_subset_in_input_order() -> None:
+    prompts = _prompts(*(f"p{i}" for i in range(20)))
+    kept = prepare_data.cap(prompts, 5, seed=0)
+    assert len(kept) == 5 and kept == prepare_data.cap(prompts, 5, seed=0)
+    assert [p.text for p in kept] == sorted((p.text for p in kept), key=lambda t: int(t[1:]))
+    assert prepare_data.cap(prompts, 0, seed=0) == prompts
+
+
+def test_writer_round_trips_through_the_dataset_loader(tmp_path) -> None:
+    train, test = _prompts("a cat", "a dog"), _prompts("an owl")
+    written = prepare_data.write_prompt_sets(tmp_path, train, test, {"source": "files"})
+    assert [p.name for p in written] == ["train.txt", "test.txt"]
+    assert load_prompts(tmp_path / "train.txt") == train
+    record = json.loads((tmp_path / "prepare_data.json").read_text())
+    assert (record["source"], record["num_train"], record["num_test"]) == ("files", 2, 1)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare_data.write_prompt_sets(tmp_path, train, test, {})
+
+    geneval = [Prompt("a photo of two cups", {"tag": "counting", "include": [{"class": "cup", "count": 2}]})]
+    prepare_data.write_prompt_sets(tmp_path, geneval, geneval, {}, overwrite=True)
+    assert not (tmp_path / "train.txt").exists()  # the old format does not shadow the new one
+    assert load_prompts(tmp_path / "train_metadata.jsonl") == geneval
+
+
+def test_prepare_data_cli_from_local_files(tmp_path) -> None:
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(f"prompt {i}" for i in range(10)) + "\nprompt 0\n")
+    out = tmp_path / "out" / "mine"
+
+    def prepare() -> tuple[list[str], list[str]]:
+        prepare_data.main(["--source", "files", "--inputs", str(source), "--out", str(out.parent), "--name", "mine",
+                           "--test_fraction", "0.3", "--overwrite"])
+        return (out / "train.txt").read_text().splitlines(), (out / "test.txt").read_text().splitlines()
+
+    train, test = prepare()
+    assert len(test) == 3 and len(train) == 7
+    assert sorted(train + test) == sorted(f"prompt {i}" for i in range(10))
+    assert prepare() == (train, test)  # reproducible
