@@ -173,7 +173,7 @@ def tiny_flux() -> ml_collections.ConfigDict:
     config.num_epochs = 12
     config.sample.guidance_scale = 3.5
     config.sample.prompts_per_epoch = 8
-    config.train.learning_rate = 1e-1
+    config.train.learning_rate = 7e-2
     return config
 
 

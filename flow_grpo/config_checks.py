@@ -164,20 +164,9 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
     _positive_int(config, "sample.eval_batch_size")
     _positive_int(config, "sample.resolution")
     _check_window(config)
-    from flow_grpo.models import ADAPTERS
-
-    family = config.pretrained.family
-    if family not in ADAPTERS:
-        _fail("pretrained.family", f"unknown model family {family!r}", f"Use one of {sorted(ADAPTERS)}.")
+    check_model_and_resolution(config, check_path=check_paths)
     if check_paths:
-        _check_paths(config)
-    multiple = ADAPTERS[family].resolution_multiple(config.pretrained.model)
-    if sample.resolution % multiple:
-        _fail(
-            "sample.resolution",
-            f"{sample.resolution} is not a multiple of {multiple} (VAE factor x token patch of this model)",
-            f"Use a multiple of {multiple}, e.g. {max(multiple, sample.resolution // multiple * multiple)}.",
-        )
+        _check_dataset(config)
     train = config.train
     if train.clip_range <= 0:
         _fail("train.clip_range", f"must be positive, got {train.clip_range}", "Use e.g. 1e-5 (published).")
@@ -209,8 +198,38 @@ def looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") != 1 or os.path.exists(name)
 
 
-def _check_paths(config: ml_collections.ConfigDict) -> None:
+def check_model_and_resolution(config: ml_collections.ConfigDict, *, check_path: bool = True) -> None:
+    """Check the model family, that a local model directory exists, and that the resolution fits the model.
+
+    Shared by `validate_config` and the sampling tools (which need no dataset). A hub id is not checked.
+
+    Args:
+        config: a config with `pretrained.family`, `pretrained.model` and `sample.resolution`.
+        check_path: also check that `pretrained.model` is set and, when it names a local
+            directory, that the directory exists.
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    from flow_grpo.models import ADAPTERS
+
+    family = config.pretrained.family
+    if family not in ADAPTERS:
+        _fail("pretrained.family", f"unknown model family {family!r}", f"Use one of {sorted(ADAPTERS)}.")
     model = config.pretrained.model
+    if check_path:
+        _check_model_path(model)
+    resolution = _positive_int(config, "sample.resolution")
+    multiple = ADAPTERS[family].resolution_multiple(model)
+    if resolution % multiple:
+        _fail(
+            "sample.resolution",
+            f"{resolution} is not a multiple of {multiple} (VAE factor x token patch of this model)",
+            f"Use a multiple of {multiple}, e.g. {max(multiple, resolution // multiple * multiple)}.",
+        )
+
+
+def _check_model_path(model: str) -> None:
     if not model:
         _fail("pretrained.model", "is empty", "Give a hub id (e.g. stabilityai/stable-diffusion-3.5-medium) or a directory.")
     if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
@@ -220,5 +239,8 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
             "Point it at a diffusers pipeline directory or a hub id; for the tiny CPU presets run "
             "`make tiny-model` first.",
         )
+
+
+def _check_dataset(config: ml_collections.ConfigDict) -> None:
     if not os.path.isdir(config.dataset):
         _fail("dataset", f"directory {config.dataset!r} does not exist", "Point it at a directory with train/test prompt files.")

@@ -10,9 +10,7 @@ Every image has its own seed derived from `(config.seed, prompt index, image ind
 does not depend on the batch size or on the number of processes that share the work.
 
 Checkpoints are the `.../checkpoints/epoch_XXXXX/lora` directories the trainer writes (diffusers
-LoRA format). A LoRA file saved without adapter metadata does not record `lora_alpha`; diffusers
-then loads it with `alpha = rank` (scale 1). The trained scale `alpha / rank` is restored from the
-run's `config.json` (two directories above `lora/`) or, failing that, from the given config.
+LoRA format with adapter metadata, so `load_lora_weights` restores the trained rank and alpha).
 """
 
 from __future__ import annotations
@@ -36,9 +34,9 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
-from flow_grpo.config_checks import looks_like_local_path
+from flow_grpo.config_checks import check_model_and_resolution
 from flow_grpo.data import Prompt, dataset_paths, load_prompts
-from flow_grpo.models import ModelAdapter, adapter_class, load_adapter
+from flow_grpo.models import ModelAdapter, load_adapter
 from flow_grpo.rewards import AVERAGE_KEY, MultiReward, build_reward, check_reward_names
 from flow_grpo.sampling import sample_ode
 
@@ -59,7 +57,6 @@ __all__ = [
     "run_generation",
     "save_png",
     "summarize_scores",
-    "trained_lora_scale",
     "write_scores_csv",
 ]
 
@@ -67,9 +64,6 @@ logger = get_logger(__name__)
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 """File name the trainer (diffusers' `save_lora_weights`) gives the LoRA weights."""
-
-LORA_METADATA_KEY = "lora_adapter_metadata"
-"""safetensors metadata key under which diffusers stores the LoRA config (rank, alpha, ...)."""
 
 ADAPTER_NAME = "checkpoint"
 """Adapter name of the loaded LoRA in the pipeline."""
@@ -213,81 +207,49 @@ def find_lora_dir(path: str | os.PathLike[str]) -> Path:
     )
 
 
-def trained_lora_scale(lora_dir: Path, config: ml_collections.ConfigDict) -> tuple[float, str]:
-    """The adapter weight that restores the trained LoRA scale `alpha / rank`, and where it came from.
-
-    1.0 when the file carries diffusers' adapter metadata (alpha is then loaded as saved); else
-    `lora_alpha / lora_rank` of the run's `config.json` (`<run>/checkpoints/epoch_X/lora`), else of
-    `config.train`.
-    """
-    from safetensors import safe_open
-
-    with safe_open(str(lora_dir / LORA_WEIGHTS_FILE), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if LORA_METADATA_KEY in metadata:
-        return 1.0, "adapter metadata in the checkpoint"
-    run_config = lora_dir.parent.parent.parent / "config.json"
-    if lora_dir.name == "lora" and run_config.is_file():
-        train = json.loads(run_config.read_text()).get("train", {})
-        if "lora_alpha" in train and "lora_rank" in train:
-            return float(train["lora_alpha"]) / float(train["lora_rank"]), f"train.lora_alpha / train.lora_rank of {run_config}"
-    return float(config.train.lora_alpha) / float(config.train.lora_rank), "train.lora_alpha / train.lora_rank of the config"
-
-
 @dataclass
 class LoadedModel:
     """A model adapter ready for sampling, with a description of the loaded LoRA (if any)."""
 
     adapter: ModelAdapter
     lora: str | None
-    lora_scale: float | None
-    lora_scale_source: str | None
+    lora_scale: float | None  # the adapter weight of the LoRA (1.0 = as saved); None without a LoRA
 
 
 def check_sampling_config(config: ml_collections.ConfigDict) -> None:
-    """Fail early, naming the key, on settings that cannot sample (before any weight is loaded)."""
-    cls = adapter_class(config.pretrained.family)
-    model = config.pretrained.model
-    if not model:
-        raise ValueError("config.pretrained.model is empty; give a hub id or a diffusers pipeline directory")
-    if looks_like_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
-        raise ValueError(f"config.pretrained.model: directory {model!r} does not exist; point it at a diffusers pipeline")
-    for key in ("resolution", "eval_num_steps", "eval_batch_size"):
+    """Fail early, naming the key, on settings that cannot sample (before any weight is loaded).
+
+    The model and resolution checks are `check_model_and_resolution` (raising `ConfigError`, a
+    `ValueError`); the dataset is not required.
+    """
+    for key in ("eval_num_steps", "eval_batch_size"):
         value = config.sample[key]
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.sample.{key} must be a positive integer, got {value!r}")
-    multiple = cls.resolution_multiple(model)
-    if config.sample.resolution % multiple:
-        raise ValueError(
-            f"config.sample.resolution {config.sample.resolution} is not a multiple of {multiple} "
-            "(VAE factor x token patch of this model)"
-        )
+    check_model_and_resolution(config)
 
 
 def load_model(
-    config: ml_collections.ConfigDict, device: torch.device, lora: str | None = None, scale: float | None = None
+    config: ml_collections.ConfigDict, device: torch.device, lora: str | None = None, scale: float = 1.0
 ) -> LoadedModel:
     """Load the pipeline of `config.pretrained` on `device`, and the LoRA checkpoint `lora` if given.
 
-    `scale` is the adapter weight of the LoRA; None restores the trained scale (see `trained_lora_scale`).
+    The checkpoint's adapter metadata restores its trained rank and alpha. `scale` multiplies the
+    LoRA's effect (adapter weight); 1.0 uses it as saved.
     """
     check_sampling_config(config)
-    if scale is not None and not (math.isfinite(scale) and scale > 0):
+    if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"the LoRA scale must be a positive number, got {scale}")
     lora_dir = find_lora_dir(lora) if lora else None  # fail on a bad path before loading the model
     adapter = load_adapter(config, device, compute_dtype(config, device))
     if lora_dir is None:
-        return LoadedModel(adapter, None, None, None)
+        return LoadedModel(adapter, None, None)
     adapter.pipeline.load_lora_weights(str(lora_dir), adapter_name=ADAPTER_NAME)
-    if scale is None:
-        scale, source = trained_lora_scale(lora_dir, config)
-    else:
-        source = "given"
     if scale != 1.0:
         adapter.pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
     adapter.transformer.requires_grad_(False)
-    logger.info(f"loaded LoRA {lora_dir} with scale {scale:g} ({source})")
-    return LoadedModel(adapter, str(lora_dir), scale, source)
+    logger.info(f"loaded LoRA {lora_dir} with scale {scale:g}")
+    return LoadedModel(adapter, str(lora_dir), scale)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -372,7 +334,6 @@ def _sampling_settings(
         "family": config.pretrained.family,
         "lora": loaded.lora,
         "lora_scale": loaded.lora_scale,
-        "lora_scale_source": loaded.lora_scale_source,
         "prompts": prompts_origin,
         "num_prompts": num_prompts,
         "images_per_prompt": images_per_prompt,
@@ -395,7 +356,7 @@ def run_evaluation(
     out_dir: str | os.PathLike[str],
     *,
     lora: str | None = None,
-    lora_scale: float | None = None,
+    lora_scale: float = 1.0,
     prompts: str = "",
     texts: Sequence[str] = (),
     split: str = "test",
@@ -414,7 +375,7 @@ def run_evaluation(
         config: a training config (preset plus overrides).
         out_dir: directory for `summary.json`, `scores.csv` (and `images/` with `save_images`).
         lora: LoRA checkpoint directory; None evaluates the base model.
-        lora_scale: adapter weight of the LoRA; None restores the trained `alpha / rank` (see `trained_lora_scale`).
+        lora_scale: adapter weight of the LoRA (multiplies its effect); 1.0 = as saved.
         prompts, texts, split, max_prompts: see `resolve_prompts` (default: the config's test split).
         rewards: reward name -> weight; None or empty uses `config.eval_reward_fn`.
         images_per_prompt: samples per prompt, each with its own seed.
@@ -485,7 +446,7 @@ def run_generation(
     out_dir: str | os.PathLike[str],
     *,
     lora: str | None = None,
-    lora_scale: float | None = None,
+    lora_scale: float = 1.0,
     prompts: str = "",
     texts: Sequence[str] = (),
     split: str = "test",

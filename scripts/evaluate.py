@@ -25,9 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 _CONFIG = config_flags.DEFINE_config_file("config", "config/grpo.py:pickscore_sd3", "Preset: file:function.")
 _LORA = flags.DEFINE_string("lora", "", "LoRA checkpoint directory (.../checkpoints/epoch_XXXXX/lora); empty = base model.")
-_LORA_SCALE = flags.DEFINE_float(
-    "lora_scale", None, "Adapter weight of the LoRA; unset = the trained alpha / rank (checkpoint metadata or the run's config.json)."
-)
+_LORA_SCALE = flags.DEFINE_float("lora_scale", 1.0, "Adapter weight of the LoRA (multiplies its effect); 1 = as saved.")
 _OUT = flags.DEFINE_string("out", None, "Output directory for summary.json and scores.csv.", required=True)
 _PROMPTS = flags.DEFINE_string("prompts", "", "Prompt file (.txt or .jsonl) or dataset directory; empty = config.dataset.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split read from a dataset directory.")

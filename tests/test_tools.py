@@ -24,7 +24,6 @@ from flow_grpo.tools import (
     plan_jobs,
     run_evaluation,
     run_generation,
-    trained_lora_scale,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,23 +49,31 @@ def tiny_config(model_dir: str):
     return config
 
 
-def save_lora(model_dir: str, target: Path, *, rank: int, alpha: int, with_metadata: bool) -> Path:
-    """A LoRA with random non-zero B (so it changes the output), saved the way the trainer saves one."""
-    from diffusers import StableDiffusion3Pipeline
+def add_random_lora(transformer: torch.nn.Module, *, rank: int, alpha: int) -> None:
+    """Add a LoRA with random non-zero B (so it changes the output); the same weights on every call."""
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
-    pipeline = StableDiffusion3Pipeline.from_pretrained(model_dir)
-    transformer = pipeline.transformer
     transformer.add_adapter(
         LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"])
     )
-    generator = torch.Generator().manual_seed(0)  # the same weights on every call
+    generator = torch.Generator().manual_seed(0)
     for name, param in transformer.named_parameters():
         if "lora_" in name:
             param.data = 0.2 * torch.randn(param.shape, generator=generator)
-    extra = {"transformer_lora_adapter_metadata": transformer.peft_config["default"].to_dict()} if with_metadata else {}
-    StableDiffusion3Pipeline.save_lora_weights(str(target), transformer_lora_layers=get_peft_model_state_dict(transformer), **extra)
+
+
+def save_lora(model_dir: str, target: Path, *, rank: int, alpha: int) -> Path:
+    """A random LoRA (`add_random_lora`) saved the way the trainer saves one: with diffusers' adapter metadata."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = StableDiffusion3Pipeline.from_pretrained(model_dir).transformer
+    add_random_lora(transformer, rank=rank, alpha=alpha)
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(target),
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )
     return target
 
 
@@ -96,26 +103,6 @@ def test_find_lora_dir_accepts_epoch_dir_and_names_what_is_missing(tmp_path) -> 
     assert find_lora_dir(lora) == lora
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
         find_lora_dir(tmp_path)
-
-
-def test_trained_lora_scale_prefers_metadata_then_run_config_then_preset(tmp_path) -> None:
-    from safetensors.torch import save_file
-
-    config = presets.pickscore_sd3()  # rank 32, alpha 64
-    weights = {"transformer.x.lora_A.weight": torch.zeros(1)}
-    with_metadata = tmp_path / "with_metadata"
-    with_metadata.mkdir()
-    save_file(weights, str(with_metadata / "pytorch_lora_weights.safetensors"), metadata={"format": "pt", "lora_adapter_metadata": "{}"})
-    assert trained_lora_scale(with_metadata, config)[0] == 1.0
-
-    lora = tmp_path / "run" / "checkpoints" / "epoch_00001" / "lora"
-    lora.mkdir(parents=True)
-    save_file(weights, str(lora / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
-    scale, source = trained_lora_scale(lora, config)
-    assert scale == 2.0 and "of the config" in source  # no run config.json: the preset's alpha / rank
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {"lora_rank": 8, "lora_alpha": 4}}))
-    scale, source = trained_lora_scale(lora, config)
-    assert scale == 0.5 and source.endswith("config.json")
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -163,27 +150,47 @@ def test_images_do_not_depend_on_batch_size(tiny_sd3_dir) -> None:
 
 
 def test_lora_changes_images_and_trained_scale_is_restored(tiny_sd3_dir, tmp_path) -> None:
-    # The same LoRA (rank 4, alpha 8: scale 2) saved twice: with diffusers' adapter metadata, and as
-    # the trainer writes it (no metadata) inside a run directory whose config.json records alpha / rank.
-    with_metadata = save_lora(tiny_sd3_dir, tmp_path / "with_metadata", rank=4, alpha=8, with_metadata=True)
-    run_dir = tmp_path / "run"
-    save_lora(tiny_sd3_dir, run_dir / "checkpoints" / "epoch_00000" / "lora", rank=4, alpha=8, with_metadata=False)
-    (run_dir / "config.json").write_text(json.dumps({"train": {"lora_rank": 4, "lora_alpha": 8}}))
-
+    # rank 4, alpha 8 (scale 2), saved with adapter metadata as the trainer saves it. The reference is
+    # the same LoRA added in memory, independent of saving and loading: a load that lost alpha (diffusers
+    # then uses alpha = rank) would give the images of the alpha-4 reference instead.
+    lora = save_lora(tiny_sd3_dir, tmp_path / "run" / "checkpoints" / "epoch_00000" / "lora", rank=4, alpha=8)
     config = tiny_config(tiny_sd3_dir)
     texts = ["a lighthouse at dusk", "a bowl of fruit"]
     run_generation(config, tmp_path / "base", texts=texts)
-    run_generation(config, tmp_path / "meta", texts=texts, lora=str(with_metadata))
-    index = run_generation(config, tmp_path / "run_out", texts=texts, lora=str(run_dir / "checkpoints" / "epoch_00000"))
+    index = run_generation(config, tmp_path / "lora_out", texts=texts, lora=str(lora.parent))
 
-    settings = json.loads((tmp_path / "run_out" / "settings.json").read_text())
-    assert settings["lora_scale"] == 2.0 and "config.json" in settings["lora_scale_source"]
+    settings = json.loads((tmp_path / "lora_out" / "settings.json").read_text())
+    assert settings["lora"] == str(lora) and settings["lora_scale"] == 1.0
     assert len(index) == 2
-    base, meta, run = read_pngs(tmp_path / "base"), read_pngs(tmp_path / "meta"), read_pngs(tmp_path / "run_out")
-    assert base.keys() == meta.keys() == run.keys() == {"00000_00.png", "00001_00.png"}
+    base, loaded = read_pngs(tmp_path / "base"), read_pngs(tmp_path / "lora_out")
+    assert base.keys() == loaded.keys() == {"00000_00.png", "00001_00.png"}
     for name in base:
-        assert np.abs(base[name] - meta[name]).max() > 2, "the LoRA must change the image"
-        assert np.abs(meta[name] - run[name]).max() <= 1, "both checkpoints must load with scale alpha / rank"
+        assert np.abs(base[name] - loaded[name]).max() > 2, "the LoRA must change the image"
+
+    jobs = plan_jobs([Prompt(text) for text in texts], images_per_prompt=1, seed=config.seed)
+
+    def sample(adapter) -> torch.Tensor:
+        batches = generate_batches(
+            adapter, jobs, num_steps=config.sample.eval_num_steps, resolution=config.sample.resolution, batch_size=len(jobs)
+        )
+        return torch.cat([images for _, images in batches])
+
+    def in_memory(alpha: int) -> torch.Tensor:
+        adapter = load_model(config, torch.device("cpu")).adapter
+        add_random_lora(adapter.transformer, rank=4, alpha=alpha)
+        return sample(adapter)
+
+    def as_png(images: torch.Tensor) -> list[np.ndarray]:
+        return [np.asarray(image.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)).astype(np.int16) for image in images]
+
+    trained, alpha_lost = in_memory(alpha=8), in_memory(alpha=4)
+    for job, expected, lost in zip(jobs, as_png(trained), as_png(alpha_lost)):
+        assert np.abs(loaded[job.filename] - expected).max() <= 1, "the checkpoint must load with scale alpha / rank"
+        assert np.abs(loaded[job.filename] - lost).max() > 2, "alpha = rank must give other images"
+
+    # --lora_scale multiplies the trained scale: 0.5 x 8 / 4 is the alpha-4 LoRA.
+    halved = sample(load_model(config, torch.device("cpu"), lora=str(lora), scale=0.5).adapter)
+    torch.testing.assert_close(halved, alpha_lost, atol=1e-4, rtol=1e-4)
 
 
 def _script_env() -> dict[str, str]:
@@ -211,7 +218,7 @@ def test_generate_cli_writes_one_png_per_image(tiny_sd3_dir, tmp_path) -> None:
 
 
 def test_evaluate_cli_with_lora_and_reward_flag(tiny_sd3_dir, tmp_path) -> None:
-    lora = save_lora(tiny_sd3_dir, tmp_path / "lora", rank=4, alpha=4, with_metadata=False)
+    lora = save_lora(tiny_sd3_dir, tmp_path / "lora", rank=4, alpha=4)
     out = tmp_path / "eval"
     result = subprocess.run(
         [
@@ -226,7 +233,7 @@ def test_evaluate_cli_with_lora_and_reward_flag(tiny_sd3_dir, tmp_path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["count"] == 2 and summary["weights"] == {"jpeg_incompressibility": 2.0}
     assert summary["settings"]["lora"] == str(lora)
-    assert (summary["settings"]["lora_scale"], summary["settings"]["lora_scale_source"]) == (0.5, "given")
+    assert summary["settings"]["lora_scale"] == 0.5
     assert summary["rewards"]["avg"]["mean"] == pytest.approx(2 * summary["rewards"]["jpeg_incompressibility"]["mean"], rel=1e-6)
     with open(out / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
