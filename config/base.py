@@ -18,6 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.algorithm = "tp_grpo"  # "flow_grpo" (final-image reward at every step) or "tp_grpo" (step-wise rewards)
     config.mixed_precision = "fp16"  # accelerate mixed precision: "no", "fp16" or "bf16"; frozen weights use this dtype
     config.allow_tf32 = True  # allow TF32 matrix products on Ampere and newer GPUs
+    config.compile = False  # torch.compile the transformer in place (sampling and training use the same numerics)
+    config.attention_backend = ""  # diffusers attention backend ("flash", "_native_cudnn", ...); empty = default
     config.num_epochs = 300  # number of sample -> train epochs
     config.save_freq = 30  # write a checkpoint every this many epochs (and after the last one); 0 = only at the end
     config.keep_checkpoints = 3  # keep the newest this many checkpoints of the run; 0 = keep all
@@ -52,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     sample.batch_size = 9  # per process: trajectories per sampling batch
     sample.eval_batch_size = 8  # per process: prompts per evaluation batch
     sample.max_states_per_call = 0  # bound on states in one transformer or VAE call (chunks bigger ones); 0 = no bound
+    sample.state_buckets = ()  # pad each transformer call's states up to one of these sizes (few shapes for compile); () = off
 
     # ---- TP-GRPO step rewards ----
     config.tp = tp = ml_collections.ConfigDict()

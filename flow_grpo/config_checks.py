@@ -161,6 +161,21 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
         _fail("sample.guidance_scale", f"is negative ({sample.guidance_scale})", "Use 0 or more (1 = no guidance).")
     if sample.max_states_per_call < 0:
         _fail("sample.max_states_per_call", "is negative", "Use 0 (no bound) or a positive number of states.")
+    buckets = tuple(sample.state_buckets)
+    if buckets and (not all(isinstance(b, int) and b > 0 for b in buckets) or list(buckets) != sorted(set(buckets))):
+        _fail("sample.state_buckets", f"{buckets!r} must be increasing positive integers", "E.g. (18, 36, 90).")
+    if buckets and sample.max_states_per_call:
+        _fail(
+            "sample.state_buckets",
+            "and sample.max_states_per_call are both set",
+            "With buckets the largest bucket bounds a call; set max_states_per_call=0.",
+        )
+    if config.attention_backend:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        names = sorted(b.value for b in AttentionBackendName)
+        if config.attention_backend not in names:
+            _fail("attention_backend", f"unknown backend {config.attention_backend!r}", f"Use '' or one of {names}.")
     _positive_int(config, "sample.eval_batch_size")
     _positive_int(config, "sample.resolution")
     _check_window(config)

@@ -58,16 +58,25 @@ def _chunked_velocity(
     prompts: PromptBatch,
     max_states_per_call: int,
     transformer: torch.nn.Module | None,
+    state_buckets: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """Velocity of all states, split into calls of at most `max_states_per_call` states (0 = one call)."""
+    """Velocity of all states (B, ...), in calls of bounded size and, optionally, bucketed shapes.
+
+    Calls hold at most `max_states_per_call` states (0 = one call), or with `state_buckets` at most
+    the largest bucket, each padded (by repeating its last state) up to the smallest bucket that
+    fits, so a compiled transformer sees only the bucket shapes. Padding rows are dropped.
+    """
     total = latents.shape[0]
-    size = max_states_per_call if max_states_per_call > 0 else total
-    if size >= total:
+    size = max(state_buckets) if state_buckets else (max_states_per_call or total)
+    if size >= total and not state_buckets:
         return adapter.velocity(latents, sigmas, prompts, transformer)
-    parts = [
-        adapter.velocity(latents[i : i + size], sigmas[i : i + size], prompts.select(slice(i, i + size)), transformer)
-        for i in range(0, total, size)
-    ]
+    parts = []
+    for start in range(0, total, size):
+        count = min(size, total - start)
+        padded = min((b for b in state_buckets if b >= count), default=count)
+        rows = torch.arange(start, start + padded, device=latents.device).clamp(max=start + count - 1)
+        velocity = adapter.velocity(latents[rows], sigmas[rows], prompts.select(rows), transformer)
+        parts.append(velocity[:count])
     return torch.cat(parts)
 
 
@@ -92,6 +101,7 @@ def rollout(
     generator: torch.Generator | list[torch.Generator] | None = None,
     initial_latents: torch.Tensor | None = None,
     max_states_per_call: int = 0,
+    state_buckets: tuple[int, ...] = (),
     transformer: torch.nn.Module | None = None,
 ) -> Rollout:
     """Sample B = len(prompts) trajectories with stochastic steps `[s, s + W)` and ODE steps elsewhere.
@@ -108,6 +118,7 @@ def rollout(
         generator: drives the initial noise (unless `initial_latents` is given) and the step noise.
         initial_latents: (B, ...) noise at sigma 1, overriding the generator's draw.
         max_states_per_call: bound on states per transformer / VAE call; 0 = no bound.
+        state_buckets: pad transformer calls to these state counts (see `_chunked_velocity`).
         transformer: overrides the adapter's transformer (e.g. a compiled one).
     """
     batch = len(prompts)
@@ -116,7 +127,9 @@ def rollout(
             f"window [{window_start}, {window_start + window_size}) must lie within steps 0..{num_steps - 2}: "
             "the last step has zero noise"
         )
-    sigmas = adapter.sigmas(num_steps, resolution).to(adapter.device)
+    grid = adapter.sigmas(num_steps, resolution)
+    sigma_max = float(grid[1])  # read on the host once, not per step
+    sigmas = grid.to(adapter.device)
     if initial_latents is None:
         x = adapter.initial_latents(batch, resolution, generator)
     else:
@@ -128,7 +141,7 @@ def rollout(
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         states = torch.cat([x, branch_states])
         velocity = _chunked_velocity(
-            adapter, states, sigma.expand(states.shape[0]), live_prompts, max_states_per_call, transformer
+            adapter, states, sigma.expand(states.shape[0]), live_prompts, max_states_per_call, transformer, state_buckets
         )
         main_velocity = velocity[:batch]
         branch_states = euler_step(velocity[batch:], branch_states, sigma, sigma_next)
@@ -140,7 +153,7 @@ def rollout(
                 live_prompts = PromptBatch.cat([live_prompts, prompts])
             step = stochastic_step(
                 step_kind, main_velocity, x, sigma, sigma_next, noise_level,
-                sigma_max=float(sigmas[1]), generator=generator,
+                sigma_max=sigma_max, generator=generator,
             )
             recorded["latents"].append(x)
             recorded["next"].append(step.next_latents)
@@ -185,6 +198,7 @@ def sample_ode(
     generator: torch.Generator | list[torch.Generator] | None = None,
     initial_latents: torch.Tensor | None = None,
     max_states_per_call: int = 0,
+    state_buckets: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """Deterministic (Euler ODE) sampling for evaluation; returns images (B, 3, H, W) in [0, 1]."""
     result = rollout(
@@ -199,5 +213,6 @@ def sample_ode(
         generator=generator,
         initial_latents=initial_latents,
         max_states_per_call=max_states_per_call,
+        state_buckets=state_buckets,
     )
     return result.images

@@ -150,6 +150,10 @@ class Trainer:
             param.data = param.data.float()  # LoRA in float32, frozen base in the compute dtype
         if config.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        if config.attention_backend:
+            transformer.set_attention_backend(config.attention_backend)
+        if config.compile:
+            transformer.compile()  # in place: sampling and the training forward run the same compiled code
         optimizer = torch.optim.AdamW(
             self.trainable,
             lr=config.train.learning_rate,
@@ -217,6 +221,7 @@ class Trainer:
                         branches=self.is_tp,
                         generator=generator,
                         max_states_per_call=sample.max_states_per_call,
+                        state_buckets=tuple(sample.state_buckets),
                     )
                 if self.is_tp:
                     per_image = sample.window_size + 1
@@ -414,6 +419,7 @@ class Trainer:
                         resolution=config.sample.resolution,
                         generator=generator,
                         max_states_per_call=config.sample.max_states_per_call,
+                        state_buckets=tuple(config.sample.state_buckets),
                     )
                 scores = self.eval_reward(images, texts, metadata)
                 totals[:-1] += torch.stack([scores[name].sum() for name in names]).to(accelerator.device)
