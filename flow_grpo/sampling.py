@@ -46,9 +46,10 @@ class Rollout:
 
 
 def draw_window_start(generator: torch.Generator, window_range: tuple[int, int], window_size: int) -> int:
-    """Draw `s ~ U{r0, ..., r1 - W}` with `generator` (one draw per sampling batch)."""
+    """Draw `s ~ U{r0, ..., r1 - W}` with `generator` (one draw per sampling batch, on its device)."""
     low, high = window_range
-    return int(torch.randint(low, high - window_size + 1, (1,), generator=generator).item())
+    draw = torch.randint(low, high - window_size + 1, (1,), generator=generator, device=generator.device)
+    return int(draw.item())
 
 
 def _chunked_velocity(
