@@ -42,9 +42,10 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     from accelerate import PartialState
 
+    from flow_grpo.trainer import use_cpu
     from flow_grpo.tools import parse_reward_weights, run_evaluation
 
-    state = PartialState()
+    state = PartialState(cpu=use_cpu())
     summary = run_evaluation(
         _CONFIG.value,
         _OUT.value,
