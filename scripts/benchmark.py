@@ -1,0 +1,95 @@
+"""Time and FLOP-count the GRPO phases (rollouts, scoring, one update) with random-weight models.
+
+    python scripts/benchmark.py --size tiny                      # CPU, seconds
+    python scripts/benchmark.py --size sd3 --json sd3.json       # SD3.5-Medium size, one GPU, bf16
+    python scripts/benchmark.py --size sd3 --compile --buckets 18,36,90,180
+    python scripts/benchmark.py --size flux --count_only         # FLOPs only (meta device), any machine
+
+Each flag left out keeps the size's preset (`flow_grpo.benchmark.default_settings`). The table of
+seconds, true FLOPs and FLOP/s, fraction of the measured matrix-product ceiling and peak memory per
+phase is printed last; `--json` also writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without installing
+
+from flow_grpo.benchmark import (
+    PHASES,
+    SIZES,
+    default_settings,
+    format_report,
+    run_benchmark,
+)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags; each `dest` is a `BenchmarkSettings` field (None = the preset's value)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="tiny", help="model size: tiny models (CPU) or the real ones (GPU)")
+    parser.add_argument("--json", default="", help="also write the report as JSON to this file")
+    setting = parser.add_argument_group("settings (default: the size's preset)")
+    add = setting.add_argument
+    add("--prompts", type=int, help="trajectories per batch B")
+    add("--resolution", type=int, help="image side in pixels")
+    add("--steps", dest="num_steps", type=int, help="grid steps N")
+    add("--window", dest="window_size", type=int, help="SDE window size W")
+    add("--window_start", type=int, help="window start s")
+    add("--cfg", dest="guidance_scale", type=float, help="guidance scale (SD3 CFG, FLUX guidance embedding)")
+    add("--step_kind", choices=("sde", "cps"), help="stochastic step of the window")
+    add("--noise_level", type=float, help="noise level a of the window steps")
+    add("--lora_rank", type=int, help="LoRA rank r")
+    add("--lora_alpha", type=int, help="LoRA alpha")
+    add("--beta", type=float, help="KL weight; 0 skips the reference pass")
+    add("--train_batch_size", type=int, help="trajectories per training micro-batch; 0 = all")
+    add("--gradient_checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward")
+    add("--max_states_per_call", type=int, help="bound on states per transformer / VAE call; 0 = none")
+    add("--buckets", dest="state_buckets", type=_ints, help="state buckets, e.g. 18,36,90 (rollout calls padded up)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the transformer in place")
+    add("--attention_backend", help="diffusers attention backend, e.g. flash, _native_cudnn; '' = default")
+    add("--device", help="device; default CUDA when available, else CPU")
+    add("--dtype", choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype; auto = bf16 on CUDA, fp32 on CPU")
+    add("--allow_tf32", action=argparse.BooleanOptionalAction, help="TF32 matrix products on CUDA")
+    add("--warmup", type=int, help="untimed runs per phase")
+    add("--repeats", type=int, help="timed runs per phase (the median is reported)")
+    add("--matmul_size", type=int, help="side of the ceiling's square matmul; 0 = 8192 on CUDA, 1024 on CPU")
+    add("--phases", type=_names, help=f"comma-separated subset of {','.join(PHASES)}")
+    add("--count_only", action=argparse.BooleanOptionalAction, help="count FLOPs on the meta device only, no timing")
+    add("--seed", type=int, help="seed of LoRA init, embeddings, noise and advantages")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = {key: value for key, value in vars(args).items() if key not in ("size", "json") and value is not None}
+    try:
+        settings = default_settings(args.size, **overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    report = run_benchmark(settings)
+    if args.json:
+        directory = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(directory, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+            f.write("\n")
+    print(format_report(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

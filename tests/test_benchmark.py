@@ -1,0 +1,152 @@
+"""The phase benchmark (flow_grpo/benchmark.py, scripts/benchmark.py) on the tiny models, CPU only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flow_grpo.benchmark import (
+    PHASES,
+    BenchmarkSettings,
+    build_models,
+    component_flops,
+    count_flops,
+    count_phase_flops,
+    default_settings,
+    format_report,
+    model_spec,
+    run_benchmark,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+META = torch.device("meta")
+CPU = torch.device("cpu")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    return run_benchmark(default_settings("tiny", warmup=1, repeats=2))
+
+
+def test_tiny_benchmark_times_and_counts_every_phase(tiny_report) -> None:
+    report = tiny_report
+    assert [phase.name for phase in report.phases] == list(PHASES)
+    for phase in report.phases:
+        assert phase.error is None
+        assert phase.seconds > 0 and len(phase.times) == 2 and len(phase.warmup_times) == 1
+        assert phase.flops > 0
+        assert phase.flops_per_second > 0 and 0 < phase.fraction_of_ceiling
+        assert phase.peak_memory_bytes > 0
+    assert report.ceiling.flops_per_second > 0
+    assert all(value > 0 for value in report.components.values())
+    # Lockstep TP-GRPO does the Flow-GRPO work plus the branches and their decodes.
+    assert report.phase("tp_grpo_rollout").flops > report.phase("flow_grpo_rollout").flops
+    table = format_report(report).splitlines()
+    assert table[-len(PHASES) - 2].startswith("| phase")
+    assert table[-1].startswith("| GRPO update over the window")
+
+
+def test_tiny_rollout_flops_follow_the_call_count(tiny_report) -> None:
+    """The phase counts are the per-call counts times the calls: CFG doubles the rows, and the
+    lockstep rollout advances the main trajectory plus one state per branch forked so far."""
+    s = tiny_report.settings
+    components = tiny_report.components
+    decodes = s.prompts * components["vae_decode_per_image"]
+    # Flow-GRPO: N calls on B states of 2 rows, one decode per trajectory; rows carry the LoRA.
+    row = (tiny_report.phase("flow_grpo_rollout").flops - decodes) / (s.num_steps * s.prompts * 2)
+    assert row > components["transformer_forward_per_row"]  # the LoRA's products on top of the base model
+    states = sum(1 + min(k, s.window_size) for k in range(s.num_steps))  # window start 0
+    expected = states * s.prompts * 2 * row + (s.window_size + 1) * decodes
+    assert tiny_report.phase("tp_grpo_rollout").flops == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("size", ["tiny", "tiny_flux"])
+def test_meta_flop_count_equals_the_count_on_real_tensors(size: str) -> None:
+    """Counting on the meta device gives exactly the FLOPs of the same phases run on the CPU."""
+    settings = default_settings(size, prompts=2, num_steps=3, window_size=2)
+    spec = model_spec(size)
+    meta = build_models(spec, settings, META, torch.float32, optimized=False)
+    real = build_models(spec, settings, CPU, torch.float32, optimized=False)
+    assert component_flops(meta, settings) == component_flops(real, settings)
+    meta_phases, real_phases = count_phase_flops(meta, settings), count_phase_flops(real, settings)
+    assert meta_phases == real_phases and set(meta_phases) == set(PHASES)
+    assert all(value > 0 for value in meta_phases.values())
+
+
+def test_transformer_flops_on_meta_match_the_real_tiny_model() -> None:
+    """One forward of the tiny SD3 transformer: the meta count equals the count on real weights."""
+    from flow_grpo.testing import tiny_sd3_pipeline
+
+    real = tiny_sd3_pipeline("real").transformer
+    with META:
+        meta = type(real).from_config(real.config)
+
+    def forward(model: torch.nn.Module, device: torch.device) -> None:
+        config = model.config
+        model(
+            hidden_states=torch.zeros(2, config.in_channels, 8, 8, device=device),
+            timestep=torch.ones(2, device=device),
+            encoder_hidden_states=torch.zeros(2, 141, config.joint_attention_dim, device=device),
+            pooled_projections=torch.zeros(2, config.pooled_projection_dim, device=device),
+        )
+
+    counted = count_flops(lambda: forward(meta, META))
+    assert counted == count_flops(lambda: forward(real, CPU)) > 0
+
+
+def test_script_writes_json_and_prints_the_table_last(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out" / "tiny.json"
+    script = _load_script()
+    argv = ["--size", "tiny", "--prompts", "2", "--steps", "3", "--window", "2", "--repeats", "1", "--json", str(out)]
+    assert script.main(argv + ["--phases", "tp_grpo_rollout,update"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("| GRPO update") and printed[-2].startswith("| TP-GRPO rollout")
+    data = json.loads(out.read_text())
+    assert [phase["name"] for phase in data["phases"]] == ["tp_grpo_rollout", "update"]
+    for phase in data["phases"]:
+        assert phase["seconds"] > 0 and phase["flops"] > 0 and phase["tflops_per_second"] > 0
+    assert data["settings"]["num_steps"] == 3 and data["settings"]["prompts"] == 2
+    assert data["matmul_ceiling"]["tflops_per_second"] > 0
+
+
+def test_count_only_needs_no_timing() -> None:
+    report = run_benchmark(default_settings("tiny", count_only=True, phases=("flow_grpo_rollout",)))
+    (phase,) = report.phases
+    assert phase.flops > 0 and phase.seconds is None and report.ceiling is None
+    assert "| Flow-GRPO rollout" in format_report(report).splitlines()[-1]
+
+
+def test_settings_reject_bad_windows_and_buckets() -> None:
+    with pytest.raises(ValueError, match="window"):
+        BenchmarkSettings(num_steps=10, window_size=10)
+    with pytest.raises(ValueError, match="state_buckets"):
+        BenchmarkSettings(state_buckets=(36, 18))
+    with pytest.raises(ValueError, match="not both"):
+        BenchmarkSettings(state_buckets=(18,), max_states_per_call=18)
+    with pytest.raises(ValueError, match="phases"):
+        BenchmarkSettings(phases=("sampling",))
+    with pytest.raises(ValueError, match="size"):
+        default_settings("sdxl")
+
+
+def test_presets_match_the_documented_anchor() -> None:
+    """The sd3 preset is PERFORMANCE.md's anchor; the real architectures have the published sizes."""
+    s = default_settings("sd3")
+    assert (s.prompts, s.resolution, s.num_steps, s.window_size, s.guidance_scale) == (9, 512, 10, 9, 4.5)
+    assert (s.step_kind, s.noise_level, s.lora_rank, s.scored_images) == ("cps", 0.7, 32, 90)
+    for size, billions in (("sd3", 2.24), ("flux", 11.9)):
+        models = build_models(model_spec(size), default_settings(size, phases=("scoring",)), META, torch.bfloat16, optimized=False)
+        transformer = models.adapter.transformer
+        base = sum(p.numel() for name, p in transformer.named_parameters() if "lora_" not in name)
+        assert base / 1e9 == pytest.approx(billions, abs=0.01)
