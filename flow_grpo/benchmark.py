@@ -61,6 +61,7 @@ from flow_grpo.rewards.options import resolve_dtype
 from flow_grpo.rewards.preprocess import ImagePreprocess
 from flow_grpo.sampling import Rollout, rollout
 from flow_grpo.sde import StepOutput, stochastic_step
+from flow_grpo.trainer import adapters_disabled
 
 __all__ = [
     "PHASES",
@@ -741,7 +742,7 @@ def grpo_update(
                 step = _window_step(models, settings, row_prompts, samples, rows, j, sigma_max)
                 reference_mean = None
                 if settings.beta > 0:
-                    with torch.no_grad(), _adapters_disabled(transformer):
+                    with torch.no_grad(), adapters_disabled(transformer):
                         reference_mean = _window_step(models, settings, row_prompts, samples, rows, j, sigma_max).mean
             out = grpo_loss(
                 step.log_prob,
@@ -761,16 +762,6 @@ def grpo_update(
     transformer.eval()
     assert out is not None  # settings guarantee at least one window step
     return out
-
-
-@contextlib.contextmanager
-def _adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
-    """The LoRA-disabled reference model for the duration of the block."""
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
 
 
 Measure = Callable[[str, Callable[[], T]], "T | None"]
@@ -862,7 +853,7 @@ def component_flops(models: BenchmarkModels, settings: BenchmarkSettings) -> dic
     prompts = adapter.encode_prompts(benchmark_texts(1))
     sigma = torch.ones(1, device=models.device)
     rows_per_state = 2 if adapter.uses_cfg else 1
-    with torch.no_grad(), _adapters_disabled(adapter.transformer):
+    with torch.no_grad(), adapters_disabled(adapter.transformer):
         transformer = count_flops(lambda: adapter.velocity(latents, sigma, prompts)) // rows_per_state
     vae = count_flops(lambda: adapter.decode(latents))
     image = torch.zeros(1, 3, settings.resolution, settings.resolution, device=models.device)

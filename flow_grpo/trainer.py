@@ -354,7 +354,7 @@ class Trainer:
                         step = self._policy_step(samples, rows, j, self.model)
                         reference_mean = None
                         if train.beta > 0:
-                            with torch.no_grad(), _adapters_disabled(unwrapped):
+                            with torch.no_grad(), adapters_disabled(unwrapped):
                                 reference_mean = self._policy_step(samples, rows, j, unwrapped).mean
                     out = grpo_loss(
                         step.log_prob,
@@ -555,7 +555,7 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def _adapters_disabled(transformer: torch.nn.Module):
+def adapters_disabled(transformer: torch.nn.Module):
     """The LoRA-disabled reference model for the duration of the block."""
     transformer.disable_adapters()
     try:
