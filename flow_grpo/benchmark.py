@@ -234,8 +234,8 @@ SIZES: tuple[str, ...] = ("tiny", "tiny_flux", "sd3", "flux")
 
 
 def _tiny_spec(family: str) -> ModelSpec:
-    """The tiny pipeline of `flow_grpo.testing` (real latent geometry) and the tiny CLIP of `rewards.tiny`."""
-    from flow_grpo.rewards.tiny import tiny_clip_model
+    """The tiny pipeline of `flow_grpo.testing` (real latent geometry) and the tiny CLIP of `testing.rewards`."""
+    from flow_grpo.testing.rewards import tiny_clip_model
     from flow_grpo.testing import BUILDERS, CLIP_MAX_LENGTH, T5_MAX_LENGTH
 
     pipeline = BUILDERS[family]("real")
@@ -553,11 +553,11 @@ def build_reward(spec: ModelSpec, device: torch.device, batch_size: int) -> Clip
 
     The model runs in the reward's "auto" dtype (float16 on CUDA, float32 elsewhere); images are
     preprocessed on the device as the CLIP-H processor does (resize and crop to
-    `spec.reward_image_size`); prompts use the in-memory tokenizer of `rewards.tiny`.
+    `spec.reward_image_size`); prompts use the in-memory tokenizer of `testing.rewards`.
     """
     from transformers import CLIPConfig, CLIPModel
 
-    from flow_grpo.rewards.tiny import tiny_clip_processor
+    from flow_grpo.testing.rewards import tiny_clip_processor
 
     config = CLIPConfig(**spec.reward)
     with torch.device(device):

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate import PartialState
 
     PartialState()  # library modules log through accelerate, which needs its state
-    from flow_grpo.rewards.server import RewardServer, build_scorers
+    from flow_grpo.reward_server.server import RewardServer, build_scorers
 
     names = [name.strip() for name in args.scorers.split(",") if name.strip()]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -35,18 +35,18 @@ from flow_grpo.rewards import (
     build_reward,
     jpeg_compressibility,
 )
-from flow_grpo.rewards.geneval import (
+from flow_grpo.reward_server.geneval import (
     GENEVAL_COLORS,
     Detection,
     GenEvalScorer,
     evaluate_geneval,
     relative_position,
 )
-from flow_grpo.rewards.ocr import OcrScorer, edit_distance, ocr_accuracy, target_text
+from flow_grpo.reward_server.ocr import OcrScorer, edit_distance, ocr_accuracy, target_text
 from flow_grpo.rewards.remote import decode_images, encode_images
-from flow_grpo.rewards.server import RewardServer, ScorerInputError, build_scorers
-from flow_grpo.rewards.tiny import save_tiny_clip, save_tiny_detector
-from flow_grpo.rewards.vlm_judge import UNIFIEDREWARD_SERVER_DEFAULTS, VlmJudge
+from flow_grpo.reward_server.server import RewardServer, ScorerInputError, build_scorers
+from flow_grpo.testing.rewards import save_tiny_clip, save_tiny_detector
+from flow_grpo.reward_server.vlm_judge import UNIFIEDREWARD_SERVER_DEFAULTS, VlmJudge
 
 ROOT = Path(__file__).resolve().parents[1]
 

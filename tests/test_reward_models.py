@@ -28,7 +28,7 @@ from flow_grpo.rewards.clip_models import (
 )
 from flow_grpo.rewards.hpsv2 import HPSV2_DEFAULTS
 from flow_grpo.rewards.remote import REMOTE_DEFAULTS
-from flow_grpo.rewards.tiny import (
+from flow_grpo.testing.rewards import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     save_tiny_aesthetic_head,

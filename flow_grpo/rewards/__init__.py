@@ -7,7 +7,7 @@ are imported only inside the factories, when a reward is built:
 - local models: ``pickscore``, ``clipscore``, ``aesthetic`` (:mod:`.clip_models`, transformers)
   and ``hpsv2`` (:mod:`.hpsv2`, open_clip);
 - remote: ``remote``, ``geneval``, ``ocr``, ``unifiedreward`` (:mod:`.remote`), scored by a reward
-  server (:mod:`.server`, ``scripts/reward_server.py``).
+  server (:mod:`flow_grpo.reward_server`, ``scripts/reward_server.py``).
 """
 
 from flow_grpo.rewards import clip_models, hpsv2, jpeg, remote

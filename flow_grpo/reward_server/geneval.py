@@ -1,4 +1,4 @@
-"""GenEval strict accuracy, a server-side scorer (see :mod:`flow_grpo.rewards.server`).
+"""GenEval strict accuracy, a server-side scorer (see :mod:`flow_grpo.reward_server.server`).
 
 A GenEval prompt carries its requirements in its metadata (``*_metadata.jsonl`` lines)::
 
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from flow_grpo.rewards.options import parse_options, resolve_dtype
-from flow_grpo.rewards.server import ScorerInputError
+from flow_grpo.reward_server.server import ScorerInputError
 
 __all__ = [
     "GENEVAL_COLORS",

@@ -3,9 +3,9 @@
 It can host any registered local reward (``pickscore``, ``hpsv2``, ``jpeg_compressibility``, ...)
 and the server-side scorers that need their own environment:
 
-- ``geneval``: strict GenEval accuracy from the prompt metadata (:mod:`flow_grpo.rewards.geneval`);
-- ``ocr``: OCR accuracy against the quoted text of the prompt (:mod:`flow_grpo.rewards.ocr`);
-- ``unifiedreward``: a VLM judge served behind an OpenAI-compatible API (:mod:`flow_grpo.rewards.vlm_judge`).
+- ``geneval``: strict GenEval accuracy from the prompt metadata (:mod:`flow_grpo.reward_server.geneval`);
+- ``ocr``: OCR accuracy against the quoted text of the prompt (:mod:`flow_grpo.reward_server.ocr`);
+- ``unifiedreward``: a VLM judge served behind an OpenAI-compatible API (:mod:`flow_grpo.reward_server.vlm_judge`).
 
 Their packages are imported only when the scorer is built, and a missing package is reported
 with the command that installs it. Requests are decoded from JSON and base64 only (no pickle),
@@ -35,9 +35,9 @@ __all__ = ["SERVER_SCORERS", "RewardServer", "ScorerInputError", "build_scorers"
 logger = get_logger(__name__)
 
 SERVER_SCORERS: dict[str, str] = {
-    "geneval": "flow_grpo.rewards.geneval:make_geneval_scorer",
-    "ocr": "flow_grpo.rewards.ocr:make_ocr_scorer",
-    "unifiedreward": "flow_grpo.rewards.vlm_judge:make_unifiedreward_scorer",
+    "geneval": "flow_grpo.reward_server.geneval:make_geneval_scorer",
+    "ocr": "flow_grpo.reward_server.ocr:make_ocr_scorer",
+    "unifiedreward": "flow_grpo.reward_server.vlm_judge:make_unifiedreward_scorer",
 }
 """Server-side scorers (``name -> "module:factory"``); their factories take ``(device, options)``."""
 

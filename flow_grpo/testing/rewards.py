@@ -62,7 +62,7 @@ def tiny_clip_processor(image_size: int = 32, resample: int = 3):
     """
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from flow_grpo.testing import clip_tokenizer
+    from flow_grpo.testing.pipelines import clip_tokenizer
 
     image_processor = CLIPImageProcessor(
         do_resize=True,
@@ -87,7 +87,7 @@ def tiny_clip_model(image_size: int = 32, patch_size: int = 8, seed: int = 0):
     """
     from transformers import CLIPConfig, CLIPModel
 
-    from flow_grpo.testing import CLIP_MAX_LENGTH
+    from flow_grpo.testing.pipelines import CLIP_MAX_LENGTH
 
     config = CLIPConfig(
         text_config={

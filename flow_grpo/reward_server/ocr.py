@@ -1,4 +1,4 @@
-"""OCR accuracy, a server-side scorer (see :mod:`flow_grpo.rewards.server`).
+"""OCR accuracy, a server-side scorer (see :mod:`flow_grpo.reward_server.server`).
 
 The target text is the prompt's metadata ``"text"`` when present, else the quoted text of the prompt
 (``A sign that says "Open 24 hours"`` -> ``Open 24 hours``; several quoted parts are joined with a
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from flow_grpo.rewards.options import parse_options
-from flow_grpo.rewards.server import ScorerInputError
+from flow_grpo.reward_server.server import ScorerInputError
 
 __all__ = [
     "OCR_ENGINES",

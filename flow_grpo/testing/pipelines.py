@@ -251,7 +251,3 @@ def main() -> None:
     parser.add_argument("--geometry", default="minimal", choices=sorted(GEOMETRIES))
     args = parser.parse_args()
     save_tiny_pipeline(args.out_dir, args.family, args.geometry)
-
-
-if __name__ == "__main__":
-    main()

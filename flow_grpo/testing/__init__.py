@@ -1,0 +1,31 @@
+"""Tiny, randomly initialised models of the real classes for offline tests, the demo and CPU benchmarks.
+
+`pipelines` builds tiny SD3 and FLUX pipelines; `rewards` builds tiny CLIP, open_clip, aesthetic and
+detector models for the reward tests. Nothing here downloads anything.
+"""
+
+from flow_grpo.testing.pipelines import (
+    BUILDERS,
+    CLIP_MAX_LENGTH,
+    GEOMETRIES,
+    T5_MAX_LENGTH,
+    TinyGeometry,
+    clip_tokenizer,
+    save_tiny_pipeline,
+    t5_tokenizer,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+)
+
+__all__ = [
+    "BUILDERS",
+    "CLIP_MAX_LENGTH",
+    "GEOMETRIES",
+    "T5_MAX_LENGTH",
+    "TinyGeometry",
+    "clip_tokenizer",
+    "save_tiny_pipeline",
+    "t5_tokenizer",
+    "tiny_flux_pipeline",
+    "tiny_sd3_pipeline",
+]
