@@ -51,7 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from flow_grpo.losses import LossOutput, grpo_loss
-from flow_grpo.models import FluxAdapter, ModelAdapter, PromptBatch, SD3Adapter
+from flow_grpo.models import FluxAdapter, ModelAdapter, PromptEmbeds, SD3Adapter
 from flow_grpo.rewards.clip_models import (
     PICKSCORE_DIVISOR,
     ClipEncoder,
@@ -441,9 +441,9 @@ class RandomTextSD3Adapter(SD3Adapter):
         super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=text_tokens - SD3_CLIP_TOKENS)
         self.text_tokens = text_tokens
         self.seed = seed
-        self._random_negative: PromptBatch | None = None
+        self._random_negative: PromptEmbeds | None = None
 
-    def encode_prompts(self, prompts: list[str]) -> PromptBatch:
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         config = self.transformer.config
         return _random_prompt_batch(
             {"prompt_embeds": (self.text_tokens, config.joint_attention_dim), "pooled": (config.pooled_projection_dim,)},
@@ -453,7 +453,7 @@ class RandomTextSD3Adapter(SD3Adapter):
             self.seed + 1,
         )
 
-    def negative_prompt(self) -> PromptBatch:
+    def negative_prompt(self) -> PromptEmbeds:
         if self._random_negative is None:
             config = self.transformer.config
             self._random_negative = _random_prompt_batch(
@@ -478,7 +478,7 @@ class RandomTextFluxAdapter(FluxAdapter):
         self.text_tokens = text_tokens
         self.seed = seed
 
-    def encode_prompts(self, prompts: list[str]) -> PromptBatch:
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         config = self.transformer.config
         batch = _random_prompt_batch(
             {"prompt_embeds": (self.text_tokens, config.joint_attention_dim), "pooled": (config.pooled_projection_dim,)},
@@ -488,15 +488,15 @@ class RandomTextFluxAdapter(FluxAdapter):
             self.seed + 1,
         )
         text_ids = torch.zeros(len(prompts), self.text_tokens, 3, device=self.device, dtype=self.dtype)
-        return PromptBatch({**batch.tensors, "text_ids": text_ids})
+        return PromptEmbeds({**batch.tensors, "text_ids": text_ids})
 
 
 def _random_prompt_batch(
     shapes: Mapping[str, tuple[int, ...]], batch: int, device: torch.device, dtype: torch.dtype, seed: int
-) -> PromptBatch:
+) -> PromptEmbeds:
     """Standard-normal tensors (batch, *shape) per name, drawn on the CPU (any device gets the same values)."""
     generator = torch.Generator().manual_seed(seed)
-    return PromptBatch(
+    return PromptEmbeds(
         {name: torch.randn((batch, *shape), generator=generator).to(device=device, dtype=dtype) for name, shape in shapes.items()}
     )
 
@@ -656,7 +656,7 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 def rollout_phase(
-    models: BenchmarkModels, settings: BenchmarkSettings, prompts: PromptBatch, *, branches: bool, bucketed: bool = True
+    models: BenchmarkModels, settings: BenchmarkSettings, prompts: PromptEmbeds, *, branches: bool, bucketed: bool = True
 ) -> Rollout:
     """One rollout of the batch: Flow-GRPO's window rollout, or with `branches` the lockstep TP-GRPO one.
 
@@ -691,7 +691,7 @@ def scoring_phase(models: BenchmarkModels, images: torch.Tensor, texts: list[str
 def _window_step(
     models: BenchmarkModels,
     settings: BenchmarkSettings,
-    prompts: PromptBatch,
+    prompts: PromptEmbeds,
     samples: Rollout,
     rows: torch.Tensor,
     j: int,
@@ -716,7 +716,7 @@ def _window_step(
 def grpo_update(
     models: BenchmarkModels,
     settings: BenchmarkSettings,
-    prompts: PromptBatch,
+    prompts: PromptEmbeds,
     samples: Rollout,
     advantages: torch.Tensor,
 ) -> LossOutput:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flow_grpo.models.base import ModelAdapter, PromptBatch
+from flow_grpo.models.base import ModelAdapter, PromptEmbeds
 from flow_grpo.sde import euler_step, stochastic_step
 
 
@@ -56,7 +56,7 @@ def _chunked_velocity(
     adapter: ModelAdapter,
     latents: torch.Tensor,
     sigmas: torch.Tensor,
-    prompts: PromptBatch,
+    prompts: PromptEmbeds,
     max_states_per_call: int,
     transformer: torch.nn.Module | None,
     state_buckets: tuple[int, ...] = (),
@@ -90,7 +90,7 @@ def decode_chunked(adapter: ModelAdapter, latents: torch.Tensor, max_states_per_
 @torch.no_grad()
 def rollout(
     adapter: ModelAdapter,
-    prompts: PromptBatch,
+    prompts: PromptEmbeds,
     *,
     num_steps: int,
     resolution: int,
@@ -151,7 +151,7 @@ def rollout(
             if branches:
                 # Branch j (j = 0 is the R_0 baseline) leaves the main trajectory here with an ODE step.
                 branch_states = torch.cat([branch_states, euler_step(main_velocity, x, sigma, sigma_next)])
-                live_prompts = PromptBatch.cat([live_prompts, prompts])
+                live_prompts = PromptEmbeds.cat([live_prompts, prompts])
             step = stochastic_step(
                 step_kind, main_velocity, x, sigma, sigma_next, noise_level,
                 sigma_max=sigma_max, generator=generator,
@@ -192,7 +192,7 @@ def _stack(states: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 def sample_ode(
     adapter: ModelAdapter,
-    prompts: PromptBatch,
+    prompts: PromptEmbeds,
     *,
     num_steps: int,
     resolution: int,

@@ -32,7 +32,7 @@ from flow_grpo.config_checks import Layout, validate_config
 from flow_grpo.data import GroupSampler, PromptDataset, dataset_paths
 from flow_grpo.ema import ParameterEMA
 from flow_grpo.losses import grpo_loss
-from flow_grpo.models import PromptBatch, load_adapter
+from flow_grpo.models import PromptEmbeds, load_adapter
 from flow_grpo.rewards import AsyncScorer, build_reward
 from flow_grpo.sampling import draw_window_start, rollout, sample_ode
 from flow_grpo.sde import stochastic_step
@@ -75,7 +75,7 @@ class EpochSamples:
         completed_rewards: (Bp, W+1) weighted rewards R_0 ... R_W (TP-GRPO only).
     """
 
-    prompts: PromptBatch
+    prompts: PromptEmbeds
     latents: torch.Tensor
     next_latents: torch.Tensor
     log_probs: torch.Tensor
@@ -247,7 +247,7 @@ class Trainer:
                     value = value[:, -1]  # R_W: the final image
                 rewards.setdefault(name, []).append(value)
         return EpochSamples(
-            prompts=PromptBatch.cat([b[0] for b in batches]),
+            prompts=PromptEmbeds.cat([b[0] for b in batches]),
             latents=torch.cat([b[1].latents for b in batches]),
             next_latents=torch.cat([b[1].next_latents for b in batches]),
             log_probs=torch.cat([b[1].log_probs for b in batches]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 import torch
 
-from flow_grpo.models.base import ModelAdapter, PromptBatch
+from flow_grpo.models.base import ModelAdapter, PromptEmbeds
 from flow_grpo.models.flux import FluxAdapter
 from flow_grpo.models.sd3 import SD3Adapter
 
@@ -32,4 +32,4 @@ def load_adapter(config: ml_collections.ConfigDict, device: torch.device | str, 
     )
 
 
-__all__ = ["ADAPTERS", "FluxAdapter", "ModelAdapter", "PromptBatch", "SD3Adapter", "adapter_class", "load_adapter"]
+__all__ = ["ADAPTERS", "FluxAdapter", "ModelAdapter", "PromptEmbeds", "SD3Adapter", "adapter_class", "load_adapter"]

@@ -33,7 +33,7 @@ JOINT_ATTENTION_LORA_TARGETS = [
 
 
 @dataclass(frozen=True)
-class PromptBatch:
+class PromptEmbeds:
     """Text conditioning of a batch: named batch-first tensors, selectable per row.
 
     Each adapter decides which tensors it stores (e.g. SD3: `prompt_embeds (B, L, D)` and
@@ -48,15 +48,15 @@ class PromptBatch:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
-    def select(self, index: torch.Tensor | slice) -> "PromptBatch":
+    def select(self, index: torch.Tensor | slice) -> "PromptEmbeds":
         """Rows `index` (LongTensor (K,) or slice) of every tensor."""
-        return PromptBatch({name: value[index] for name, value in self.tensors.items()})
+        return PromptEmbeds({name: value[index] for name, value in self.tensors.items()})
 
     @staticmethod
-    def cat(batches: list["PromptBatch"]) -> "PromptBatch":
+    def cat(batches: list["PromptEmbeds"]) -> "PromptEmbeds":
         """Concatenate batches along the batch dimension."""
         names = batches[0].tensors.keys()
-        return PromptBatch({name: torch.cat([b.tensors[name] for b in batches]) for name in names})
+        return PromptEmbeds({name: torch.cat([b.tensors[name] for b in batches]) for name in names})
 
 
 class ModelAdapter(abc.ABC):
@@ -144,8 +144,8 @@ class ModelAdapter(abc.ABC):
         return False
 
     @abc.abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> PromptBatch:
-        """Encode `prompts` (length B) into a PromptBatch of B rows."""
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """Encode `prompts` (length B) into a PromptEmbeds of B rows."""
 
     @abc.abstractmethod
     def initial_latents(
@@ -162,7 +162,7 @@ class ModelAdapter(abc.ABC):
         self,
         latents: torch.Tensor,
         sigmas: torch.Tensor,
-        prompts: PromptBatch,
+        prompts: PromptEmbeds,
         transformer: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """Velocity (with guidance) at `latents` (B, ...) and per-sample `sigmas` (B,): float32 (B, ...).

@@ -16,13 +16,13 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from flow_grpo.models.base import JOINT_ATTENTION_LORA_TARGETS, ModelAdapter, PromptBatch
+from flow_grpo.models.base import JOINT_ATTENTION_LORA_TARGETS, ModelAdapter, PromptEmbeds
 
 
 class FluxAdapter(ModelAdapter):
     """FLUX with the guidance value fed to the transformer's guidance embedding, one row per state.
 
-    PromptBatch tensors: `prompt_embeds` (B, L, D) from T5, `pooled` (B, P) from CLIP and
+    PromptEmbeds tensors: `prompt_embeds` (B, L, D) from T5, `pooled` (B, P) from CLIP and
     `text_ids` (B, L, 3), the text position ids of `encode_prompt` repeated per row (all rows are
     equal; the transformer gets one (L, 3) copy).
     """
@@ -45,7 +45,7 @@ class FluxAdapter(ModelAdapter):
         return 2  # latents are packed 2x2 into tokens
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> PromptBatch:
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         embeds, pooled, text_ids = self.pipeline.encode_prompt(
             prompt=list(prompts),
             prompt_2=None,
@@ -53,7 +53,7 @@ class FluxAdapter(ModelAdapter):
             max_sequence_length=self.max_sequence_length,
         )
         batch = embeds.shape[0]
-        return PromptBatch(
+        return PromptEmbeds(
             {
                 "prompt_embeds": embeds.to(self.dtype),
                 "pooled": pooled.to(self.dtype),
@@ -112,7 +112,7 @@ class FluxAdapter(ModelAdapter):
         self,
         latents: torch.Tensor,
         sigmas: torch.Tensor,
-        prompts: PromptBatch,
+        prompts: PromptEmbeds,
         transformer: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """Velocity at packed `latents` (B, S, 4 C) and `sigmas` (B,): float32 (B, S, 4 C).

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-from flow_grpo.models.base import JOINT_ATTENTION_LORA_TARGETS, ModelAdapter, PromptBatch
+from flow_grpo.models.base import JOINT_ATTENTION_LORA_TARGETS, ModelAdapter, PromptEmbeds
 
 
 class SD3Adapter(ModelAdapter):
@@ -19,14 +19,14 @@ class SD3Adapter(ModelAdapter):
 
     def __init__(self, pipeline: StableDiffusion3Pipeline, *, guidance_scale: float, max_sequence_length: int) -> None:
         super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
-        self._negative: PromptBatch | None = None
+        self._negative: PromptEmbeds | None = None
 
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
     @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> PromptBatch:
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
@@ -35,12 +35,12 @@ class SD3Adapter(ModelAdapter):
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        return PromptBatch({"prompt_embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)})
+        return PromptEmbeds({"prompt_embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)})
 
-    def encode_prompts(self, prompts: list[str]) -> PromptBatch:
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         return self._encode(list(prompts))
 
-    def negative_prompt(self) -> PromptBatch:
+    def negative_prompt(self) -> PromptEmbeds:
         """Embeddings of the empty prompt (1 row), computed once."""
         if self._negative is None:
             self._negative = self._encode([""])
@@ -78,7 +78,7 @@ class SD3Adapter(ModelAdapter):
         self,
         latents: torch.Tensor,
         sigmas: torch.Tensor,
-        prompts: PromptBatch,
+        prompts: PromptEmbeds,
         transformer: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         transformer = transformer or self.transformer
