@@ -9,7 +9,8 @@ Notation, for one trajectory with an SDE window of ``W`` steps and completed rew
 - incremental reward ``d_j = R_{j+1} - R_j`` (``j = 0 ... W-1``),
 - global trend ``Delta = R_W - R_0``, consistency ``c_j = sign(d_j) * sign(Delta)``,
 - aggregated long-term reward ``g_j = R_W - R_j``,
-- per-step reward ``rho_j = g_j`` at a (balanced) turning point, else ``d_j``.
+- per-step reward ``rho_j = g_j`` at a (balanced) turning point, else ``d_j``; a step with
+  ``g_j = 0`` is never a turning point.
 """
 
 from __future__ import annotations
@@ -128,10 +129,10 @@ def step_rewards(
     of each sign are kept (ties broken by flat row-major index, earlier first) and the others
     revert to ``rho_j = d_j``. If only one sign occurs, or none, every candidate is kept.
 
-    Zero ``g_j``: a candidate with ``g_j == 0`` belongs to neither sign. When both signs occur it
-    is dropped (reverts to ``d_j``); otherwise it is kept like the rest, giving ``rho_j = 0``.
-    Such candidates can only arise with ``consistent=False``: ``K_j`` (and the first-step rule)
-    force ``sign(g_j) = sign(d_j) != 0`` because ``g_j = d_j + (R_W - R_{j+1})``.
+    Zero ``g_j``: a step that passes the sign tests but has ``g_j == 0`` is not a turning point
+    (not even a candidate) and keeps ``rho_j = d_j``, as in the reference code. This can only
+    happen with ``consistent=False`` (e.g. ``R = [0, 2, 1, 2, 1]``, ``j = 2``): ``K_j`` (and the
+    first-step rule) force ``sign(g_j) = sign(d_j) != 0`` because ``g_j = d_j + (R_W - R_{j+1})``.
 
     Args:
         completed_rewards: (B, W+1) float, ``R_0 ... R_W`` per trajectory, ``W >= 1``.
@@ -165,6 +166,7 @@ def step_rewards(
     if consistent:
         later = later & keeps_direction[:, 1:]
     candidates[:, 1:] = later
+    candidates &= aggregated != 0  # g_j = 0 (basic definition only): not a turning point, rho_j = d_j
 
     turning_points = _balance(candidates, aggregated) if balance else candidates.clone()
     per_step = torch.where(turning_points, aggregated, incremental)

@@ -258,34 +258,36 @@ def test_no_turning_points_balancing_is_a_no_op() -> None:
     torch.testing.assert_close(result.rewards, result.incremental)
 
 
-# Basic definition (consistent=False): row [0, 2, 1, 3, 1] has a turning point at j = 2
-# (c = [1, -1, 1, -1]) with g_2 = R_4 - R_2 = 0. K_2 < 0, so the strict definition rejects it.
-_ZERO_G_ROW = [0.0, 2.0, 1.0, 3.0, 1.0]
+# Basic definition (consistent=False): R = [0, 2, 1, 2, 1] passes the sign tests at j = 2
+# (c = [1, -1, 1, -1]) but g_2 = R_4 - R_2 = 0. K_2 < 0, so the strict definition rejects it anyway.
+_ZERO_G_ROW = [0.0, 2.0, 1.0, 2.0, 1.0]
 _POSITIVE_ROW = [0.0, 1.0, 2.0, 3.0, 4.0]  # first-step turning point, g_0 = 4
 _NEGATIVE_ROW = [0.0, -1.0, -2.0, -3.0, -4.0]  # first-step turning point, g_0 = -4
 
 
-def test_zero_g_turning_point_is_dropped_when_both_signs_occur() -> None:
-    result = step_rewards(_rewards(_ZERO_G_ROW, _POSITIVE_ROW, _NEGATIVE_ROW), consistent=False)
-    assert torch.equal(
-        result.candidates, _bools([0, 0, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0])
-    )
+@pytest.mark.parametrize("balance", [True, False])
+@pytest.mark.parametrize(
+    "others",
+    [[], [_POSITIVE_ROW], [_NEGATIVE_ROW], [_POSITIVE_ROW, _NEGATIVE_ROW]],
+    ids=["alone", "positive", "negative", "both_signs"],
+)
+def test_zero_g_step_is_not_a_turning_point(balance: bool, others: list[list[float]]) -> None:
+    result = step_rewards(_rewards(_ZERO_G_ROW, *others), consistent=False, balance=balance)
+    torch.testing.assert_close(result.incremental[0], _values([2.0, -1.0, 1.0, -1.0])[0])
     assert result.aggregated[0, 2].item() == 0.0
-    assert torch.equal(
-        result.turning_points, _bools([0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0])
-    )
-    torch.testing.assert_close(result.rewards[0], _values([2.0, -1.0, 2.0, -2.0])[0])
+    # The sign tests of the basic definition pass at j = 2 ...
+    c = torch.sign(result.incremental[0]) * torch.sign(result.aggregated[0, 0])
+    assert c[1] < 0 and c[2] > 0
+    # ... but g_2 = 0: neither a candidate nor a turning point, and rho_2 = d_2 = 1 (not g_2 = 0).
+    assert not result.candidates[0].any() and not result.turning_points[0].any()
+    torch.testing.assert_close(result.rewards[0], result.incremental[0])
+    # The other rows' first-step turning points are unaffected (one per sign: balancing keeps both).
+    assert result.turning_points[1:, 0].all() and result.turning_points.sum() == len(others)
+    stats = summarize(result)
+    assert stats["tp_pos_before"] + stats["tp_neg_before"] == len(others)
+    assert stats["tp_rate"] == pytest.approx(len(others) / (4 * (1 + len(others))))
 
-
-def test_zero_g_turning_point_is_kept_with_one_sign() -> None:
-    result = step_rewards(_rewards(_ZERO_G_ROW, _POSITIVE_ROW), consistent=False)
-    assert torch.equal(result.turning_points, result.candidates)
-    assert result.turning_points[0, 2]
-    torch.testing.assert_close(result.rewards[0], _values([2.0, -1.0, 0.0, -2.0])[0])
-
-    alone = step_rewards(_rewards(_ZERO_G_ROW), consistent=False)
-    assert torch.equal(alone.turning_points, _bools([0, 0, 1, 0]))
-    strict = step_rewards(_rewards(_ZERO_G_ROW), consistent=True)
+    strict = step_rewards(_rewards(_ZERO_G_ROW), consistent=True, balance=balance)
     assert not strict.candidates.any()
 
 
@@ -360,6 +362,7 @@ def _reference(
                 is_tp = previous < 0 and current > 0
                 if consistent:
                     is_tp = is_tp and _sign(d_j) * _sign(final - r[j + 1]) > 0
+            is_tp = is_tp and final - r[j] != 0  # g_j = 0 keeps rho_j = d_j
             row_candidates.append(is_tp)
         candidates.append(row_candidates)
 
@@ -394,6 +397,24 @@ def _reference(
     return candidates, kept, rho
 
 
+def _zero_g_sign_passes(rows: list[list[float]], first_step: bool) -> bool:
+    """True when some step passes the basic definition's sign tests with g_j = 0."""
+    for r in rows:
+        final, num_steps = r[-1], len(r) - 1
+        trend = _sign(final - r[0])
+        for j in range(num_steps):
+            if final - r[j] != 0:
+                continue
+            d_j = r[j + 1] - r[j]
+            if j == 0:
+                passes = first_step and _sign(d_j) * _sign(final - r[1]) > 0
+            else:
+                passes = _sign(r[j] - r[j - 1]) * trend < 0 and _sign(d_j) * trend > 0
+            if passes:
+                return True
+    return False
+
+
 def _random_cases() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     cases = []
@@ -406,6 +427,7 @@ def _random_cases() -> list[torch.Tensor]:
         elif index % 3 == 2:
             values = (values > 0).to(torch.float64)  # binary, like GenEval strict accuracy
         cases.append(values)
+    cases.append(_rewards(_ZERO_G_ROW, _POSITIVE_ROW, _NEGATIVE_ROW))  # g_j = 0 under the basic definition
     return cases
 
 
@@ -414,6 +436,7 @@ def _random_cases() -> list[torch.Tensor]:
 @pytest.mark.parametrize("balance", [True, False])
 def test_matches_slow_reference(consistent: bool, first_step: bool, balance: bool) -> None:
     checked_balancing = 0
+    zero_g_sign_passes = 0
     for completed in _random_cases():
         result = step_rewards(
             completed, consistent=consistent, first_step=first_step, balance=balance
@@ -425,6 +448,10 @@ def test_matches_slow_reference(consistent: bool, first_step: bool, balance: boo
         assert result.rewards.tolist() == rho
         if result.turning_points.sum() < result.candidates.sum():
             checked_balancing += 1
+        zero_g_sign_passes += int(_zero_g_sign_passes(completed.tolist(), first_step))
     if balance and first_step:
         # The random cases must actually exercise the dropping branch of balancing.
         assert checked_balancing > 5
+    if not consistent:
+        # ... and steps that pass the basic sign tests with g_j = 0 (which must keep rho_j = d_j).
+        assert zero_g_sign_passes >= 3
