@@ -61,6 +61,14 @@ from flow_grpo.rewards.options import resolve_dtype
 from flow_grpo.rewards.preprocess import ImagePreprocess
 from flow_grpo.sampling import Rollout, rollout
 from flow_grpo.sde import StepOutput, stochastic_step
+from flow_grpo.testing.architectures import (  # noqa: F401 (re-exported until the split)
+    SD3_CLIP_TOKENS,
+    SIZES,
+    ModelSpec,
+    RandomTextFluxAdapter,
+    RandomTextSD3Adapter,
+    model_spec,
+)
 from flow_grpo.trainer import adapters_disabled
 
 __all__ = [
@@ -104,188 +112,6 @@ PHASE_TITLES: dict[str, str] = {
     "scoring": "scoring (CLIP, one call)",
     "update": "GRPO update over the window",
 }
-
-# ------------------------------------------------------------------------------ architectures
-# Component configs of the published checkpoints (their config.json files), random weights.
-
-SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,  # hidden size 24 x 64 = 1536
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)),  # MMDiT-X: a second image self-attention in layers 0-12
-    "qk_norm": "rms_norm",
-}
-"""`SD3Transformer2DModel` of stabilityai/stable-diffusion-3.5-medium (2.24 B parameters)."""
-
-SD3_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 1.5305,
-    "shift_factor": 0.0609,
-    "force_upcast": True,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
-"""`AutoencoderKL` of SD3 / SD3.5 (16 latent channels, down-sampling factor 8)."""
-
-FLUX_VAE: dict[str, Any] = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
-"""`AutoencoderKL` of FLUX.1-dev: the SD3 architecture with FLUX's latent normalisation."""
-
-SD3_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
-"""`FlowMatchEulerDiscreteScheduler` of SD3.5."""
-
-FLUX_DEV_TRANSFORMER: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 64,  # 16 latent channels packed 2x2
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,  # hidden size 24 x 128 = 3072
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
-"""`FluxTransformer2DModel` of black-forest-labs/FLUX.1-dev (11.9 B parameters)."""
-
-FLUX_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
-"""`FlowMatchEulerDiscreteScheduler` of FLUX.1-dev (resolution-dependent shift)."""
-
-CLIP_VIT_H_14: dict[str, Any] = {
-    "text_config": {
-        "vocab_size": 49408,
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "max_position_embeddings": 77,
-        "hidden_act": "gelu",
-        # The in-memory tokenizer of `tiny_clip_processor` marks the end of text with id 1.
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "pad_token_id": 1,
-    },
-    "vision_config": {
-        "hidden_size": 1280,
-        "intermediate_size": 5120,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 16,
-        "image_size": 224,
-        "patch_size": 14,
-        "hidden_act": "gelu",
-    },
-    "projection_dim": 1024,
-}
-"""`CLIPModel` of laion/CLIP-ViT-H-14 (PickScore's architecture, 0.99 B parameters)."""
-
-SD3_CLIP_TOKENS = 77
-"""Tokens of the SD3 CLIP text encoders; the T5 tokens follow them in `prompt_embeds`."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Architecture of one benchmarked model family: component configs, no weights.
-
-    Attributes:
-        name: label in reports.
-        family: the adapter family, "sd3" or "flux".
-        transformer, vae, scheduler: diffusers configs (`from_config` keyword arguments).
-        text_tokens: tokens of the prompt embeddings the text encoders give (SD3: 77 CLIP + T5).
-        reward: `CLIPConfig` keyword arguments of the reward model.
-        reward_image_size: the reward processor's resize and crop size in pixels.
-    """
-
-    name: str
-    family: str
-    transformer: Mapping[str, Any]
-    vae: Mapping[str, Any]
-    scheduler: Mapping[str, Any]
-    text_tokens: int
-    reward: Mapping[str, Any]
-    reward_image_size: int
-
-
-SIZES: tuple[str, ...] = ("tiny", "tiny_flux", "sd3", "flux")
-"""Model sizes `--size` accepts: the tiny test models (CPU) and the real ones (GPU)."""
-
-
-def _tiny_spec(family: str) -> ModelSpec:
-    """The tiny pipeline of `flow_grpo.testing` (real latent geometry) and the tiny CLIP of `testing.rewards`."""
-    from flow_grpo.testing.rewards import tiny_clip_model
-    from flow_grpo.testing import BUILDERS, CLIP_MAX_LENGTH, T5_MAX_LENGTH
-
-    pipeline = BUILDERS[family]("real")
-    clip = tiny_clip_model().config
-    return ModelSpec(
-        name=f"tiny-{family}",
-        family=family,
-        transformer=dict(pipeline.transformer.config),
-        vae=dict(pipeline.vae.config),
-        scheduler=dict(pipeline.scheduler.config),
-        text_tokens=CLIP_MAX_LENGTH + T5_MAX_LENGTH if family == "sd3" else T5_MAX_LENGTH,
-        reward={
-            "text_config": clip.text_config.to_dict(),
-            "vision_config": clip.vision_config.to_dict(),
-            "projection_dim": clip.projection_dim,
-        },
-        reward_image_size=clip.vision_config.image_size,
-    )
-
-
-def model_spec(size: str) -> ModelSpec:
-    """The architecture benchmarked at `size` (one of `SIZES`)."""
-    if size == "tiny":
-        return _tiny_spec("sd3")
-    if size == "tiny_flux":
-        return _tiny_spec("flux")
-    if size == "sd3":
-        return ModelSpec(
-            name="SD3.5-Medium",
-            family="sd3",
-            transformer=SD35_MEDIUM_TRANSFORMER,
-            vae=SD3_VAE,
-            scheduler=SD3_SCHEDULER,
-            text_tokens=SD3_CLIP_TOKENS + 128,  # max_sequence_length 128 of the SD3 presets
-            reward=CLIP_VIT_H_14,
-            reward_image_size=224,
-        )
-    if size == "flux":
-        return ModelSpec(
-            name="FLUX.1-dev",
-            family="flux",
-            transformer=FLUX_DEV_TRANSFORMER,
-            vae=FLUX_VAE,
-            scheduler=FLUX_SCHEDULER,
-            text_tokens=512,  # max_sequence_length 512 of the FLUX presets
-            reward=CLIP_VIT_H_14,
-            reward_image_size=224,
-        )
-    raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
-
 
 # ----------------------------------------------------------------------------------- settings
 
@@ -427,78 +253,6 @@ def resolve_compute_dtype(settings: BenchmarkSettings, device: torch.device) -> 
 
 
 # ------------------------------------------------------------------------------------ building
-
-
-class RandomTextSD3Adapter(SD3Adapter):
-    """SD3 adapter whose prompt embeddings are random tensors of the real encoders' shapes.
-
-    `prompt_embeds` (B, text_tokens, joint_attention_dim) and `pooled` (B, pooled_projection_dim),
-    in the transformer's dtype; the CFG negative prompt is one such random row. No text encoder is
-    needed, so the pipeline may be built without them.
-    """
-
-    def __init__(self, pipeline: StableDiffusion3Pipeline, *, guidance_scale: float, text_tokens: int, seed: int = 0) -> None:
-        super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=text_tokens - SD3_CLIP_TOKENS)
-        self.text_tokens = text_tokens
-        self.seed = seed
-        self._random_negative: PromptEmbeds | None = None
-
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        config = self.transformer.config
-        return _random_prompt_batch(
-            {"prompt_embeds": (self.text_tokens, config.joint_attention_dim), "pooled": (config.pooled_projection_dim,)},
-            len(prompts),
-            self.device,
-            self.dtype,
-            self.seed + 1,
-        )
-
-    def negative_prompt(self) -> PromptEmbeds:
-        if self._random_negative is None:
-            config = self.transformer.config
-            self._random_negative = _random_prompt_batch(
-                {"prompt_embeds": (self.text_tokens, config.joint_attention_dim), "pooled": (config.pooled_projection_dim,)},
-                1,
-                self.device,
-                self.dtype,
-                self.seed,
-            )
-        return self._random_negative
-
-
-class RandomTextFluxAdapter(FluxAdapter):
-    """FLUX adapter whose prompt embeddings are random tensors of the real encoders' shapes.
-
-    `prompt_embeds` (B, text_tokens, joint_attention_dim) from "T5", `pooled` (B, pooled_projection_dim)
-    from "CLIP" and all-zero `text_ids` (B, text_tokens, 3), as `FluxPipeline.encode_prompt` gives.
-    """
-
-    def __init__(self, pipeline: FluxPipeline, *, guidance_scale: float, text_tokens: int, seed: int = 0) -> None:
-        super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=text_tokens)
-        self.text_tokens = text_tokens
-        self.seed = seed
-
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        config = self.transformer.config
-        batch = _random_prompt_batch(
-            {"prompt_embeds": (self.text_tokens, config.joint_attention_dim), "pooled": (config.pooled_projection_dim,)},
-            len(prompts),
-            self.device,
-            self.dtype,
-            self.seed + 1,
-        )
-        text_ids = torch.zeros(len(prompts), self.text_tokens, 3, device=self.device, dtype=self.dtype)
-        return PromptEmbeds({**batch.tensors, "text_ids": text_ids})
-
-
-def _random_prompt_batch(
-    shapes: Mapping[str, tuple[int, ...]], batch: int, device: torch.device, dtype: torch.dtype, seed: int
-) -> PromptEmbeds:
-    """Standard-normal tensors (batch, *shape) per name, drawn on the CPU (any device gets the same values)."""
-    generator = torch.Generator().manual_seed(seed)
-    return PromptEmbeds(
-        {name: torch.randn((batch, *shape), generator=generator).to(device=device, dtype=dtype) for name, shape in shapes.items()}
-    )
 
 
 @contextlib.contextmanager
