@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.distributed_timeout_s = 1800  # a collective waiting this long (e.g. on a dead process) ends the job
     config.log_images = 8  # eval images in the logged grid and reward curves plotted per eval (main process)
     config.eval_freq = 30  # evaluate every this many epochs (and after the last one); 0 = never
+    config.eval_before_training = False  # also evaluate the base model before the first epoch of a fresh run (not on resume)
     config.report_to = "wandb"  # accelerate tracker: "wandb" (WANDB_MODE=offline works) or "none"
     config.project_name = "flow_grpo"  # tracker project name
     config.dataset = "dataset/demo"  # directory with train.txt/test.txt or train_metadata.jsonl/test_metadata.jsonl
@@ -79,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.lora_rank = 32  # LoRA rank r
     train.lora_alpha = 64  # LoRA alpha
     train.ema = True  # keep an EMA of the LoRA weights, used for evaluation and saving
-    train.ema_decay = 0.9  # EMA decay (ramped up from 0.1 over the first updates)
-    train.ema_every = 8  # update the EMA every this many optimizer updates
+    train.ema_decay = 0.9  # EMA decay; at optimizer step k the decay is min(ema_decay, (1 + k) / (10 + k))
+    train.ema_every = 8  # update the EMA after optimizer step k when (k + 1) % ema_every == 0
     train.gradient_checkpointing = False  # recompute activations in the backward pass to save memory
 
     # ---- rewards ----
@@ -119,7 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
         remote.max_retries = 2  # retries after a connection failure, timeout or HTTP 429/5xx
         remote.backoff = 1.0  # seconds before the first retry, doubled at each further retry
         remote.batch_size = 64  # images per HTTP request
-        remote.image_format = "png"  # image encoding: "png" (lossless, compact) or "raw" (uint8, no encoding cost)
+        remote.image_format = "auto"  # image encoding: "auto" (raw for a loopback server, png otherwise), "png" or "raw"
         remote.check_health = True  # ask the server's /health when the reward is built, to fail before training
 
     config.lock()
