@@ -3,7 +3,8 @@
 Use: `python train_sd3.py --config=config/grpo.py:pickscore_sd3 --config.sample.noise_level=0.5`.
 Each preset calls its parent and changes only what differs. Presets without a `_flow_grpo`
 suffix train TP-GRPO; the `_flow_grpo` twins keep every setting and switch the algorithm, which
-is how the TP-GRPO paper compares the two.
+is how the TP-GRPO paper compares the two, except that the FLUX baselines keep the reference baseline
+script's noise level 0.8.
 """
 
 import importlib.util
@@ -46,15 +47,27 @@ def sd3_tp_grpo() -> ml_collections.ConfigDict:
     config.pretrained.model = "stabilityai/stable-diffusion-3.5-medium"
     config.pretrained.family = "sd3"
     config.mixed_precision = "fp16"
+    # Evaluate and checkpoint every 20 epochs; the base model's score (before epoch 0) is the
+    # curve's first point.
+    config.eval_freq = 20
+    config.save_freq = 20
+    config.eval_before_training = True
+    config.sample.eval_batch_size = 16
     return _finish(config)
 
 
 def pickscore_sd3() -> ml_collections.ConfigDict:
-    return _task(sd3_tp_grpo(), "pickscore", pickscore=1.0)
+    return _task(sd3_tp_grpo(), "pickscore_sfw", pickscore=1.0)
+
+
+def _geneval(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The GenEval task; its test set is evaluated 14 prompts per process at a time."""
+    config.sample.eval_batch_size = 14
+    return _task(config, "geneval", geneval=1.0)
 
 
 def geneval_sd3() -> ml_collections.ConfigDict:
-    return _task(sd3_tp_grpo(), "geneval", geneval=1.0)
+    return _geneval(sd3_tp_grpo())
 
 
 def ocr_sd3() -> ml_collections.ConfigDict:
@@ -128,41 +141,51 @@ def flux_tp_grpo() -> ml_collections.ConfigDict:
     config = sd3_tp_grpo()
     config.pretrained.model = "black-forest-labs/FLUX.1-dev"
     config.pretrained.family = "flux"
-    config.pretrained.max_sequence_length = 512
+    config.pretrained.max_sequence_length = 128
     config.mixed_precision = "bf16"
     config.sample.num_steps = 6
     config.sample.eval_num_steps = 28
     config.sample.guidance_scale = 3.5
     config.sample.window_size = 5
     config.sample.window_range = (0, 5)
+    # 3 images per process per sampling batch and per micro-batch; the global batch per update is
+    # unchanged (gradient accumulation grows).
+    config.sample.batch_size = 3
+    config.train.batch_size = 3
     config.train.lora_rank = 64
     config.train.lora_alpha = 128
     return config
 
 
 def pickscore_flux() -> ml_collections.ConfigDict:
-    return _task(flux_tp_grpo(), "pickscore", pickscore=1.0)
+    return _task(flux_tp_grpo(), "pickscore_sfw", pickscore=1.0)
 
 
 def geneval_flux() -> ml_collections.ConfigDict:
     """GenEval on FLUX; the window stays off the last step (the reference lets it reach it: NaN KL)."""
-    return _task(flux_tp_grpo(), "geneval", geneval=1.0)
+    return _geneval(flux_tp_grpo())
 
 
 def ocr_flux() -> ml_collections.ConfigDict:
     return _task(flux_tp_grpo(), "ocr", ocr=1.0)
 
 
+def _flux_flow_grpo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """FLUX Flow-GRPO baseline: the reference baseline script's noise level 0.8 (TP-GRPO uses 0.7)."""
+    config.sample.noise_level = 0.8
+    return _flow_grpo(config)
+
+
 def pickscore_flux_flow_grpo() -> ml_collections.ConfigDict:
-    return _flow_grpo(pickscore_flux())
+    return _flux_flow_grpo(pickscore_flux())
 
 
 def geneval_flux_flow_grpo() -> ml_collections.ConfigDict:
-    return _flow_grpo(geneval_flux())
+    return _flux_flow_grpo(geneval_flux())
 
 
 def ocr_flux_flow_grpo() -> ml_collections.ConfigDict:
-    return _flow_grpo(ocr_flux())
+    return _flux_flow_grpo(ocr_flux())
 
 
 def tiny_flux() -> ml_collections.ConfigDict:

@@ -146,6 +146,12 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
         _fail("nonfinite", f"unknown policy {config.nonfinite!r}", f"Use one of {NONFINITE}.")
     if config.keep_checkpoints < 0 or config.save_freq < 0 or config.log_images < 0:
         _fail("keep_checkpoints / save_freq / log_images", "must be 0 or more", "Use 0 to disable.")
+    if config.eval_before_training and not config.eval_freq:
+        _fail(
+            "eval_before_training",
+            "is True but config.eval_freq is 0 (evaluation is off)",
+            "Set config.eval_freq to a positive number of epochs, or eval_before_training=False.",
+        )
     if config.resume_from and not os.path.isdir(config.resume_from):
         _fail("resume_from", f"directory {config.resume_from!r} does not exist", "Point it at logs/<run> or a checkpoint.")
     if config.report_to not in TRACKERS:

@@ -87,6 +87,22 @@ def test_published_flux_settings() -> None:
         assert preset.sample.window_range[1] <= preset.sample.num_steps - 1
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_global_batch_per_update_does_not_depend_on_the_world_size(family: str) -> None:
+    config = presets.get_config(f"pickscore_{family}")
+    per_update = {}
+    for world_size in (8, 32):
+        layout = derive_layout(config, world_size)
+        micro_batches = layout.gradient_accumulation_steps // config.sample.window_size
+        per_update[world_size] = world_size * micro_batches * config.train.batch_size
+        assert layout.trajectories_per_epoch == 48 * 24
+    assert per_update[8] == per_update[32] == 48 * 24 // 2
+    # FLUX trains 3 trajectories per micro-batch: 4x the world size, 1/4 of the accumulation.
+    if family == "flux":
+        assert derive_layout(config, 8).gradient_accumulation_steps == 24 * 5
+        assert derive_layout(config, 32).gradient_accumulation_steps == 6 * 5
+
+
 def test_unknown_preset() -> None:
     with pytest.raises(ValueError, match="unknown preset 'nope'.*pickscore_sd3"):
         presets.get_config("nope")
@@ -143,6 +159,7 @@ CASES = [
     ("train.clip_range", 0.0, r"config\.train\.clip_range: must be positive"),
     ("train.ema_decay", 1.5, r"config\.train\.ema_decay: must be in \(0, 1\)"),
     ("report_to", "tensorboard", r"config\.report_to: unknown tracker"),
+    ("eval_before_training", True, r"config\.eval_before_training: is True but config\.eval_freq is 0"),
 ]
 
 
