@@ -1,14 +1,16 @@
-"""Per-prompt group normalisation of rewards into advantages (ALGORITHM.md sections 4 and 5).
+"""Per-prompt group normalisation of rewards into advantages (docs/algorithm.md).
 
 Flow-GRPO normalises the final reward once per group and uses the same advantage at every
 trained step; TP-GRPO normalises each window-step column of the per-step rewards on its own.
+Before the update, trajectories whose advantage is 0 at every trained step are dropped
+(`informative_rows`): they carry no gradient and would only dilute the mean loss.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["group_advantages", "broadcast_to_steps"]
+__all__ = ["group_advantages", "broadcast_to_steps", "informative_rows"]
 
 
 def group_advantages(
@@ -114,3 +116,31 @@ def broadcast_to_steps(advantages: torch.Tensor, num_steps: int) -> torch.Tensor
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
     return advantages.unsqueeze(1).expand(-1, num_steps).contiguous()
+
+
+def informative_rows(advantages: torch.Tensor, num_micro_batches: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows to train on: those with a non-zero advantage at some step, padded to fill the micro-batches.
+
+    The number of micro-batches stays `num_micro_batches` (every process must take the same
+    number of optimizer steps); the micro-batches shrink instead. When the informative count is
+    not a multiple of `num_micro_batches` (or is zero), randomly drawn uninformative rows are
+    added back until it is (at least one row per micro-batch), as the published runs do.
+
+    Args:
+        advantages: (B, W) advantages of this process's trajectories; B a multiple of `num_micro_batches`.
+        num_micro_batches: micro-batches per epoch on this process.
+        generator: CPU generator choosing the re-added rows.
+
+    Returns:
+        (K,) sorted int64 row indices on `advantages`' device, K a positive multiple of `num_micro_batches`.
+    """
+    rows = advantages.shape[0]
+    if num_micro_batches < 1 or rows % num_micro_batches:
+        raise ValueError(f"{rows} rows cannot be split into {num_micro_batches} micro-batches")
+    informative = (advantages != 0).any(dim=1).cpu()
+    kept = int(informative.sum())
+    target = max(-(-kept // num_micro_batches), 1) * num_micro_batches
+    dropped = torch.nonzero(~informative).flatten()
+    readded = dropped[torch.randperm(dropped.numel(), generator=generator)[: target - kept]]
+    informative[readded] = True
+    return torch.nonzero(informative).flatten().to(advantages.device)

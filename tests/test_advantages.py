@@ -156,3 +156,32 @@ def test_broadcast_to_steps() -> None:
         broadcast_to_steps(advantages, 0)
     with pytest.raises(ValueError):
         broadcast_to_steps(advantages.unsqueeze(1), 3)
+
+
+# ----------------------------------------------------------------- dropping uninformative rows
+def test_informative_rows_drop_a_tied_group_and_pad_to_the_micro_batch_count():
+    from flow_grpo.advantages import informative_rows
+
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0, 0.0, 1.0, 0.0, 1.0])  # group 1 tied
+    group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    advantages = broadcast_to_steps(group_advantages(rewards, group_ids), 3)
+    assert (advantages[4:8] == 0).all()
+    kept = informative_rows(advantages, 4, torch.Generator().manual_seed(0))
+    assert kept.tolist() == [0, 1, 2, 3, 8, 9, 10, 11]  # 8 informative rows: a multiple of 4, nothing re-added
+    kept = informative_rows(advantages, 3, torch.Generator().manual_seed(0))
+    assert len(kept) == 9 and set(range(4)) | set(range(8, 12)) <= set(kept.tolist())
+    assert len(set(kept.tolist()) & {4, 5, 6, 7}) == 1  # one tied row re-added to reach a multiple of 3
+
+
+def test_informative_rows_keep_one_row_per_micro_batch_when_everything_is_tied():
+    from flow_grpo.advantages import informative_rows
+
+    kept = informative_rows(torch.zeros(8, 2), 2, torch.Generator().manual_seed(1))
+    assert len(kept) == 2 and len(set(kept.tolist())) == 2
+
+
+def test_informative_rows_reject_rows_that_do_not_split():
+    from flow_grpo.advantages import informative_rows
+
+    with pytest.raises(ValueError, match="micro-batches"):
+        informative_rows(torch.ones(5, 2), 2, torch.Generator())
