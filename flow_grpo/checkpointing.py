@@ -5,17 +5,26 @@ Layout of one checkpoint `<run>/checkpoints/epoch_XXXXX/`:
     state.pt                  raw LoRA weights, optimizer, EMA, grad scaler, counters
     rng_<rank>.pt             every RNG state of each process
 A directory whose name ends in `.tmp` is an unfinished write and is never loaded.
+
+Checkpoint files are data, never code: they hold only tensors and plain Python values and are
+read with `torch.load(weights_only=True)`, so a planted file cannot run code when a run resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
 import re
 import shutil
+from typing import Any
 
 import numpy as np
 import torch
+from accelerate.logging import get_logger
+
+logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{5,})$")
 STATE_FILE = "state.pt"
@@ -53,21 +62,119 @@ def resolve_checkpoint(path: str) -> str:
     return checkpoints[-1]
 
 
-def rng_state() -> dict:
-    """Every RNG state of this process (Python, NumPy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: missing, empty, truncated, corrupt or not plain data."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state of this process (Python, NumPy, torch CPU and CUDA), as tensors and plain values."""
+    version, python_state, gauss = random.getstate()
+    algorithm, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(python_state), "gauss": gauss},
+        "numpy": {
+            "algorithm": algorithm,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the states saved by `rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["algorithm"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_file(value: Any, path: str) -> None:
+    """Write `value` (tensors and plain values) to `path` via a `.part` file renamed when complete.
+
+    Raises:
+        OSError: "no space left on device" naming `path` when the disk is full; the file that
+            was there before (if any) is untouched.
+    """
+    partial = path + ".part"
+    try:
+        torch.save(value, partial)
+        os.replace(partial, path)
+    except OSError as error:
+        if os.path.exists(partial):
+            os.remove(partial)
+        if error.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on device while writing {path}; free space or point config.logdir elsewhere "
+                "(the previous checkpoint stays loadable)",
+            ) from error
+        raise
+
+
+def load_file(path: str) -> Any:
+    """Read a checkpoint file as data only (`weights_only=True`), with errors that name the file.
+
+    Raises:
+        CheckpointError: the file is missing, empty, truncated or corrupt, or holds objects
+            other than tensors and plain values (unpickling them could run code).
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint file {path} is empty (0 bytes): an interrupted or failed write")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"checkpoint file {path} holds objects other than tensors and plain values; refusing to load it, "
+            f"since unpickling them could run code ({str(error).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {error}") from None
+
+
+def load_checkpoint_state(path: str) -> dict[str, Any]:
+    """The training state (`state.pt`) of the checkpoint directory `path`."""
+    return load_file(os.path.join(path, STATE_FILE))
+
+
+def newest_loadable(run_dir: str) -> tuple[str, dict[str, Any]]:
+    """The newest checkpoint of `run_dir` whose state loads, and that state.
+
+    A newer checkpoint that fails to load is skipped with a warning naming the file, so a run
+    resumes from the previous complete checkpoint.
+
+    Raises:
+        FileNotFoundError: the run has no checkpoint that loads.
+    """
+    problems = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint_state(path)
+        except CheckpointError as error:
+            logger.warning(f"{error}; falling back to the previous checkpoint")
+            problems.append(str(error))
+            continue
+        return path, state
+    detail = f" ({'; '.join(problems)})" if problems else ""
+    raise FileNotFoundError(f"run directory {run_dir} has no loadable checkpoint under checkpoints/{detail}")
 
 
 def temporary_dir(target: str) -> str:
