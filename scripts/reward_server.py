@@ -6,8 +6,11 @@ Examples::
     python scripts/reward_server.py --scorers geneval,ocr --port 18085
 
     # A local reward on a spare GPU, with options
-    python scripts/reward_server.py --scorers pickscore --device cuda:1 \
+    python scripts/reward_server.py --scorers pickscore --devices cuda:1 \
         --options '{"pickscore": {"dtype": "float16"}}'
+
+    # One replica per GPU, batches of up to 128 images gathered for at most 20 ms
+    python scripts/reward_server.py --scorers geneval,ocr --devices cuda:6,cuda:7 --max_batch 128 --max_wait_ms 20
 
     # A VLM judge served by vLLM on port 8080
     python scripts/reward_server.py --scorers unifiedreward \
@@ -32,6 +35,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flow_grpo.reward_server.frontend import ServerLimits
+
 logger = logging.getLogger("reward_server")
 
 
@@ -41,14 +46,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scorers", required=True, help="comma-separated scorer names, e.g. geneval,ocr,pickscore")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=18085, help="port to bind; 0 picks a free one")
-    parser.add_argument("--device", default="", help="device of the scorer models; default cuda if available, else cpu")
+    parser.add_argument(
+        "--devices",
+        "--device",
+        default="",
+        help="comma-separated devices, one replica of every scorer per entry (e.g. cuda:0,cuda:1); "
+        "default cuda if available, else cpu",
+    )
     parser.add_argument(
         "--options",
         default="{}",
         help='scorer options as JSON, inline or the path of a .json file: {"scorer": {"key": value}}',
     )
-    parser.add_argument("--max-request-mb", type=float, default=512.0, help="largest accepted request body in MB")
-    parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest accepted image (height * width)")
+    defaults = ServerLimits()
+    parser.add_argument(
+        "--max_batch", "--max-batch", type=int, default=defaults.max_batch, help="most images per scorer call and per request"
+    )
+    parser.add_argument(
+        "--max_wait_ms",
+        "--max-wait-ms",
+        type=float,
+        default=defaults.max_wait_ms,
+        help="longest wait of the oldest queued request for companions to fill a batch",
+    )
+    parser.add_argument(
+        "--max_concurrent",
+        "--max-concurrent",
+        type=int,
+        default=defaults.max_concurrent,
+        help="requests read and scored at once; more wait up to --read_timeout_s, then get 503",
+    )
+    parser.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=0.0,
+        help="largest accepted request body in MB; 0 = max_batch raw 512x512 images in base64 with 25%% headroom",
+    )
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="largest accepted image (height * width)")
+    parser.add_argument(
+        "--read_timeout_s",
+        "--read-timeout-s",
+        type=float,
+        default=defaults.read_timeout_s,
+        help="longest time to receive one request body",
+    )
+    parser.add_argument(
+        "--score_timeout_s",
+        "--score-timeout-s",
+        type=float,
+        default=defaults.score_timeout_s,
+        help="longest time a request waits for its scores (then HTTP 504)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG logs every request)")
     return parser.parse_args(argv)
 
@@ -74,22 +122,39 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate import PartialState
 
     PartialState()  # library modules log through accelerate, which needs its state
-    from flow_grpo.reward_server.server import RewardServer, build_scorers
+    from flow_grpo.reward_server.server import RewardServer, build_replicas
 
     names = [name.strip() for name in args.scorers.split(",") if name.strip()]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] or [
+        "cuda" if torch.cuda.is_available() else "cpu"
+    ]
     try:
-        scorers = build_scorers(names, device, load_options(args.options))
-    except (ImportError, ValueError, OSError) as error:
+        limits = ServerLimits(
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_concurrent=args.max_concurrent,
+            max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+            max_pixels=args.max_pixels,
+            read_timeout_s=args.read_timeout_s,
+            score_timeout_s=args.score_timeout_s,
+        )
+        for device in devices:
+            torch.device(device)  # a malformed device name fails here, before any model loads
+        options = load_options(args.options)
+        replicas = build_replicas(names, devices, options)
+    except (ImportError, ValueError, OSError, RuntimeError) as error:
         raise SystemExit(f"Could not start the reward server: {error}") from None
-    server = RewardServer(
-        scorers,
-        host=args.host,
-        port=args.port,
-        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
-        max_pixels=args.max_pixels,
+    server = RewardServer(replicas, host=args.host, port=args.port, limits=limits, devices=devices)
+    logger.info(
+        "Serving %s on %s (devices %s, max_batch %d, max_wait_ms %g, body limit %d bytes); health: %s/health",
+        names,
+        server.url,
+        ",".join(devices),
+        limits.max_batch,
+        limits.max_wait_ms,
+        limits.max_request_bytes,
+        server.url,
     )
-    logger.info("Serving %s on %s (device %s); health: %s/health", names, server.url, device, server.url)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -44,7 +44,7 @@ from flow_grpo.reward_server.geneval import (
 )
 from flow_grpo.reward_server.ocr import OcrScorer, edit_distance, ocr_accuracy, target_text
 from flow_grpo.rewards.remote import decode_images, encode_images
-from flow_grpo.reward_server.server import RewardServer, ScorerInputError, build_scorers
+from flow_grpo.reward_server.server import RewardServer, ScorerInputError, ServerLimits, build_scorers
 from flow_grpo.testing.rewards import save_tiny_clip, save_tiny_detector
 from flow_grpo.reward_server.vlm_judge import UNIFIEDREWARD_SERVER_DEFAULTS, VlmJudge
 
@@ -167,14 +167,16 @@ def _free_port() -> int:
 def test_health_lists_hosted_scorers(server):
     with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
         reply = json.loads(response.read())
-    assert reply == {"status": "ok", "protocol": 1, "scorers": ["geneval", "jpeg_compressibility", "ocr", "pickscore"]}
+    assert reply["status"] == "ok" and reply["protocol"] == 1
+    assert reply["scorers"] == ["geneval", "jpeg_compressibility", "ocr", "pickscore"]
+    assert reply["limits"] == server.limits.as_dict() and reply["limits"]["max_batch"] == 64
 
 
 @pytest.mark.parametrize("image_format", ["png", "raw"])
 def test_remote_jpeg_equals_local_and_is_sent_in_batches(server, image_format):
     images, prompts, metadata = _images(7), [f"p{i}" for i in range(7)], [{"i": i} for i in range(7)]
     options = _client_options(server.url, scorer="jpeg_compressibility", batch_size=3, image_format=image_format)
-    counter = server.scorers["jpeg_compressibility"]
+    counter = server.queues["jpeg_compressibility"].replicas[0]
     counter.batch_sizes.clear()
     scores = build_reward({"remote": 1.0}, "cpu", {"remote": options})(images, prompts, metadata)
     assert counter.batch_sizes == [3, 3, 1]
@@ -415,7 +417,8 @@ def test_server_rejects_bad_requests_with_clear_errors(server):
 
 
 def test_server_refuses_oversized_requests():
-    with RewardServer({"jpeg_compressibility": jpeg_compressibility}, port=0, max_request_bytes=1000) as small:
+    limits = ServerLimits(max_request_bytes=1000)
+    with RewardServer({"jpeg_compressibility": jpeg_compressibility}, port=0, limits=limits) as small:
         code, reply = _post(small.url, _payload())
         assert code == 413 and "exceeds 1000" in reply["error"]
 

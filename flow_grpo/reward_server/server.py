@@ -8,19 +8,20 @@ and the server-side scorers that need their own environment:
 - ``unifiedreward``: a VLM judge served behind an OpenAI-compatible API (:mod:`flow_grpo.reward_server.vlm_judge`).
 
 Their packages are imported only when the scorer is built, and a missing package is reported
-with the command that installs it. Requests are decoded from JSON and base64 only (no pickle),
-bounded in size, and a scorer runs one request at a time (requests for different scorers run in
-parallel). ``scripts/reward_server.py`` is the command-line front end.
+with the command that installs it. Requests are decoded from JSON and base64 only (no pickle) and
+bounded by :class:`~flow_grpo.reward_server.frontend.ServerLimits` (:mod:`~flow_grpo.reward_server.frontend`).
+Requests for one scorer from all clients are scored together in dynamic batches by one model
+instance per device (:mod:`~flow_grpo.reward_server.batching`); requests for different scorers run in
+parallel. ``scripts/reward_server.py`` is the command-line front end.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import threading
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import torch
@@ -29,8 +30,10 @@ from accelerate.logging import get_logger
 from flow_grpo.rewards import registry
 from flow_grpo.rewards.registry import RewardFn
 from flow_grpo.rewards.remote import PROTOCOL_VERSION, decode_images
+from flow_grpo.reward_server.batching import BatchingScorer, ScoreTimeoutError
+from flow_grpo.reward_server.frontend import ServerLimits, make_handler
 
-__all__ = ["SERVER_SCORERS", "RewardServer", "ScorerInputError", "build_scorers"]
+__all__ = ["SERVER_SCORERS", "RewardServer", "ScorerInputError", "ServerLimits", "build_replicas", "build_scorers"]
 
 logger = get_logger(__name__)
 
@@ -83,31 +86,58 @@ def build_scorers(
     return scorers
 
 
+def build_replicas(
+    names: Sequence[str], devices: Sequence[torch.device | str], options: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, list[RewardFn]]:
+    """One instance of every scorer per device: ``name -> [replica on devices[0], ...]``.
+
+    Raises:
+        ValueError: for an empty device list or a bad scorer name (see :func:`build_scorers`).
+    """
+    if not devices:
+        raise ValueError("--devices lists no device; give e.g. 'cuda:0,cuda:1' or 'cpu'.")
+    replicas: dict[str, list[RewardFn]] = {name: [] for name in names}
+    for device in devices:
+        for name, scorer in build_scorers(names, device, options).items():
+            replicas[name].append(scorer)
+    return replicas
+
+
 class RewardServer:
-    """A threaded HTTP server hosting ``scorers``.
+    """A threaded HTTP server hosting scorers, each scored in dynamic batches by its replicas.
 
     Usage::
 
         with RewardServer({"jpeg_compressibility": jpeg_compressibility}, port=0) as server:
             client = RemoteReward(server.url, "jpeg_compressibility")
+
+    ``scorers`` maps a name to one scorer or to a list of replicas (one per device, see
+    :func:`build_replicas`); requests for a scorer are balanced across its replicas.
     """
 
     def __init__(
         self,
-        scorers: Mapping[str, RewardFn],
+        scorers: Mapping[str, RewardFn | Sequence[RewardFn]],
         host: str = "127.0.0.1",
         port: int = 0,
-        max_request_bytes: int = 512 * 1024 * 1024,
-        max_pixels: int = 4096 * 4096,
+        limits: ServerLimits | None = None,
+        devices: Sequence[str] = (),
     ) -> None:
         """Bind the socket (``port=0`` picks a free port); :meth:`start` or :meth:`serve_forever` serves."""
         if not scorers:
             raise ValueError("A reward server needs at least one scorer.")
-        self.scorers = dict(scorers)
-        self.max_request_bytes = int(max_request_bytes)
-        self.max_pixels = int(max_pixels)
-        self._locks = {name: threading.Lock() for name in self.scorers}
-        self._httpd = ThreadingHTTPServer((host, port), _make_handler(self))
+        self.limits = limits or ServerLimits()
+        self.devices = [str(device) for device in devices]
+        self.queues = {
+            name: BatchingScorer(
+                name,
+                list(scorer) if isinstance(scorer, Sequence) else [scorer],
+                self.limits.max_batch,
+                self.limits.max_wait_ms / 1000,
+            )
+            for name, scorer in scorers.items()
+        }
+        self._httpd = ThreadingHTTPServer((host, port), make_handler(self.limits, self.health, self.score))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -132,12 +162,14 @@ class RewardServer:
         self._httpd.serve_forever()
 
     def close(self) -> None:
-        """Stop serving and release the socket."""
+        """Stop serving, stop the scorer workers and release the socket."""
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join()
             self._thread = None
         self._httpd.server_close()
+        for queue in self.queues.values():
+            queue.close()
 
     def __enter__(self) -> RewardServer:
         return self.start()
@@ -146,20 +178,27 @@ class RewardServer:
         self.close()
 
     def health(self) -> dict[str, Any]:
-        """The ``/health`` answer."""
-        return {"status": "ok", "protocol": PROTOCOL_VERSION, "scorers": sorted(self.scorers)}
+        """The ``/health`` answer: scorers, replicas per scorer, devices and request limits."""
+        return {
+            "status": "ok",
+            "protocol": PROTOCOL_VERSION,
+            "scorers": sorted(self.queues),
+            "replicas": {name: len(queue.replicas) for name, queue in sorted(self.queues.items())},
+            "devices": self.devices,
+            "limits": self.limits.as_dict(),
+        }
 
     def score(self, payload: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """Handle a ``/score`` request; returns ``(HTTP status, JSON answer)``."""
         if not isinstance(payload, Mapping):
             return HTTPStatus.BAD_REQUEST, {"error": "The request body must be a JSON object."}
         name = payload.get("scorer")
-        if not isinstance(name, str) or name not in self.scorers:
+        if not isinstance(name, str) or name not in self.queues:
             return HTTPStatus.NOT_FOUND, {
-                "error": f"This server does not host scorer {name!r}; it hosts {sorted(self.scorers)}."
+                "error": f"This server does not host scorer {name!r}; it hosts {sorted(self.queues)}."
             }
         try:
-            images = decode_images(payload, self.max_pixels)
+            images = decode_images(payload, self.limits.max_pixels)
             prompts, metadata = payload.get("prompts"), payload.get("metadata")
             if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
                 raise ValueError("'prompts' must be a list of strings.")
@@ -171,75 +210,24 @@ class RewardServer:
                 )
         except ValueError as error:
             return HTTPStatus.BAD_REQUEST, {"error": str(error)}
+        if images.shape[0] > self.limits.max_batch:
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
+                "error": f"Request of {images.shape[0]} images exceeds max_batch = {self.limits.max_batch}; "
+                "send smaller batches (the limits are on /health)."
+            }
         try:
-            with self._locks[name], torch.no_grad():
-                scores = self.scorers[name](images, prompts, metadata)
+            scores = self.queues[name].score(images, prompts, metadata, timeout=self.limits.score_timeout_s)
         except ScorerInputError as error:
             return HTTPStatus.UNPROCESSABLE_ENTITY, {"error": f"Scorer {name!r}: {error}"}
+        except ScoreTimeoutError as error:
+            return HTTPStatus.GATEWAY_TIMEOUT, {"error": str(error)}
         except Exception as error:  # report any scorer failure to the client instead of dropping the connection
-            logger.exception("Scorer %r failed", name)
             return HTTPStatus.INTERNAL_SERVER_ERROR, {
                 "error": f"Scorer {name!r} failed: {type(error).__name__}: {error}"
             }
-        scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
-        if scores.numel() != len(prompts) or not torch.isfinite(scores).all():
+        if not torch.isfinite(scores).all():
             return HTTPStatus.INTERNAL_SERVER_ERROR, {
-                "error": f"Scorer {name!r} returned {scores.numel()} values (non-finite: "
-                f"{int((~torch.isfinite(scores)).sum())}) for {len(prompts)} images."
+                "error": f"Scorer {name!r} returned {int((~torch.isfinite(scores)).sum())} non-finite values "
+                f"for {len(prompts)} images."
             }
         return HTTPStatus.OK, {"scores": scores.tolist()}
-
-
-def _make_handler(server: RewardServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "flow-grpo-reward-server"
-
-        def do_GET(self) -> None:
-            if self.path.rstrip("/") == "/health":
-                self._answer(HTTPStatus.OK, server.health())
-            else:
-                self._answer(HTTPStatus.NOT_FOUND, {"error": f"Unknown path {self.path!r}; use /health or /score."})
-
-        def do_POST(self) -> None:
-            if self.path.rstrip("/") != "/score":
-                self._answer(HTTPStatus.NOT_FOUND, {"error": f"Unknown path {self.path!r}; POST to /score."})
-                return
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self._answer(HTTPStatus.LENGTH_REQUIRED, {"error": "A Content-Length header is required."})
-                return
-            if int(length) > server.max_request_bytes:
-                self._answer(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    {"error": f"Request of {length} bytes exceeds {server.max_request_bytes}; send smaller batches."},
-                )
-                return
-            body = self.rfile.read(int(length))
-            try:
-                payload = json.loads(body.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as error:
-                self._answer(HTTPStatus.BAD_REQUEST, {"error": f"The request body is not valid JSON: {error}"})
-                return
-            status, answer = server.score(payload)
-            self._answer(status, answer)
-
-        def _answer(self, status: int, answer: dict[str, Any]) -> None:
-            data = json.dumps(answer).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            try:
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                # The client gave up (e.g. its timeout passed); nothing is left to answer.
-                logger.debug("Client %s went away before the answer", self.address_string())
-
-        def log_message(self, format: str, *args: Any) -> None:
-            logger.debug("%s - %s", self.address_string(), format % args)
-
-    return Handler

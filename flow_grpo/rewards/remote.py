@@ -5,24 +5,28 @@ They run in ``scripts/reward_server.py`` and the training job reaches them with 
 
 Wire protocol (JSON only; nothing received is ever unpickled or evaluated):
 
-- ``GET /health`` -> ``{"status": "ok", "protocol": 1, "scorers": [names]}``
+- ``GET /health`` -> ``{"status": "ok", "protocol": 1, "scorers": [names], "limits": {"max_batch": B,
+  "max_request_bytes": L, ...}, ...}`` (``limits``: the most images and bytes one request may carry)
 - ``POST /score`` with body::
 
       {"protocol": 1, "scorer": "<name>", "image_format": "png" | "raw", "height": H, "width": W,
        "images": ["<base64>", ...], "prompts": ["...", ...], "metadata": [{...}, ...]}
 
   ``png``: each image is a base64 PNG (RGB, 8 bit). ``raw``: each image is the base64 of its
-  ``H * W * 3`` uint8 bytes in ``(H, W, RGB)`` order (no compression; fastest on a fast network).
+  ``H * W * 3`` uint8 bytes in ``(H, W, RGB)`` order (no compression; the default for a server on
+  this machine, ``image_format = "auto"``, since PNG encoding costs more than a loopback copy).
   Answer ``200`` with ``{"scores": [float, ...]}`` (one finite number per image), or a 4xx/5xx
   status with ``{"error": "<message>"}``.
 
 Client rewards: ``remote`` (asks for ``reward_options.remote.scorer``), and ``geneval``, ``ocr``,
 ``unifiedreward``, which ask for the scorer of their own name. Their options are
-:data:`REMOTE_DEFAULTS`.
+:data:`REMOTE_DEFAULTS`. A batch goes in as few requests as the server's ``/health`` limits allow
+(at most ``batch_size`` images each); a 413 answer halves the request size.
 
 Errors (all :class:`RemoteRewardError`): :class:`RemoteRewardUnreachableError` (connection refused or
-dropped on every attempt), :class:`RemoteRewardTimeoutError` (no answer within ``timeout`` seconds on
-every attempt), :class:`RemoteRewardHTTPError` (a non-200 status), :class:`RemoteRewardBadReplyError`
+dropped on every attempt), :class:`RemoteRewardTimeoutError` (the exchange did not complete within
+``timeout`` seconds on every attempt; the deadline covers connect, send and receive together, so a
+server that trickles its answer cannot stretch it), :class:`RemoteRewardHTTPError` (a non-200 status), :class:`RemoteRewardBadReplyError`
 (not JSON, no ``scores``, wrong length, non-finite or non-numeric values). Connection failures,
 timeouts and statuses 429/500/502/503/504 are retried ``max_retries`` times, waiting ``backoff``,
 ``2 * backoff``, ... seconds; other errors are raised at once. So a call fails after at most
@@ -37,8 +41,9 @@ import io
 import ipaddress
 import json
 import math
+import socket
+import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -53,6 +58,7 @@ from flow_grpo.rewards.options import chunk_slices, parse_options
 from flow_grpo.rewards.registry import RewardFn, register_reward
 
 __all__ = [
+    "CLIENT_IMAGE_FORMATS",
     "IMAGE_FORMATS",
     "NAMED_REMOTE_REWARDS",
     "PROTOCOL_VERSION",
@@ -78,6 +84,9 @@ PROTOCOL_VERSION = 1
 IMAGE_FORMATS = ("png", "raw")
 """Image encodings of a ``/score`` request."""
 
+CLIENT_IMAGE_FORMATS = ("auto", *IMAGE_FORMATS)
+"""Values of the ``image_format`` option: ``"auto"`` = raw for a loopback server, PNG otherwise."""
+
 NAMED_REMOTE_REWARDS = ("geneval", "ocr", "unifiedreward")
 """Client rewards that ask the server for the scorer of their own name."""
 
@@ -88,7 +97,7 @@ REMOTE_DEFAULTS: dict[str, Any] = {
     "max_retries": 2,
     "backoff": 1.0,
     "batch_size": 64,
-    "image_format": "png",
+    "image_format": "auto",
     "check_health": True,
 }
 """Options of every remote reward (mirrored in ``config/base.py``)."""
@@ -223,8 +232,8 @@ def decode_images(payload: Mapping[str, Any], max_pixels: int = 4096 * 4096) -> 
 class RemoteReward:
     """Client of a reward server: ``reward(images, prompts, metadata) -> float32 (N,) CPU``.
 
-    Sends the batch in requests of at most ``batch_size`` images; see the module docstring for
-    the protocol, retries and errors.
+    Sends the batch in as few requests as the server's limits allow (see the module docstring for
+    the protocol, the total deadline per request, retries and errors).
     """
 
     def __init__(
@@ -236,7 +245,7 @@ class RemoteReward:
         max_retries: int = 2,
         backoff: float = 1.0,
         batch_size: int = 64,
-        image_format: str = "png",
+        image_format: str = "auto",
         reward_name: str = "remote",
     ) -> None:
         """Args: see :data:`REMOTE_DEFAULTS`; ``reward_name`` names the config entry in messages."""
@@ -254,19 +263,20 @@ class RemoteReward:
             raise ValueError(f"{setting}.backoff must be 0 or more (seconds), got {backoff}.")
         if batch_size < 1:
             raise ValueError(f"{setting}.batch_size must be positive, got {batch_size}.")
-        if image_format not in IMAGE_FORMATS:
-            raise ValueError(f"{setting}.image_format must be one of {IMAGE_FORMATS}, got {image_format!r}.")
+        if image_format not in CLIENT_IMAGE_FORMATS:
+            raise ValueError(f"{setting}.image_format must be one of {CLIENT_IMAGE_FORMATS}, got {image_format!r}.")
         self.url = url.rstrip("/")
         self.scorer = scorer
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
         self.backoff = float(backoff)
         self.batch_size = int(batch_size)
-        self.image_format = image_format
+        self.loopback = is_loopback_host(parsed.hostname)
+        self.image_format = ("raw" if self.loopback else "png") if image_format == "auto" else image_format
         self.reward_name = reward_name
-        # Proxies from the environment are for the outside world; never route loopback through them.
-        handlers = [urllib.request.ProxyHandler({})] if is_loopback_host(parsed.hostname) else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self.max_request_bytes: int | None = None
+        """The server's body limit, once :meth:`check` has read it from ``/health``."""
+        self._parsed = parsed
 
     def __repr__(self) -> str:
         return f"RemoteReward(url={self.url!r}, scorer={self.scorer!r})"
@@ -282,13 +292,30 @@ class RemoteReward:
         return reply
 
     def check(self) -> None:
-        """Fail early if the server is down or does not host ``scorer``."""
-        hosted = self.health()["scorers"]
+        """Fail early if the server is down or does not host ``scorer``; adopt the server's request limits."""
+        reply = self.health()
+        hosted = reply["scorers"]
         if self.scorer not in hosted:
             raise RemoteRewardError(
                 f"The reward server at {self.url} does not host scorer {self.scorer!r} (it hosts {hosted}). "
                 f"Restart it with `--scorers {self.scorer}` or fix reward_options.{self.reward_name}."
             )
+        limits = reply.get("limits")
+        if isinstance(limits, dict):
+            max_batch, max_bytes = limits.get("max_batch"), limits.get("max_request_bytes")
+            if isinstance(max_batch, int) and max_batch >= 1:
+                self.batch_size = min(self.batch_size, max_batch)
+            if isinstance(max_bytes, int) and max_bytes >= 1:
+                self.max_request_bytes = max_bytes
+
+    def images_per_request(self, height: int, width: int) -> int:
+        """Most images of ``height x width`` one request carries: ``batch_size`` and the byte limit."""
+        if self.max_request_bytes is None:
+            return self.batch_size
+        # base64 of the raw bytes (PNG of 8-bit images is at most ~0.1 % larger), plus 4 KiB per image for
+        # its prompt and metadata and 64 KiB for the rest of the request.
+        per_image = math.ceil(height * width * 3 * 1.01 * 4 / 3) + 4096
+        return max(1, min(self.batch_size, (self.max_request_bytes - 65536) // per_image))
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
@@ -307,7 +334,7 @@ class RemoteReward:
         if len(prompts) != num or len(metadata) != num:
             raise ValueError(f"Got {num} images, {len(prompts)} prompts and {len(metadata)} metadata dicts.")
         scores = []
-        for part in chunk_slices(num, self.batch_size):
+        for part in chunk_slices(num, self.images_per_request(images.shape[2], images.shape[3])):
             scores.extend(self._score_chunk(images[part], list(prompts[part]), list(metadata[part])))
         return torch.tensor(scores, dtype=torch.float32)
 
@@ -321,9 +348,20 @@ class RemoteReward:
             raise ValueError(
                 f"The prompts and metadata sent to the reward server must be JSON-serialisable: {error}"
             ) from None
-        reply = self._parse_json(self._request("POST", "/score", body))
-        scores = reply.get("scores")
+        del payload
         num = len(prompts)
+        try:
+            reply = self._parse_json(self._request("POST", "/score", body))
+        except RemoteRewardHTTPError as error:
+            if error.status != 413 or num == 1:
+                raise
+            half = num // 2
+            self.batch_size = max(1, min(self.batch_size, half))
+            logger.warning(f"{error}; sending {half} images per request", main_process_only=False)
+            return self._score_chunk(images[:half], prompts[:half], metadata[:half]) + self._score_chunk(
+                images[half:], prompts[half:], metadata[half:]
+            )
+        scores = reply.get("scores")
         if not isinstance(scores, list):
             raise RemoteRewardBadReplyError(
                 f"Reward server at {self.url} sent a reply without a 'scores' list: {_preview(reply)}"
@@ -346,7 +384,7 @@ class RemoteReward:
 
         try:
             reply = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
-        except (UnicodeDecodeError, ValueError) as error:
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise RemoteRewardBadReplyError(
                 f"Reward server at {self.url} sent a reply that is not valid JSON ({error}): {body[:200]!r}"
             ) from None
@@ -355,6 +393,68 @@ class RemoteReward:
                 f"Reward server at {self.url} sent JSON that is not an object: {_preview(reply)}"
             )
         return reply
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, str]:
+        """A connection to the server (through the environment's proxy for remote hosts) and the request target."""
+        parsed = self._parsed
+        https = parsed.scheme == "https"
+        port = parsed.port or (443 if https else 80)
+        base = parsed.path.rstrip("/")
+        proxy = None if self.loopback else urllib.request.getproxies().get(parsed.scheme)
+        if proxy and urllib.request.proxy_bypass(parsed.hostname):
+            proxy = None
+        connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        if not proxy:
+            return connection_class(parsed.hostname, port, timeout=self.timeout), base
+        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        proxy_port = proxy_url.port or 80
+        if https:
+            connection = http.client.HTTPSConnection(proxy_url.hostname, proxy_port, timeout=self.timeout)
+            connection.set_tunnel(parsed.hostname, port)
+            return connection, base
+        # A plain-HTTP proxy takes the absolute URL as the request target.
+        return http.client.HTTPConnection(proxy_url.hostname, proxy_port, timeout=self.timeout), self.url
+
+    def _exchange(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
+        """One HTTP exchange that completes within ``timeout`` seconds in total, or raises ``TimeoutError``.
+
+        A watchdog shuts the socket down at the deadline, so neither a slow connect, a server that does
+        not read the body nor one that trickles its answer can stretch the wait.
+        """
+        connection, base = self._connection()
+        expired = threading.Event()
+
+        def abort() -> None:
+            expired.set()
+            sock = connection.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(self.timeout, abort)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            connection.connect()
+            if expired.is_set():
+                raise TimeoutError("connect")
+            headers = {"Content-Type": "application/json", "Connection": "close"}
+            connection.request(method, base + path, body=body, headers=headers)
+            response = connection.getresponse()
+            data = response.read(_MAX_REPLY_BYTES + 1)
+            status = response.status
+        except (OSError, http.client.HTTPException) as error:
+            if expired.is_set():
+                raise TimeoutError(f"no complete answer within {self.timeout:g}s") from error
+            raise
+        finally:
+            watchdog.cancel()
+            connection.close()
+        if expired.is_set():
+            raise TimeoutError(f"no complete answer within {self.timeout:g}s")
+        return status, data
 
     def _request(self, method: str, path: str, body: bytes | None) -> bytes:
         """One HTTP exchange with bounded retries; returns the body of a 200 answer."""
@@ -369,36 +469,15 @@ class RemoteReward:
                     main_process_only=False,
                 )
                 time.sleep(delay)
-            request = urllib.request.Request(
-                self.url + path, data=body, method=method, headers={"Content-Type": "application/json"}
-            )
             try:
-                with self._opener.open(request, timeout=self.timeout) as response:
-                    data = response.read(_MAX_REPLY_BYTES + 1)
-                if len(data) > _MAX_REPLY_BYTES:
-                    raise RemoteRewardBadReplyError(
-                        f"Reward server at {self.url} sent a reply over {_MAX_REPLY_BYTES} bytes."
-                    )
-                return data
-            except urllib.error.HTTPError as error:
-                message = _error_message(error)
-                last_error = RemoteRewardHTTPError(
-                    f"Reward server at {self.url}{path} answered HTTP {error.code} "
-                    f"for scorer {self.scorer!r}: {message}",
-                    error.code,
-                )
-                if error.code not in _RETRY_STATUSES:
-                    raise last_error from None
+                status, data = self._exchange(method, path, body)
             except TimeoutError as error:
                 last_error = self._timeout_error(path, error)
-            except urllib.error.URLError as error:
-                if isinstance(error.reason, TimeoutError):
-                    last_error = self._timeout_error(path, error.reason)
-                else:
-                    last_error = self._unreachable_error(path, error.reason)
+                continue
             except (ConnectionError, http.client.RemoteDisconnected, http.client.IncompleteRead) as error:
                 # Dropped or reset connections, answers cut short: worth another try.
                 last_error = self._unreachable_error(path, error)
+                continue
             except http.client.HTTPException as error:
                 # Bytes that are not HTTP at all: most likely another service on that port.
                 raise RemoteRewardBadReplyError(
@@ -407,6 +486,20 @@ class RemoteReward:
                 ) from None
             except OSError as error:
                 last_error = self._unreachable_error(path, error)
+                continue
+            if status == 200:
+                if len(data) > _MAX_REPLY_BYTES:
+                    raise RemoteRewardBadReplyError(
+                        f"Reward server at {self.url} sent a reply over {_MAX_REPLY_BYTES} bytes."
+                    )
+                return data
+            last_error = RemoteRewardHTTPError(
+                f"Reward server at {self.url}{path} answered HTTP {status} for scorer {self.scorer!r}: "
+                f"{_error_message(status, data)}",
+                status,
+            )
+            if status not in _RETRY_STATUSES:
+                raise last_error
         elapsed = time.monotonic() - start
         assert last_error is not None
         raise type(last_error)(
@@ -429,19 +522,15 @@ class RemoteReward:
         )
 
 
-def _error_message(error: urllib.error.HTTPError) -> str:
+def _error_message(status: int, body: bytes) -> str:
     """The ``"error"`` field of an error answer, else the start of its body."""
     try:
-        body = error.read(64 * 1024)
-    except Exception:  # the body of a failed answer is best effort
-        return error.reason or ""
-    try:
-        parsed = json.loads(body.decode("utf-8"))
+        parsed = json.loads(body[: 64 * 1024].decode("utf-8"))
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
             return parsed["error"]
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         pass
-    return body[:300].decode("utf-8", errors="replace") or str(error.reason)
+    return body[:300].decode("utf-8", errors="replace") or f"HTTP {status}"
 
 
 def _preview(value: object) -> str:
