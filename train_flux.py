@@ -2,20 +2,12 @@
 
     accelerate launch train_flux.py --config=config/grpo.py:pickscore_flux
     python train_flux.py --config=config/grpo.py:tiny_flux --config.num_epochs=4
+
+A thin wrapper over `flow_grpo.train` (which takes the family from the preset) that defaults to a
+flux preset and refuses a preset of another family.
 """
 
-from absl import app
-from ml_collections import config_flags
-
-from flow_grpo.cli import run_training
-
-_CONFIG = config_flags.DEFINE_config_file("config", "config/grpo.py:pickscore_flux", "Preset: file:function.")
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    run_training(_CONFIG.value, family="flux")
-
+from flow_grpo.train import main
 
 if __name__ == "__main__":
-    app.run(main)
+    main(default_preset="config/grpo.py:pickscore_flux", family="flux")

@@ -15,7 +15,6 @@ the others and takes its own share.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,8 @@ from typing import Any, Literal
 
 import torch
 
+from flow_grpo.seeding import stable_seed
+
 __all__ = [
     "EpochPlan",
     "GroupSampler",
@@ -33,6 +34,7 @@ __all__ = [
     "PromptDataset",
     "dataset_paths",
     "load_prompts",
+    "resolve_prompts",
 ]
 
 PROMPT_KEY = "prompt"
@@ -140,6 +142,41 @@ def dataset_paths(
         f"No prompt file for split {split!r}: looked for {looked_for}. "
         "Check the dataset directory in the config or create one of these files."
     )
+
+
+def resolve_prompts(
+    source: str,
+    *,
+    dataset: str,
+    split: str = "test",
+    texts: Sequence[str] = (),
+    max_prompts: int = 0,
+) -> tuple[list[Prompt], str]:
+    """The prompts to sample and a description of where they came from.
+
+    Args:
+        source: a ``.txt`` / ``.jsonl`` prompt file or a dataset directory; empty = ``dataset``.
+        dataset: the config's dataset directory (the fallback).
+        split: split looked up in a dataset directory (``{split}_metadata.jsonl`` or ``{split}.txt``).
+        texts: prompts given directly; when non-empty, ``source`` and ``dataset`` are ignored.
+        max_prompts: keep only the first this many prompts; 0 keeps all.
+    """
+    if max_prompts < 0:
+        raise ValueError(f"max_prompts must be 0 (all) or positive, got {max_prompts}")
+    if texts:
+        prompts = [Prompt(text.strip(), {}) for text in texts if text.strip()]
+        if not prompts:
+            raise ValueError("every prompt given on the command line is blank")
+        origin = "command line"
+    else:
+        path = Path(source or dataset)
+        if path.is_dir():
+            path = dataset_paths(path, split)
+        prompts = load_prompts(path)
+        origin = str(path)
+    if max_prompts:
+        prompts = prompts[:max_prompts]
+    return prompts, origin
 
 
 class PromptDataset:
@@ -306,8 +343,7 @@ def _is_int(value: object) -> bool:
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     """Mix ``(seed, epoch)`` into a 63-bit seed, stable across processes and Python versions."""
-    digest = hashlib.sha256(f"group-sampler:{seed}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return stable_seed(f"group-sampler:{seed}:{epoch}")
 
 
 def _divisibility_message(prompts_per_epoch: int, group_size: int, world_size: int, batch_size: int) -> str:

@@ -14,56 +14,40 @@ settings) and `<out>/scores.csv` (one row per image).
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+from accelerate import PartialState
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without installing
 
-_CONFIG = config_flags.DEFINE_config_file("config", "config/grpo.py:pickscore_sd3", "Preset: file:function.")
-_LORA = flags.DEFINE_string("lora", "", "LoRA checkpoint directory (.../checkpoints/epoch_XXXXX/lora); empty = base model.")
-_LORA_SCALE = flags.DEFINE_float("lora_scale", 1.0, "Adapter weight of the LoRA (multiplies its effect); 1 = as saved.")
-_OUT = flags.DEFINE_string("out", None, "Output directory for summary.json and scores.csv.", required=True)
-_PROMPTS = flags.DEFINE_string("prompts", "", "Prompt file (.txt or .jsonl) or dataset directory; empty = config.dataset.")
-_SPLIT = flags.DEFINE_string("split", "test", "Split read from a dataset directory.")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt given directly (repeatable); overrides --prompts.")
+from flow_grpo.cli import define_sampling_flags, parse_reward_weights, setup_logging  # noqa: E402
+from flow_grpo.evaluation import run_evaluation  # noqa: E402
+from flow_grpo.trainer import use_cpu  # noqa: E402
+
+_FLAGS = define_sampling_flags("Output directory for summary.json and scores.csv.")
 _REWARDS = flags.DEFINE_string("rewards", "", "Rewards as name:weight,... (e.g. pickscore:1,aesthetic:1); empty = config.eval_reward_fn.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "Images per prompt, each with its own seed.", lower_bound=1)
-_MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 0, "Use only the first N prompts; 0 = all.", lower_bound=0)
 _SAVE_IMAGES = flags.DEFINE_bool("save_images", False, "Also write every image to <out>/images/.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
-    from accelerate import PartialState
-
-    from flow_grpo.trainer import use_cpu
-    from flow_grpo.tools import parse_reward_weights, run_evaluation
-
+    setup_logging()
     state = PartialState(cpu=use_cpu())
     summary = run_evaluation(
-        _CONFIG.value,
-        _OUT.value,
-        lora=_LORA.value or None,
-        lora_scale=_LORA_SCALE.value,
-        prompts=_PROMPTS.value,
-        texts=_PROMPT.value,
-        split=_SPLIT.value,
+        _FLAGS.config.value,
+        _FLAGS.out.value,
         rewards=parse_reward_weights(_REWARDS.value),
-        images_per_prompt=_NUM_IMAGES.value,
-        max_prompts=_MAX_PROMPTS.value,
         save_images=_SAVE_IMAGES.value,
+        **_FLAGS.tool_arguments(),
     )
     if state.is_main_process:
         for name, stats in summary["rewards"].items():
             print(f"{name}: {stats['mean']:.4f} +- {stats['std']:.4f} over {summary['count']} images")
-        print(f"summary: {os.path.join(_OUT.value, 'summary.json')}")
-        print(f"scores: {os.path.join(_OUT.value, 'scores.csv')}")
+        print(f"summary: {os.path.join(_FLAGS.out.value, 'summary.json')}")
+        print(f"scores: {os.path.join(_FLAGS.out.value, 'scores.csv')}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ import csv
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +18,9 @@ import torch
 from PIL import Image
 
 from flow_grpo.data import Prompt, load_prompts
-from flow_grpo.tools import (
-    find_lora_dir,
-    generate_batches,
-    load_model,
-    parse_reward_weights,
-    plan_jobs,
-    run_evaluation,
-    run_generation,
-)
+from flow_grpo.cli import parse_reward_weights
+from flow_grpo.evaluation import run_evaluation
+from flow_grpo.generation import find_lora_dir, generate_batches, load_model, plan_jobs, run_generation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -329,3 +325,46 @@ def test_prepare_data_cli_from_local_files(tmp_path) -> None:
     assert len(test) == 3 and len(train) == 7
     assert sorted(train + test) == sorted(f"prompt {i}" for i in range(10))
     assert prepare() == (train, test)  # reproducible
+
+
+# Pick-a-Pic style captions: 30 long ones (one repeated with other case and spacing), short ones.
+_LONG_CAPTIONS = [f"a painting of a red fox number {i}" for i in range(30)]
+_CAPTIONS = [*_LONG_CAPTIONS[:10], "A painting  of a red FOX number 3", "a cat", "five words are not enough", *_LONG_CAPTIONS[10:]]
+
+
+def test_sfw_prompt_set_is_unique_long_captions_shuffled_with_the_seed() -> None:
+    train, test = prepare_data.shuffle_split_captions(_CAPTIONS, seed=42, num_test=5)
+    expected = [Prompt(text, {}) for text in _LONG_CAPTIONS]
+    random.Random(42).shuffle(expected)
+    assert test == expected[:5] and train == expected[5:]
+    assert prepare_data.shuffle_split_captions(_CAPTIONS, seed=42, num_test=5) == (train, test)
+    _, other_test = prepare_data.shuffle_split_captions(_CAPTIONS, seed=7, num_test=5)
+    assert other_test != test
+    with pytest.raises(ValueError, match="lower --test_size"):
+        prepare_data.shuffle_split_captions(_CAPTIONS, seed=42, num_test=30)
+
+
+def test_prepare_data_pickapic_sfw_reads_the_hub_dataset(tmp_path, monkeypatch) -> None:
+    """The network path with an in-memory stand-in for `datasets.load_dataset`."""
+    class Rows:
+        column_names = ["caption", "image_0_uid"]
+
+        def __getitem__(self, column: str) -> list:
+            return {"caption": [*_CAPTIONS, None], "image_0_uid": ["x"] * (len(_CAPTIONS) + 1)}[column]
+
+    requested = []
+
+    def load_dataset(name: str, split: str) -> Rows:
+        requested.append((name, split))
+        return Rows()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    prepare_data.main(["--source", "pickapic_sfw", "--out", str(tmp_path), "--test_size", "4"])
+    assert requested == [("CarperAI/pickapic_v1_no_images_training_sfw", "train")]
+    out = tmp_path / "pickscore_sfw"
+    train, test = (out / "train.txt").read_text().splitlines(), (out / "test.txt").read_text().splitlines()
+    expected_train, expected_test = prepare_data.shuffle_split_captions(_CAPTIONS, seed=42, num_test=4)
+    assert (train, test) == ([p.text for p in expected_train], [p.text for p in expected_test])
+    record = json.loads((out / "prepare_data.json").read_text())
+    assert (record["source"], record["seed"], record["min_words"], record["num_test"]) == ("pickapic_sfw", 42, 6, 4)
+    assert presets.pickscore_sd3().dataset == presets.pickscore_flux().dataset == "dataset/pickscore_sfw"

@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 
+from flow_grpo.precision import DTYPE_NAMES
+
 __all__ = ["chunk_slices", "parse_options", "resolve_dtype", "resolve_weights_file"]
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def parse_options(
     reward: str, options: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str = "reward_options"
@@ -52,9 +51,9 @@ def resolve_dtype(name: str, device: torch.device, reward: str) -> torch.dtype:
     """
     if name == "auto":
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"reward_options.{reward}.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}.")
-    return _DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"reward_options.{reward}.dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {name!r}.")
+    return DTYPE_NAMES[name]
 
 
 def resolve_weights_file(spec: str, reward: str, key: str) -> str:
