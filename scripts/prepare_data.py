@@ -1,15 +1,20 @@
 """Build the prompt sets `dataset/<name>/` that the presets read, from public prompt sources.
 
-    python scripts/prepare_data.py --source pickapic          # -> dataset/pickscore/train.txt, test.txt
+    python scripts/prepare_data.py --source pickapic_sfw      # -> dataset/pickscore_sfw/train.txt, test.txt
+    python scripts/prepare_data.py --source pickapic          # -> dataset/pickapic/train.txt, test.txt
     python scripts/prepare_data.py --source geneval           # -> dataset/geneval/{train,test}_metadata.jsonl
     python scripts/prepare_data.py --source ocr               # -> dataset/ocr/train.txt, test.txt
     python scripts/prepare_data.py --source files --inputs my_prompts.txt,more.jsonl --name custom
 
-Sources (the first three need network access):
+Sources (all but `files` need network access):
 
-- `pickapic`: the captions of Pick-a-Pic (`yuvalkirstain/pickapic_v1_no_images` on the Hugging Face
-  hub, read with the `datasets` library: `pip install datasets`). Train prompts come from its `train`
-  split, test prompts from `test_unique`.
+- `pickapic_sfw`: the prompt set of the published PickScore runs, read by the PickScore presets. The
+  unique captions of the `train` split of `CarperAI/pickapic_v1_no_images_training_sfw` (Pick-a-Pic
+  captions filtered for safe content, on the Hugging Face hub, read with the `datasets` library:
+  `pip install datasets`) with at least 6 words, shuffled with `--seed` (default 42, the presets'
+  seed); the first `--test_size` (1,024) are the test set, the rest the train set.
+- `pickapic`: the unfiltered captions of Pick-a-Pic (`yuvalkirstain/pickapic_v1_no_images`, also read
+  with `datasets`). Train prompts come from its `train` split, test prompts from `test_unique`.
 - `geneval`: GenEval's prompt metadata (`prompts/evaluation_metadata.jsonl` of
   github.com/djghosh13/geneval; one JSON object per line with `prompt`, `tag`, `include`, ...),
   split into train and test. These are GenEval's *evaluation* prompts: a model trained on the train
@@ -22,8 +27,8 @@ Sources (the first three need network access):
 
 Every source goes through the same steps: whitespace is normalised, duplicates are dropped (case-
 insensitive; the first occurrence and its metadata are kept), test prompts are removed from the
-train set, and, when the source has no test split of its own, a deterministic split puts a
-`--test_fraction` of the prompts into the test set. The split ranks prompts by a hash of
+train set, and, when the source has no test split of its own (and is not `pickapic_sfw`), a
+deterministic split puts a `--test_fraction` of the prompts into the test set. The split ranks prompts by a hash of
 `(--seed, prompt)`, so it does not depend on the input order and is the same on every machine.
 Prompts with metadata are written as `{split}_metadata.jsonl`, others as `{split}.txt`; a
 `prepare_data.json` next to them records the source and the counts. Existing files are kept unless
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import re
 import sys
 import urllib.request
@@ -48,12 +54,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flow_grpo.data import Prompt, load_prompts  # noqa: E402
 
 PICKAPIC_DATASET = "yuvalkirstain/pickapic_v1_no_images"
+PICKAPIC_SFW_DATASET = "CarperAI/pickapic_v1_no_images_training_sfw"
+SFW_MIN_WORDS = 6
+"""`pickapic_sfw` keeps the captions with at least this many (whitespace-separated) words."""
 GENEVAL_METADATA_URL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl"
 OCR_TRAIN_URL = "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/ocr/train.txt"
 OCR_TEST_URL = "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/ocr/test.txt"
 
-DEFAULT_NAMES = {"pickapic": "pickscore", "geneval": "geneval", "ocr": "ocr", "files": "custom"}
-"""Output directory name per source; the presets read `dataset/pickscore`, `dataset/geneval`, `dataset/ocr`."""
+DEFAULT_NAMES = {
+    "pickapic_sfw": "pickscore_sfw",
+    "pickapic": "pickapic",
+    "geneval": "geneval",
+    "ocr": "ocr",
+    "files": "custom",
+}
+"""Output directory name per source; the presets read `dataset/pickscore_sfw`, `dataset/geneval`, `dataset/ocr`."""
 
 
 # ------------------------------------------------------------------------ pure functions
@@ -132,6 +147,31 @@ def cap(prompts: Sequence[Prompt], limit: int, seed: int) -> list[Prompt]:
     return [prompt for i, prompt in enumerate(prompts) if i in keep]
 
 
+def shuffle_split_captions(
+    captions: Iterable[str], seed: int, num_test: int, min_words: int = SFW_MIN_WORDS
+) -> tuple[list[Prompt], list[Prompt]]:
+    """The `pickapic_sfw` prompt set: `(train, test)` from a list of captions.
+
+    Captions are normalised and deduplicated (see `deduplicate`), those with fewer than
+    `min_words` words are dropped, the rest are shuffled with `random.Random(seed)`; the first
+    `num_test` form the test set, the others the train set (both in shuffled order).
+
+    Raises:
+        ValueError: when `num_test` < 1 or fewer than `num_test + 1` captions remain.
+    """
+    if num_test < 1:
+        raise ValueError(f"the test set needs at least one prompt, got --test_size {num_test}")
+    unique = deduplicate(Prompt(text, {}) for text in captions)
+    kept = [prompt for prompt in unique if len(prompt.text.split()) >= min_words]
+    if len(kept) <= num_test:
+        raise ValueError(
+            f"{len(kept)} unique captions with at least {min_words} words leave no train prompts after "
+            f"{num_test} test prompts; lower --test_size"
+        )
+    random.Random(seed).shuffle(kept)
+    return kept[num_test:], kept[:num_test]
+
+
 def format_prompts(prompts: Sequence[Prompt]) -> tuple[str, str]:
     """`(file suffix, content)`: `.txt` with one prompt per line, or `_metadata.jsonl` when any prompt has metadata."""
     if any(prompt.metadata for prompt in prompts):
@@ -202,30 +242,36 @@ def download_text(url: str, timeout: float = 60.0) -> str:
         ) from error
 
 
-def pickapic_prompts(dataset: str, train_split: str, test_split: str, column: str) -> tuple[list[Prompt], list[Prompt]]:
-    """Captions of the train and test splits of a Pick-a-Pic style hub dataset."""
+def hub_captions(dataset: str, split: str, column: str) -> list[str]:
+    """The strings of `column` in split `split` of the hub dataset `dataset` (read with `datasets`)."""
     try:
         import datasets
     except ImportError:
         raise SystemExit(
-            "--source pickapic reads the hub dataset with the `datasets` library, which is not installed: "
+            "the pickapic sources read a hub dataset with the `datasets` library, which is not installed: "
             "pip install datasets"
         ) from None
-
-    def captions(split: str) -> list[Prompt]:
-        rows = datasets.load_dataset(dataset, split=split)
-        if column not in rows.column_names:
-            raise SystemExit(f"dataset {dataset} split {split} has no column {column!r}; columns: {rows.column_names}")
-        return [Prompt(text, {}) for text in rows[column] if isinstance(text, str)]
-
-    return captions(train_split), captions(test_split)
+    rows = datasets.load_dataset(dataset, split=split)
+    if column not in rows.column_names:
+        raise SystemExit(f"dataset {dataset} split {split} has no column {column!r}; columns: {rows.column_names}")
+    return [text for text in rows[column] if isinstance(text, str)]
 
 
 def collect(args: argparse.Namespace) -> tuple[list[Prompt], list[Prompt] | None, dict[str, Any]]:
     """`(candidates, test split of the source or None, provenance)` for `args.source`."""
+    if args.source == "pickapic_sfw":
+        dataset = args.hf_dataset or PICKAPIC_SFW_DATASET
+        captions = hub_captions(dataset, args.hf_train_split, args.hf_column)
+        train, test = shuffle_split_captions(captions, args.seed, args.test_size)
+        provenance = {"dataset": dataset, "splits": [args.hf_train_split], "min_words": SFW_MIN_WORDS, "test_size": args.test_size}
+        return train, test, provenance
     if args.source == "pickapic":
-        train, test = pickapic_prompts(args.hf_dataset, args.hf_train_split, args.hf_test_split, args.hf_column)
-        return train, test, {"dataset": args.hf_dataset, "splits": [args.hf_train_split, args.hf_test_split]}
+        dataset = args.hf_dataset or PICKAPIC_DATASET
+        train, test = (
+            [Prompt(text, {}) for text in hub_captions(dataset, split, args.hf_column)]
+            for split in (args.hf_train_split, args.hf_test_split)
+        )
+        return train, test, {"dataset": dataset, "splits": [args.hf_train_split, args.hf_test_split]}
     if args.source == "geneval":
         url = args.url or GENEVAL_METADATA_URL
         return parse_prompt_text(download_text(url), url), None, {"url": url}
@@ -247,18 +293,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, choices=sorted(DEFAULT_NAMES), help="where the prompts come from")
     parser.add_argument("--out", default="dataset", help="parent directory of the prompt set (default: dataset)")
-    parser.add_argument("--name", default="", help="prompt set directory name (default: pickscore / geneval / ocr / custom)")
+    parser.add_argument(
+        "--name", default="", help="prompt set directory name (default: pickscore_sfw / pickapic / geneval / ocr / custom)"
+    )
     parser.add_argument("--test_fraction", type=float, default=0.1, help="test share when the source has no test split")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic split and caps")
+    parser.add_argument("--test_size", type=int, default=1024, help="pickapic_sfw: number of test prompts")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the shuffle / deterministic split and caps")
     parser.add_argument("--max_train", type=int, default=0, help="keep at most this many train prompts (0 = all)")
     parser.add_argument("--max_test", type=int, default=0, help="keep at most this many test prompts (0 = all)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing prompt files")
     parser.add_argument("--url", default="", help="geneval: metadata JSONL URL; ocr: train list URL")
     parser.add_argument("--test_url", default="", help="ocr: test list URL")
-    parser.add_argument("--hf_dataset", default=PICKAPIC_DATASET, help="pickapic: hub dataset id")
-    parser.add_argument("--hf_train_split", default="train", help="pickapic: split of the train prompts")
+    parser.add_argument(
+        "--hf_dataset", default="", help=f"pickapic(_sfw): hub dataset id (default {PICKAPIC_SFW_DATASET} / {PICKAPIC_DATASET})"
+    )
+    parser.add_argument("--hf_train_split", default="train", help="pickapic(_sfw): split of the train prompts")
     parser.add_argument("--hf_test_split", default="test_unique", help="pickapic: split of the test prompts")
-    parser.add_argument("--hf_column", default="caption", help="pickapic: column holding the prompt")
+    parser.add_argument("--hf_column", default="caption", help="pickapic(_sfw): column holding the prompt")
     parser.add_argument("--inputs", default="", help="files: comma-separated .txt / .jsonl prompt files")
     parser.add_argument("--test_inputs", default="", help="files: comma-separated test prompt files (else split)")
     return parser.parse_args(argv)
