@@ -4,6 +4,11 @@
 # the hardware layout; every algorithm setting lives in the presets (extra `--config.*` arguments
 # pass through to the entry point unchanged).
 #
+# Distributed engine: DDP, always (scripts/accelerate_configs/multi_gpu.yaml on one machine,
+# multi_node.yaml on several). Only the LoRA is trained, so nothing needs sharding; the trainer stops
+# at start-up under DeepSpeed or FSDP. The reference TP-GRPO scripts launched with
+# deepspeed_zero2.yaml: these scripts replace them with the same presets on DDP, no config file to pass.
+#
 # Environment knobs (all optional unless stated):
 #   MODEL_NAME   sd3 | flux                          (default sd3)
 #   REWARD       pickscore | geneval | general_ocr   (default pickscore; general_ocr -> the ocr_* presets)
