@@ -16,22 +16,38 @@ An image is correct (score 1) when every ``include`` entry is met and no ``exclu
 
 Relations follow GenEval's rule: the offset between box centres, shrunk on each axis by
 ``position_margin`` times the sum of the two boxes' sizes, must point mostly along the relation's
-direction. Colours are CLIP zero-shot labels of the box crop ("a photo of a {color} {class}").
+direction. At most ``max_objects`` (16) detections per class are kept, the most confident first.
+Colours are CLIP zero-shot labels ("a photo of a {color} {class}") of the object cut out by its mask
+over a grey #999999 background (the crop of its box with the pixels outside the mask set to
+(153, 153, 153)); detectors without masks (DETR) give plain box crops.
 
 :func:`evaluate_geneval` is pure and works on any detector's output. :func:`make_geneval_scorer`
-builds a scorer with a transformers object detector (COCO classes, e.g. DETR) and a transformers
-CLIP colour classifier; both are imported and loaded only then. The published GenEval numbers use
-a Mask2Former detector from mmdetection, so absolute accuracies from another detector differ.
+builds a scorer with a transformers detector and a transformers CLIP colour classifier; both are
+imported and loaded only then. The detector kind is read from the checkpoint's config: a
+Mask2Former instance-segmentation model (``model_type == "mask2former"``, the default
+``facebook/mask2former-swin-small-coco-instance``, as the official evaluator's mmdetection
+Mask2Former Swin-S) or any transformers object detector (DETR, boxes only). Both preprocess the
+batch on the reward device; all colour crops of a batch go through CLIP together.
+
+Server options (``--options '{"geneval": {...}}'``, defaults in :data:`GENEVAL_SERVER_DEFAULTS`):
+
+- ``detector``: hub id or directory of the detector (Mask2Former or DETR-style, COCO labels).
+- ``color_model``: hub id or directory of the CLIP colour model; ``""`` skips colour checks.
+- ``threshold`` (0.3), ``counting_threshold`` (0.9), ``position_margin`` (0.1), ``max_objects``
+  (16 per class): as the official evaluator.
+- ``dtype``: dtype of both models (``"auto"``: float16 on CUDA, else float32).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
 
 from flow_grpo.rewards.options import parse_options, resolve_dtype
 from flow_grpo.reward_server.server import ScorerInputError
@@ -39,36 +55,52 @@ from flow_grpo.reward_server.server import ScorerInputError
 __all__ = [
     "GENEVAL_COLORS",
     "GENEVAL_SERVER_DEFAULTS",
+    "MASK_BACKGROUND",
     "ClipColorClassifier",
     "Detection",
     "GenEvalScorer",
+    "Mask2FormerDetector",
     "TransformersDetector",
+    "color_crop",
+    "color_requests",
     "evaluate_geneval",
+    "load_detector",
     "make_geneval_scorer",
     "relative_position",
 ]
+
+logger = get_logger(__name__)
 
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 """The colours GenEval prompts use."""
 
 GENEVAL_SERVER_DEFAULTS: dict[str, Any] = {
-    "detector": "facebook/detr-resnet-50",  # transformers object-detection model with COCO labels
+    "detector": "facebook/mask2former-swin-small-coco-instance",  # Mask2Former or DETR-style, COCO labels
     "color_model": "openai/clip-vit-large-patch14",  # CLIP model for colour classification
     "threshold": 0.3,  # detection confidence threshold
     "counting_threshold": 0.9,  # threshold for prompts tagged "counting"
     "position_margin": 0.1,  # fraction of the summed box sizes ignored when judging relations
+    "max_objects": 16,  # at most this many detections per class (the most confident)
     "dtype": "auto",  # dtype of the detector and the colour model
 }
 """Server options of the ``geneval`` scorer (``--options '{"geneval": {...}}'``)."""
 
 
+MASK_BACKGROUND = 153
+"""Grey level (#999999) that replaces the pixels outside an object's mask before colour classification."""
+
+
 @dataclass(frozen=True)
 class Detection:
-    """One detected object: class name, confidence and box ``(x0, y0, x1, y1)`` in pixels."""
+    """One detected object: class name, confidence, box ``(x0, y0, x1, y1)`` in pixels, optional mask.
+
+    ``mask`` is a bool ``(H, W)`` tensor over the whole image (``None`` for box-only detectors).
+    """
 
     label: str
     score: float
     box: tuple[float, float, float, float]
+    mask: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 ColorOf = Callable[[Detection], str]
@@ -108,28 +140,21 @@ def relative_position(box: Sequence[float], target: Sequence[float], margin: flo
     return relations
 
 
-def evaluate_geneval(
-    metadata: Mapping[str, Any],
-    detections: Sequence[Detection],
-    color_of: ColorOf | None = None,
-    *,
-    threshold: float = 0.3,
-    counting_threshold: float = 0.9,
-    position_margin: float = 0.1,
-) -> tuple[bool, str]:
-    """Strict GenEval correctness of one image.
+def _objects_by_class(
+    detections: Sequence[Detection], cutoff: float, max_objects: int
+) -> dict[str, list[Detection]]:
+    """Detections at or above ``cutoff`` per lower-cased class, most confident first, at most ``max_objects``."""
+    by_class: dict[str, list[Detection]] = {}
+    for detection in sorted(detections, key=lambda d: d.score, reverse=True):
+        if detection.score >= cutoff:
+            found = by_class.setdefault(detection.label.lower(), [])
+            if len(found) < max_objects:
+                found.append(detection)
+    return by_class
 
-    Args:
-        metadata: the prompt's metadata with ``include`` (and optionally ``exclude``, ``tag``).
-        detections: every detection in the image (any confidence).
-        color_of: colour classifier, needed when an include entry has ``color``.
 
-    Returns:
-        ``(correct, reason)``; ``reason`` names the first unmet requirement.
-
-    Raises:
-        ScorerInputError: when the metadata is not GenEval metadata.
-    """
+def _check_metadata(metadata: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
+    """``(include, exclude)`` of GenEval metadata; raises :class:`ScorerInputError` on anything else."""
     include = metadata.get("include")
     exclude = metadata.get("exclude", [])
     if not isinstance(include, list) or not include or not isinstance(exclude, list):
@@ -140,19 +165,74 @@ def evaluate_geneval(
     for entry in [*include, *exclude]:
         if not isinstance(entry, Mapping) or not isinstance(entry.get("class"), str):
             raise ScorerInputError(f"Every GenEval include/exclude entry needs a 'class', got {entry!r}.")
-    cutoff = counting_threshold if metadata.get("tag") == "counting" else threshold
-    by_class: dict[str, list[Detection]] = {}
-    for detection in sorted(detections, key=lambda d: d.score, reverse=True):
-        if detection.score >= cutoff:
-            by_class.setdefault(detection.label.lower(), []).append(detection)
+    return include, exclude
 
+
+def _matched_objects(
+    metadata: Mapping[str, Any],
+    detections: Sequence[Detection],
+    threshold: float,
+    counting_threshold: float,
+    max_objects: int,
+) -> tuple[dict[str, list[Detection]], list[list[Detection]] | str]:
+    """Per-class detections and, per include entry, its ``count`` most confident objects (or why not)."""
+    include, _ = _check_metadata(metadata)
+    cutoff = counting_threshold if metadata.get("tag") == "counting" else threshold
+    by_class = _objects_by_class(detections, cutoff, max_objects)
     matched: list[list[Detection]] = []
     for entry in include:
         name, count = entry["class"].lower(), int(entry.get("count", 1))
         found = by_class.get(name, [])
         if len(found) < count:
-            return False, f"expected {count} {name}, found {len(found)}"
+            return by_class, f"expected {count} {name}, found {len(found)}"
         matched.append(found[:count])
+    return by_class, matched
+
+
+def color_requests(
+    metadata: Mapping[str, Any],
+    detections: Sequence[Detection],
+    *,
+    threshold: float = 0.3,
+    counting_threshold: float = 0.9,
+    max_objects: int = 16,
+) -> list[Detection]:
+    """The detections whose colour :func:`evaluate_geneval` may ask for (empty when a count is unmet)."""
+    include, _ = _check_metadata(metadata)
+    _, matched = _matched_objects(metadata, detections, threshold, counting_threshold, max_objects)
+    if isinstance(matched, str):
+        return []
+    return [d for entry, found in zip(include, matched, strict=True) if "color" in entry for d in found]
+
+
+def evaluate_geneval(
+    metadata: Mapping[str, Any],
+    detections: Sequence[Detection],
+    color_of: ColorOf | None = None,
+    *,
+    threshold: float = 0.3,
+    counting_threshold: float = 0.9,
+    position_margin: float = 0.1,
+    max_objects: int = 16,
+) -> tuple[bool, str]:
+    """Strict GenEval correctness of one image.
+
+    Args:
+        metadata: the prompt's metadata with ``include`` (and optionally ``exclude``, ``tag``).
+        detections: every detection in the image (any confidence).
+        color_of: colour classifier, needed when an include entry has ``color``.
+        max_objects: at most this many detections per class count (the most confident).
+
+    Returns:
+        ``(correct, reason)``; ``reason`` names the first unmet requirement.
+
+    Raises:
+        ScorerInputError: when the metadata is not GenEval metadata.
+    """
+    include, exclude = _check_metadata(metadata)
+    by_class, matched = _matched_objects(metadata, detections, threshold, counting_threshold, max_objects)
+    if isinstance(matched, str):
+        return False, matched
     for entry, found in zip(include, matched, strict=True):
         if "color" in entry:
             if color_of is None:
@@ -179,44 +259,62 @@ def evaluate_geneval(
 Detector = Callable[[torch.Tensor], list[list[Detection]]]
 """``detector(images (N, 3, H, W) in [0, 1]) -> N lists of detections``."""
 
+ColorClassifier = Callable[[torch.Tensor, Detection], str]
+"""``color_classifier(image (3, H, W) in [0, 1], detection) -> colour name``."""
+
 
 class GenEvalScorer:
-    """``scorer(images, prompts, metadata) -> float32 (N,)`` of 0/1 strict GenEval accuracy."""
+    """``scorer(images, prompts, metadata) -> float32 (N,)`` of 0/1 strict GenEval accuracy.
+
+    ``color_classifier`` is a :data:`ColorClassifier`; when it also has a batched
+    ``classify(images, requests)`` method (as :class:`ClipColorClassifier`), every object of the batch
+    whose colour matters is classified in one call, else one call per object.
+    """
 
     def __init__(
         self,
         detector: Detector,
-        color_classifier: Callable[[torch.Tensor, Detection], str] | None = None,
+        color_classifier: ColorClassifier | None = None,
         *,
         threshold: float = 0.3,
         counting_threshold: float = 0.9,
         position_margin: float = 0.1,
+        max_objects: int = 16,
     ) -> None:
-        """Args: ``color_classifier(image (3, H, W), detection) -> colour``; thresholds as in the module doc."""
+        """Args: a :data:`Detector`, a :data:`ColorClassifier`; thresholds as in the module doc."""
+        if max_objects < 1:
+            raise ValueError(f"geneval max_objects must be at least 1, got {max_objects}.")
         self.detector = detector
         self.color_classifier = color_classifier
         self.threshold = threshold
         self.counting_threshold = counting_threshold
         self.position_margin = position_margin
+        self.max_objects = max_objects
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
         """``(N, 3, H, W)`` in [0, 1] -> float32 ``(N,)`` CPU with 1.0 for correct images."""
+        try:
+            for meta in metadata:
+                _check_metadata(meta)
+        except (AttributeError, TypeError) as error:
+            raise ScorerInputError(f"GenEval metadata must be JSON objects: {error!r}") from None
         detections = self.detector(images)
         if len(detections) != len(metadata):
             raise RuntimeError(f"The detector returned {len(detections)} results for {len(metadata)} images.")
+        colors = self._colors(images, metadata, detections)
         scores = []
-        for image, meta, found in zip(images, metadata, detections, strict=True):
-            color_of = None if self.color_classifier is None else functools.partial(self.color_classifier, image)
+        for index, (meta, found) in enumerate(zip(metadata, detections, strict=True)):
             try:
                 correct, _ = evaluate_geneval(
                     meta,
                     found,
-                    color_of,
+                    None if self.color_classifier is None else lambda d, i=index: colors[(i, id(d))],
                     threshold=self.threshold,
                     counting_threshold=self.counting_threshold,
                     position_margin=self.position_margin,
+                    max_objects=self.max_objects,
                 )
             except ScorerInputError:
                 raise
@@ -225,25 +323,60 @@ class GenEvalScorer:
             scores.append(float(correct))
         return torch.tensor(scores, dtype=torch.float32)
 
+    def _colors(
+        self,
+        images: torch.Tensor,
+        metadata: Sequence[Mapping[str, Any]],
+        detections: Sequence[Sequence[Detection]],
+    ) -> dict[tuple[int, int], str]:
+        """Colour of every object whose colour the metadata may ask for, keyed ``(image, id(detection))``."""
+        if self.color_classifier is None:
+            return {}
+        requests: list[tuple[int, Detection]] = []
+        for index, (meta, found) in enumerate(zip(metadata, detections, strict=True)):
+            try:
+                wanted = color_requests(
+                    meta,
+                    found,
+                    threshold=self.threshold,
+                    counting_threshold=self.counting_threshold,
+                    max_objects=self.max_objects,
+                )
+            except (KeyError, TypeError, ValueError) as error:
+                raise ScorerInputError(f"Malformed GenEval metadata {meta!r}: {error!r}") from None
+            requests.extend((index, detection) for detection in wanted)
+        if not requests:
+            return {}
+        classify = getattr(self.color_classifier, "classify", None)
+        if classify is not None:
+            names = classify(images, requests)
+        else:
+            names = [self.color_classifier(images[index], detection) for index, detection in requests]
+        return {(index, id(detection)): name for (index, detection), name in zip(requests, names, strict=True)}
+
+
+def _to_device_uint8(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Float ``(N, 3, H, W)`` in [0, 1] -> uint8 ``(N, 3, H, W)`` on ``device`` (rounded, clamped)."""
+    images = images.detach().to(device, non_blocking=True)
+    return images.float().mul(255.0).nan_to_num_(0.0).round_().clamp_(0, 255).to(torch.uint8)
+
 
 class TransformersDetector:
-    """An object detector from transformers (``AutoModelForObjectDetection``, e.g. DETR on COCO)."""
+    """A box-only object detector from transformers (``AutoModelForObjectDetection``, e.g. DETR on COCO)."""
 
     def __init__(self, model: str, device: torch.device, dtype: torch.dtype, min_score: float) -> None:
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
         self.processor = AutoImageProcessor.from_pretrained(model)
         self.model = AutoModelForObjectDetection.from_pretrained(model).to(device=device, dtype=dtype).eval()
-        self.device, self.dtype, self.min_score = device, dtype, min_score
+        self.device, self.dtype, self.min_score = torch.device(device), dtype, min_score
         self.labels = {int(k): str(v).lower() for k, v in self.model.config.id2label.items()}
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> list[list[Detection]]:
-        """``(N, 3, H, W)`` in [0, 1] -> N lists of detections above ``min_score``."""
-        from flow_grpo.rewards.remote import images_to_uint8
-
-        pixels = list(images_to_uint8(images))
-        inputs = self.processor(images=pixels, return_tensors="pt").to(self.device)
+        """``(N, 3, H, W)`` in [0, 1] -> N lists of detections above ``min_score`` (no masks)."""
+        pixels = _to_device_uint8(images, self.device)
+        inputs = self.processor(images=pixels, return_tensors="pt", device=self.device).to(self.device)
         inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         outputs = self.model(**inputs)
         sizes = [tuple(images.shape[-2:])] * images.shape[0]
@@ -251,53 +384,181 @@ class TransformersDetector:
         return [
             [
                 Detection(self.labels.get(int(label), str(int(label))), float(score), tuple(float(v) for v in box))
-                for score, label, box in zip(result["scores"], result["labels"], result["boxes"], strict=True)
+                for score, label, box in zip(
+                    result["scores"].tolist(), result["labels"].tolist(), result["boxes"].float().tolist(), strict=True
+                )
             ]
             for result in results
         ]
 
 
-class ClipColorClassifier:
-    """Zero-shot colour of a detected object: CLIP on the box crop against "a photo of a {color} {class}"."""
+class Mask2FormerDetector:
+    """A transformers Mask2Former instance-segmentation model (COCO): boxes, scores and masks.
 
-    def __init__(self, model: str, device: torch.device, dtype_name: str) -> None:
+    Post-processing is ``Mask2FormerImageProcessor.post_process_instance_segmentation`` with
+    ``return_binary_maps=True`` (masks may overlap), done for the whole batch on the device; a box
+    is the extent of its mask, ``(x_min, y_min, x_max + 1, y_max + 1)``.
+    """
+
+    # post_process_instance_segmentation first resizes the mask logits to this size.
+    MASK_SIZE = (384, 384)
+
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype, min_score: float) -> None:
+        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+
+        self.processor = AutoImageProcessor.from_pretrained(model)
+        self.model = (
+            Mask2FormerForUniversalSegmentation.from_pretrained(model).to(device=device, dtype=dtype).eval()
+        )
+        self.device, self.dtype, self.min_score = torch.device(device), dtype, min_score
+        self.labels = {int(k): str(v).lower() for k, v in self.model.config.id2label.items()}
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> list[list[Detection]]:
+        """``(N, 3, H, W)`` in [0, 1] -> N lists of detections above ``min_score``, with full-image masks."""
+        pixels = _to_device_uint8(images, self.device)
+        inputs = self.processor(images=pixels, return_tensors="pt", device=self.device).to(self.device)
+        outputs = self.model(pixel_values=inputs["pixel_values"].to(self.dtype), pixel_mask=inputs.get("pixel_mask"))
+        return self.postprocess(outputs.class_queries_logits, outputs.masks_queries_logits, tuple(images.shape[-2:]))
+
+    def postprocess(
+        self, class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]
+    ) -> list[list[Detection]]:
+        """Detections from ``class_logits (N, Q, C + 1)`` and ``mask_logits (N, Q, h, w)`` at image ``size``."""
+        num_queries, num_classes = class_logits.shape[1], class_logits.shape[2] - 1
+        mask_logits = F.interpolate(mask_logits.float(), size=self.MASK_SIZE, mode="bilinear", align_corners=False)
+        probs = class_logits.float().softmax(-1)[..., :-1].flatten(1)  # (N, Q * C)
+        class_scores, top = probs.topk(num_queries, dim=1)  # (N, Q)
+        labels, queries = top % num_classes, torch.div(top, num_classes, rounding_mode="floor")
+        logits = torch.gather(mask_logits, 1, queries[..., None, None].expand(-1, -1, *self.MASK_SIZE))
+        binary = (logits > 0).float()
+        mask_scores = (logits.sigmoid() * binary).flatten(2).sum(-1) / (binary.flatten(2).sum(-1) + 1e-6)
+        scores = class_scores * mask_scores  # (N, Q)
+        masks = F.interpolate(binary, size=size, mode="nearest") > 0.5  # (N, Q, H, W)
+        rows, cols = masks.any(dim=3), masks.any(dim=2)  # (N, Q, H), (N, Q, W)
+        keep = rows.any(-1) & (scores >= self.min_score)
+        positions_y = torch.arange(size[0], device=masks.device)
+        positions_x = torch.arange(size[1], device=masks.device)
+        y0 = torch.where(rows, positions_y, size[0]).amin(-1)
+        y1 = torch.where(rows, positions_y, -1).amax(-1) + 1
+        x0 = torch.where(cols, positions_x, size[1]).amin(-1)
+        x1 = torch.where(cols, positions_x, -1).amax(-1) + 1
+        boxes = torch.stack([x0, y0, x1, y1], dim=-1).tolist()
+        scores_list, labels_list, keep_list = scores.tolist(), labels.tolist(), keep.tolist()
+        results = []
+        for image in range(masks.shape[0]):
+            results.append(
+                [
+                    Detection(
+                        self.labels.get(labels_list[image][q], str(labels_list[image][q])),
+                        round(scores_list[image][q], 6),
+                        tuple(float(v) for v in boxes[image][q]),
+                        masks[image, q],
+                    )
+                    for q in range(num_queries)
+                    if keep_list[image][q]
+                ]
+            )
+        return results
+
+
+def load_detector(model: str, device: torch.device, dtype: torch.dtype, min_score: float) -> Detector:
+    """A :class:`Mask2FormerDetector` when ``model``'s config is a Mask2Former, else a :class:`TransformersDetector`."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"Could not load the GenEval detector config from {model!r} ({error}); set the server option "
+            "geneval.detector to a Mask2Former instance-segmentation or DETR-style checkpoint (hub id or directory)."
+        ) from error
+    kind = Mask2FormerDetector if model_type == "mask2former" else TransformersDetector
+    detector = kind(model, device, dtype, min_score)
+    logger.info(f"Loaded GenEval detector {model!r} ({kind.__name__}, {dtype}) on {device}", main_process_only=False)
+    return detector
+
+
+def color_crop(image: torch.Tensor, detection: Detection) -> torch.Tensor:
+    """The pixels colour is judged on: ``image (3, H, W)`` -> the box crop ``(3, h, w)``.
+
+    With a mask, pixels of the crop outside the mask are set to grey :data:`MASK_BACKGROUND`/255.
+    The box is floored at its top-left and rounded at its bottom-right, at least one pixel wide.
+    """
+    height, width = image.shape[-2:]
+    x0, y0, x1, y1 = detection.box
+    x0, y0 = min(max(int(x0), 0), width - 1), min(max(int(y0), 0), height - 1)
+    x1, y1 = min(max(round(x1), x0 + 1), width), min(max(round(y1), y0 + 1), height)
+    crop = image[:, y0:y1, x0:x1]
+    if detection.mask is None:
+        return crop
+    mask = detection.mask[y0:y1, x0:x1].to(crop.device)
+    return torch.where(mask, crop, torch.full_like(crop, MASK_BACKGROUND / 255.0))
+
+
+class ClipColorClassifier:
+    """Zero-shot colour of a detected object: CLIP on its (masked) crop against "a photo of a {color} {class}"."""
+
+    def __init__(self, model: str, device: torch.device, dtype_name: str, batch_size: int = 256) -> None:
         from flow_grpo.rewards.clip_models import ClipEncoder
 
         try:
-            self.encoder = ClipEncoder.load("geneval", model, "", device, dtype_name, batch_size=64)
+            self.encoder = ClipEncoder.load("geneval", model, "", device, dtype_name, batch_size=batch_size)
         except OSError as error:
             raise OSError(
                 f"Could not load the GenEval colour model {model!r} ({error}); set the server option "
                 "geneval.color_model to a CLIP hub id or directory, or to '' to skip colour checks."
             ) from error
+        preprocess = self.encoder.preprocess
+        if preprocess.output_size is None:
+            raise ValueError(
+                f"The CLIP processor of {model!r} gives images of varying size (no centre crop or fixed size); "
+                "the GenEval colour model needs one output size."
+            )
+        # Resize and crop only (values stay k/255), so that crops of any size stack into one batch.
+        self.geometry = dataclasses.replace(preprocess, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         self._text_cache: dict[str, torch.Tensor] = {}
+
+    def _text(self, label: str) -> torch.Tensor:
+        """Embeddings ``(len(GENEVAL_COLORS), D)`` of the colour prompts of ``label`` (computed once)."""
+        if label not in self._text_cache:
+            prompts = [f"a photo of a {color} {label}" for color in GENEVAL_COLORS]
+            self._text_cache[label] = self.encoder.text_embeddings(prompts)
+        return self._text_cache[label]
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, requests: Sequence[tuple[int, Detection]]) -> list[str]:
+        """Colours of ``(image index, detection)`` requests on ``images (N, 3, H, W)``, one CLIP pass."""
+        if not requests:
+            return []
+        crops = [
+            self.geometry(color_crop(images[index].to(self.encoder.device), detection).unsqueeze(0))
+            for index, detection in requests
+        ]
+        embeddings = self.encoder.image_embeddings(torch.cat(crops))  # (R, D)
+        texts = torch.stack([self._text(detection.label) for _, detection in requests])  # (R, colours, D)
+        similarity = torch.einsum("rd,rcd->rc", embeddings, texts)
+        return [GENEVAL_COLORS[i] for i in similarity.argmax(dim=1).tolist()]
 
     def __call__(self, image: torch.Tensor, detection: Detection) -> str:
         """``image (3, H, W)`` in [0, 1] and one detection -> colour name."""
-        height, width = image.shape[-2:]
-        x0, y0, x1, y1 = detection.box
-        x0, y0 = max(int(x0), 0), max(int(y0), 0)
-        x1, y1 = min(max(round(x1), x0 + 1), width), min(max(round(y1), y0 + 1), height)
-        crop = image[:, y0:y1, x0:x1].unsqueeze(0)
-        if detection.label not in self._text_cache:
-            prompts = [f"a photo of a {color} {detection.label}" for color in GENEVAL_COLORS]
-            self._text_cache[detection.label] = self.encoder.text_embeddings(prompts)
-        similarity = self.encoder.image_embeddings(crop) @ self._text_cache[detection.label].T
-        return GENEVAL_COLORS[int(similarity.argmax())]
+        return self.classify(image.unsqueeze(0), [(0, detection)])[0]
 
 
 def make_geneval_scorer(device: torch.device, options: Mapping[str, Any]) -> GenEvalScorer:
-    """Server factory of ``geneval``: a transformers detector and CLIP colour classifier."""
+    """Server factory of ``geneval``: a Mask2Former (or DETR-style) detector and a CLIP colour classifier."""
     opts = parse_options("geneval", options, GENEVAL_SERVER_DEFAULTS, prefix="reward server --options")
+    if opts["max_objects"] < 1:
+        raise ValueError(f"reward server --options geneval.max_objects must be at least 1, got {opts['max_objects']}.")
     try:
         import transformers  # noqa: F401
     except ImportError as error:
         raise ImportError(
-            "The geneval scorer needs transformers (and timm for DETR) in the server's environment: "
-            "pip install transformers timm"
+            "The geneval scorer needs transformers (and scipy for Mask2Former) in the server's environment: "
+            "pip install transformers scipy"
         ) from error
     dtype = resolve_dtype(opts["dtype"], device, "geneval")
-    detector = TransformersDetector(opts["detector"], device, dtype, min(opts["threshold"], opts["counting_threshold"]))
+    detector = load_detector(opts["detector"], device, dtype, min(opts["threshold"], opts["counting_threshold"]))
     colors = ClipColorClassifier(opts["color_model"], device, opts["dtype"]) if opts["color_model"] else None
     return GenEvalScorer(
         detector,
@@ -305,4 +566,5 @@ def make_geneval_scorer(device: torch.device, options: Mapping[str, Any]) -> Gen
         threshold=opts["threshold"],
         counting_threshold=opts["counting_threshold"],
         position_margin=opts["position_margin"],
+        max_objects=opts["max_objects"],
     )

@@ -11,7 +11,9 @@ them through their real loading path (``from_pretrained``, open_clip's ``pretrai
 - :func:`save_tiny_aesthetic_head`: an :class:`~flow_grpo.rewards.clip_models.AestheticHead`
   state dict saved with ``torch.save`` like the LAION ``.pth`` file.
 - :func:`save_tiny_detector`: a ``DetrForObjectDetection`` + ``DetrImageProcessor`` directory for the
-  GenEval scorer's detector.
+  GenEval scorer's box-only detector.
+- :func:`save_tiny_mask2former`: a ``Mask2FormerForUniversalSegmentation`` (Swin backbone) +
+  ``Mask2FormerImageProcessor`` directory for the GenEval scorer's default detector.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "save_tiny_aesthetic_head",
     "save_tiny_clip",
     "save_tiny_detector",
+    "save_tiny_mask2former",
     "save_tiny_open_clip",
     "tiny_clip_model",
     "tiny_clip_processor",
@@ -219,4 +222,53 @@ def save_tiny_detector(path: str | os.PathLike, labels: tuple[str, ...] = ("dog"
     path.mkdir(parents=True, exist_ok=True)
     DetrForObjectDetection(config).eval().save_pretrained(path)
     DetrImageProcessor(size={"shortest_edge": 32, "longest_edge": 64}).save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_mask2former(
+    path: str | os.PathLike, labels: tuple[str, ...] = ("dog", "cat"), seed: int = 0, num_queries: int = 8
+) -> str:
+    """Save a tiny Mask2Former instance-segmentation model and its image processor to ``path``.
+
+    A four-stage Swin backbone of width 8 and a pixel/transformer decoder of width 32 (the smallest
+    the decoder's 32-group norms allow), built from configs with random weights; constructing the
+    model needs scipy (transformers' Mask2Former loss). Returns the directory, which loads with
+    ``Mask2FormerForUniversalSegmentation.from_pretrained`` and ``AutoImageProcessor.from_pretrained``.
+    """
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    backbone = SwinConfig(
+        image_size=32,
+        patch_size=4,
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=32,
+        dim_feedforward=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        num_queries=num_queries,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    torch.manual_seed(seed)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    Mask2FormerForUniversalSegmentation(config).eval().save_pretrained(path)
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32).save_pretrained(path)
     return str(path)
