@@ -352,3 +352,41 @@ def test_requests_over_max_batch_are_refused():
     with RewardServer({"s": Recorder()}, limits=ServerLimits(max_batch=2)) as server:
         status, reply = _post(server.url, _body(3))
     assert status == 413 and "max_batch = 2" in reply["error"]
+
+
+# ---- OCR: batch API or worker pool, same scores as reading one image at a time ----
+
+
+def _fake_read(image) -> str:
+    """A deterministic fake OCR engine: the text depends on the image content."""
+    return ["Hello World", "Hel1o Wor1d", "Help", ""][int(image.mean()) % 4]
+
+
+def test_ocr_batch_engine_and_worker_pool_give_the_per_image_scores():
+    from flow_grpo.reward_server.ocr import OcrScorer
+
+    images = _images(12, size=24, seed=5) * torch.linspace(0.2, 1.0, 12).view(12, 1, 1, 1)
+    prompts, metadata = ['A sign that says "Hello World"'] * 12, [{}] * 12
+    expected = OcrScorer(_fake_read, num_workers=1)(images, prompts, metadata)
+    assert len(set(expected.tolist())) > 1  # the fake engine reads different texts
+
+    batch_calls: list[int] = []
+
+    def read_batch(arrays):
+        batch_calls.append(len(arrays))
+        return [_fake_read(array) for array in arrays]
+
+    assert torch.equal(OcrScorer(_fake_read, read_batch)(images, prompts, metadata), expected)
+    assert batch_calls == [12]
+
+    threads: set[str] = set()
+
+    def read_in_pool(image) -> str:
+        threads.add(threading.current_thread().name)
+        time.sleep(0.01)
+        return _fake_read(image)
+
+    assert torch.equal(OcrScorer(read_in_pool, num_workers=4)(images, prompts, metadata), expected)
+    assert len(threads) > 1 and all(name.startswith("ocr") for name in threads)
+    with pytest.raises(RuntimeError, match="returned 1 texts for 12 images"):
+        OcrScorer(_fake_read, lambda arrays: ["x"])(images, prompts, metadata)

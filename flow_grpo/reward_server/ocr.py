@@ -7,13 +7,17 @@ space). Recognised and target text are compared case-insensitively with all whit
     accuracy = 1 - min(edit_distance(recognised, target), len(target)) / len(target)
 
 so 1 is a perfect rendering and 0 a useless one. The OCR engine (PaddleOCR or EasyOCR) is imported
-only when the scorer is built; tests and other engines plug in any ``engine(image) -> str``.
+only when the scorer is built; tests and other engines plug in any ``engine(image) -> str``. A batch
+is read with the engine's batch API where it has one (PaddleOCR 3.x ``predict`` on a list, EasyOCR
+``readtext_batched``), otherwise by ``num_workers`` threads; the scores are those of reading each
+image alone.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -37,6 +41,7 @@ OCR_SERVER_DEFAULTS: dict[str, Any] = {
     "engine": "paddleocr",  # "paddleocr" or "easyocr"
     "lang": "en",  # engine language code
     "use_gpu": True,  # let the engine use the GPU when the server's device is CUDA
+    "num_workers": 4,  # threads reading images when the engine has no batch API
 }
 """Server options of the ``ocr`` scorer (``--options '{"ocr": {...}}'``)."""
 
@@ -48,6 +53,9 @@ _QUOTED = re.compile(r"[\"\u201c\u201d\u201e]([^\"\u201c\u201d\u201e]+)[\"\u201c
 
 OcrEngine = Callable[[np.ndarray], str]
 """``engine(uint8 (H, W, 3) RGB) -> all recognised text``."""
+
+OcrBatchEngine = Callable[[list[np.ndarray]], list[str]]
+"""``batch_engine([uint8 (H, W, 3) RGB] * N) -> N recognised texts``, equal to ``engine`` per image."""
 
 
 def target_text(prompt: str, metadata: Mapping[str, Any]) -> str:
@@ -95,10 +103,33 @@ def ocr_accuracy(recognised: str, target: str) -> float:
 
 
 class OcrScorer:
-    """``scorer(images, prompts, metadata) -> float32 (N,)`` OCR accuracy per image."""
+    """``scorer(images, prompts, metadata) -> float32 (N,)`` OCR accuracy per image.
 
-    def __init__(self, engine: OcrEngine) -> None:
+    Args:
+        engine: reads one image.
+        batch_engine: reads a list of images in one call (the engine's batch API), if it has one.
+        num_workers: threads calling ``engine`` when there is no ``batch_engine`` (1 = in order, no pool).
+    """
+
+    def __init__(self, engine: OcrEngine, batch_engine: OcrBatchEngine | None = None, num_workers: int = 4) -> None:
+        if num_workers < 1:
+            raise ValueError(f"ocr: num_workers must be positive, got {num_workers}.")
         self.engine = engine
+        self.batch_engine = batch_engine
+        self.num_workers = int(num_workers)
+        self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="ocr") if self.num_workers > 1 else None
+
+    def read(self, pixels: np.ndarray) -> list[str]:
+        """uint8 ``(N, H, W, 3)`` -> ``N`` recognised texts (batch API, else the worker pool)."""
+        arrays = list(pixels)
+        if self.batch_engine is not None:
+            texts = list(self.batch_engine(arrays))
+            if len(texts) != len(arrays):
+                raise RuntimeError(f"The OCR batch engine returned {len(texts)} texts for {len(arrays)} images.")
+            return texts
+        if self._pool is None or len(arrays) == 1:
+            return [self.engine(array) for array in arrays]
+        return list(self._pool.map(self.engine, arrays))
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
@@ -107,17 +138,13 @@ class OcrScorer:
         from flow_grpo.rewards.remote import images_to_uint8
 
         targets = [target_text(prompt, meta) for prompt, meta in zip(prompts, metadata, strict=True)]
-        pixels = images_to_uint8(images)
+        texts = self.read(images_to_uint8(images))
         return torch.tensor(
-            [
-                ocr_accuracy(self.engine(pixel_array), target)
-                for pixel_array, target in zip(pixels, targets, strict=True)
-            ],
-            dtype=torch.float32,
+            [ocr_accuracy(text, target) for text, target in zip(texts, targets, strict=True)], dtype=torch.float32
         )
 
 
-def _paddle_engine(lang: str, use_gpu: bool) -> OcrEngine:
+def _paddle_engine(lang: str, use_gpu: bool) -> tuple[OcrEngine, OcrBatchEngine | None]:
     try:
         from paddleocr import PaddleOCR
     except ImportError as error:
@@ -143,10 +170,18 @@ def _paddle_engine(lang: str, use_gpu: bool) -> OcrEngine:
                     texts.append(str(line[1][0]))
         return " ".join(texts)
 
-    return read
+    if not hasattr(reader, "predict"):
+        return read, None
+
+    def read_batch(images: list[np.ndarray]) -> list[str]:
+        # PaddleOCR 3.x reads a list of images in one call, one result per image in order.
+        results = list(reader.predict([np.ascontiguousarray(image[:, :, ::-1]) for image in images]) or [])
+        return [" ".join(str(t) for t in (result.get("rec_texts") or [])) for result in results]
+
+    return read, read_batch
 
 
-def _easyocr_engine(lang: str, use_gpu: bool) -> OcrEngine:
+def _easyocr_engine(lang: str, use_gpu: bool) -> tuple[OcrEngine, OcrBatchEngine | None]:
     try:
         import easyocr
     except ImportError as error:
@@ -158,15 +193,19 @@ def _easyocr_engine(lang: str, use_gpu: bool) -> OcrEngine:
     def read(image: np.ndarray) -> str:
         return " ".join(str(t) for t in reader.readtext(image, detail=0))
 
-    return read
+    def read_batch(images: list[np.ndarray]) -> list[str]:
+        # readtext_batched needs images of one size; the server batches only same-size requests.
+        return [" ".join(str(t) for t in page) for page in reader.readtext_batched(images, detail=0)]
+
+    return read, read_batch
 
 
 def make_ocr_scorer(device: torch.device, options: Mapping[str, Any]) -> OcrScorer:
     """Server factory of ``ocr`` with the configured engine."""
     opts = parse_options("ocr", options, OCR_SERVER_DEFAULTS, prefix="reward server --options")
     use_gpu = opts["use_gpu"] and torch.device(device).type == "cuda"
-    if opts["engine"] == "paddleocr":
-        return OcrScorer(_paddle_engine(opts["lang"], use_gpu))
-    if opts["engine"] == "easyocr":
-        return OcrScorer(_easyocr_engine(opts["lang"], use_gpu))
-    raise ValueError(f"Unknown OCR engine {opts['engine']!r}; choose one of {OCR_ENGINES}.")
+    loaders = {"paddleocr": _paddle_engine, "easyocr": _easyocr_engine}
+    if opts["engine"] not in loaders:
+        raise ValueError(f"Unknown OCR engine {opts['engine']!r}; choose one of {OCR_ENGINES}.")
+    engine, batch_engine = loaders[opts["engine"]](opts["lang"], use_gpu)
+    return OcrScorer(engine, batch_engine, num_workers=opts["num_workers"])
