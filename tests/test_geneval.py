@@ -14,6 +14,7 @@ from flow_grpo.reward_server.geneval import (
     Mask2FormerDetector,
     TransformersDetector,
     color_crop,
+    color_requests,
     evaluate_geneval,
     make_geneval_scorer,
 )
@@ -143,12 +144,16 @@ def test_server_factory_scores_batched_as_per_image(kind, mask2former_dir, tiny_
     detections = scorer.detector(images)
     assert all(d.label in LABELS and len(d.box) == 4 for found in detections for d in found)
     assert all((d.mask is not None) == (kind == "mask2former") for found in detections for d in found)
-    # The colour classifier sees at least one crop per colour prompt with a match.
+    # Every object whose colour matters is classified in one call for the whole batch.
+    wanted = sum(
+        len(color_requests(meta, found, threshold=0.0, counting_threshold=0.0))
+        for meta, found in zip(metadata, detections, strict=True)
+    )
     calls: list[int] = []
     classify = scorer.color_classifier.classify
     scorer.color_classifier.classify = lambda imgs, requests: calls.append(len(requests)) or classify(imgs, requests)
     batched = scorer(images, [""] * len(metadata), metadata)
-    assert len(calls) <= 1
+    assert calls == ([wanted] if wanted else [])
     alone = torch.cat([scorer(images[i : i + 1], [""], metadata[i : i + 1]) for i in range(len(metadata))])
     assert torch.equal(batched, alone)
     assert batched[3] == 0.0  # not a label of the detector
