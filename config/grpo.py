@@ -1,4 +1,4 @@
-"""Named presets, one per published setting (ALGORITHM.md section 8), plus tiny CPU presets.
+"""Named presets, one per published setting (docs/algorithm.md, Published settings), plus tiny CPU presets.
 
 Use: `python train_sd3.py --config=config/grpo.py:pickscore_sd3 --config.sample.noise_level=0.5`.
 Each preset calls its parent and changes only what differs. Presets without a `_flow_grpo`
@@ -42,7 +42,7 @@ def _task(config: ml_collections.ConfigDict, dataset: str, **rewards: float) -> 
 
 
 def sd3_tp_grpo() -> ml_collections.ConfigDict:
-    """SD3.5-Medium TP-GRPO defaults shared by every SD3 preset (section 8 of ALGORITHM.md)."""
+    """SD3.5-Medium TP-GRPO defaults shared by every SD3 preset (docs/algorithm.md, Published settings)."""
     config = base.get_config()
     config.pretrained.model = "stabilityai/stable-diffusion-3.5-medium"
     config.pretrained.family = "sd3"
@@ -137,7 +137,7 @@ def tiny_flow_grpo() -> ml_collections.ConfigDict:
 
 
 def flux_tp_grpo() -> ml_collections.ConfigDict:
-    """FLUX.1-dev TP-GRPO defaults shared by every FLUX preset (section 8 of ALGORITHM.md)."""
+    """FLUX.1-dev TP-GRPO defaults shared by every FLUX preset (docs/algorithm.md, Published settings)."""
     config = sd3_tp_grpo()
     config.pretrained.model = "black-forest-labs/FLUX.1-dev"
     config.pretrained.family = "flux"

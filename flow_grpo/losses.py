@@ -1,6 +1,6 @@
 """Clipped GRPO policy loss, KL to the LoRA-disabled reference, and diagnostics.
 
-Implements the per-step objective of ALGORITHM.md section 4:
+Implements the per-step objective of docs/algorithm.md, Flow-GRPO: advantages and loss:
 ``L = mean_i max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) + beta * KL``.
 """
 

@@ -1,6 +1,6 @@
 """Rollouts: the SDE-window rollout (Flow-GRPO-Fast), the lockstep TP-GRPO rollout and ODE sampling.
 
-The lockstep rollout (ALGORITHM.md section 6) advances, at every grid step, all live states with
+The lockstep rollout (docs/algorithm.md, The lockstep rollout) advances, at every grid step, all live states with
 one batched transformer call: the main SDE trajectory, the ODE baseline forked at the window start,
 and one ODE branch forked after each of the first `W - 1` SDE steps. A branch forks from the main
 state, whose velocity at that step is already known, so its first ODE step reuses it and the branch

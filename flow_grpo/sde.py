@@ -1,4 +1,4 @@
-"""Stochastic denoising steps with log-probabilities (ALGORITHM.md section 2).
+"""Stochastic denoising steps with log-probabilities (docs/algorithm.md).
 
 Both step kinds reduce to the Euler ODE step `x + (sigma_next - sigma) * v` at noise level 0.
 All arithmetic is float32 whatever the model dtype. Sigmas are per sample, so states at

@@ -1,7 +1,7 @@
 """TP-GRPO step-wise rewards: incremental rewards, turning points, aggregation and balancing.
 
-Implements ALGORITHM.md section 5 (with the section 7 choices: balancing over the whole batch
-that is passed in, ranked by ``|g_j|``). Everything here is a pure, vectorised tensor function.
+Implements docs/algorithm.md, TP-GRPO: step-wise rewards (balancing over the whole batch that is
+passed in, ranked by ``|g_j|``). Everything here is a pure, vectorised tensor function.
 
 Notation, for one trajectory with an SDE window of ``W`` steps and completed rewards
 ``R_0 ... R_W``:
@@ -115,7 +115,7 @@ def step_rewards(
     first_step: bool = True,
     balance: bool = True,
 ) -> StepRewards:
-    """Compute TP-GRPO per-step rewards from completed rewards (ALGORITHM.md section 5).
+    """Compute TP-GRPO per-step rewards from completed rewards (docs/algorithm.md, TP-GRPO: step-wise rewards).
 
     Turning points (sign tests only, ``sign(0) = 0`` so exact zeros never create one):
 

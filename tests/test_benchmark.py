@@ -141,7 +141,7 @@ def test_settings_reject_bad_windows_and_buckets() -> None:
 
 
 def test_presets_match_the_documented_anchor() -> None:
-    """The sd3 preset is PERFORMANCE.md's anchor; the real architectures have the published sizes."""
+    """The sd3 preset is docs/performance.md's anchor; the real architectures have the published sizes."""
     s = default_settings("sd3")
     assert (s.prompts, s.resolution, s.num_steps, s.window_size, s.guidance_scale) == (9, 512, 10, 9, 4.5)
     assert (s.step_kind, s.noise_level, s.lora_rank, s.scored_images) == ("cps", 0.7, 32, 90)

@@ -1,4 +1,4 @@
-"""The stochastic steps of ALGORITHM.md section 2."""
+"""The stochastic steps of docs/algorithm.md (Stochastic steps and log-probabilities)."""
 
 import math
 

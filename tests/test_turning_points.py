@@ -345,7 +345,7 @@ def _sign(value: float) -> int:
 def _reference(
     rows: list[list[float]], consistent: bool, first_step: bool, balance: bool
 ) -> tuple[list[list[bool]], list[list[bool]], list[list[float]]]:
-    """Plain-Python transcription of ALGORITHM.md section 5; returns (candidates, tps, rho)."""
+    """Plain-Python transcription of docs/algorithm.md (TP-GRPO: step-wise rewards); returns (candidates, tps, rho)."""
     num_steps = len(rows[0]) - 1
     candidates = []
     for r in rows:
