@@ -531,10 +531,8 @@ class ClipColorClassifier:
         """Colours of ``(image index, detection)`` requests on ``images (N, 3, H, W)``, one CLIP pass."""
         if not requests:
             return []
-        crops = [
-            self.geometry(color_crop(images[index].to(self.encoder.device), detection).unsqueeze(0))
-            for index, detection in requests
-        ]
+        images = images.to(self.encoder.device, non_blocking=True)
+        crops = [self.geometry(color_crop(images[index], detection).unsqueeze(0)) for index, detection in requests]
         embeddings = self.encoder.image_embeddings(torch.cat(crops))  # (R, D)
         texts = torch.stack([self._text(detection.label) for _, detection in requests])  # (R, colours, D)
         similarity = torch.einsum("rd,rcd->rc", embeddings, texts)
