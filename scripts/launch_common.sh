@@ -1,8 +1,9 @@
 # Shared body of the launch scripts in scripts/single_node/ and scripts/multi_node/.
 #
-# Sourced, not run. The launch scripts only pick a preset of config/grpo.py, an entry point and
-# the hardware layout; every algorithm setting lives in the presets (extra `--config.*` arguments
-# pass through to the entry point unchanged).
+# Sourced, not run. The launch scripts only pick a preset of config/grpo.py and the hardware layout;
+# every algorithm setting lives in the presets (extra `--config.*` arguments pass through to the
+# entry point unchanged). The entry point is `python -m flow_grpo.train`, which takes the model
+# family from the preset, so nothing here names a family.
 #
 # Distributed engine: DDP, always (scripts/accelerate_configs/multi_gpu.yaml on one machine,
 # multi_node.yaml on several). Only the LoRA is trained, so nothing needs sharding; the trainer stops
@@ -10,7 +11,7 @@
 # deepspeed_zero2.yaml: these scripts replace them with the same presets on DDP, no config file to pass.
 #
 # Environment knobs (all optional unless stated):
-#   MODEL_NAME   sd3 | flux                          (default sd3)
+#   MODEL_NAME   a model family with presets, e.g. sd3 | flux  (default sd3; picks <task>_<MODEL_NAME>)
 #   REWARD       pickscore | geneval | general_ocr   (default pickscore; general_ocr -> the ocr_* presets)
 #   PRESET       any preset name of config/grpo.py; overrides MODEL_NAME / REWARD
 #   BETA         KL weight, passed as --config.train.beta=$BETA
@@ -44,18 +45,17 @@ python_bin() {
     fi
 }
 
-# Sets PRESET_NAME from PRESET, or from MODEL_NAME / REWARD and the algorithm ($1: tp_grpo | flow_grpo).
+# Sets PRESET_NAME from PRESET, or from MODEL_NAME / REWARD and the algorithm ($1: tp_grpo | flow_grpo);
+# PRESET_KNOB names the knob the preset came from (for error messages).
 resolve_preset() {
     local algorithm="$1"
     if [[ -n "${PRESET:-}" ]]; then
         PRESET_NAME="$PRESET"
+        PRESET_KNOB="PRESET=$PRESET"
         return
     fi
     local model="${MODEL_NAME:-sd3}" reward="${REWARD:-pickscore}" task
-    case "$model" in
-        sd3 | flux) ;;
-        *) die "MODEL_NAME=$model is not supported; use MODEL_NAME=sd3 or MODEL_NAME=flux (or PRESET=<name> for any preset of config/grpo.py)" ;;
-    esac
+    [[ "$model" =~ ^[A-Za-z0-9_]+$ ]] || die "MODEL_NAME=$model is not supported; use a model family such as sd3 or flux (or PRESET=<name>)"
     case "$reward" in
         pickscore) task=pickscore ;;
         geneval) task=geneval ;;
@@ -66,14 +66,15 @@ resolve_preset() {
     if [[ "$algorithm" == flow_grpo ]]; then
         PRESET_NAME+="_flow_grpo"
     fi
+    PRESET_KNOB="MODEL_NAME=$model is not supported (REWARD=$reward)"
 }
 
-# Loads the preset (which also checks that it exists) and sets ENTRY_POINT from its model family.
+# Loads the preset (which also checks that it exists) and sets PRESET_FAMILY from its model family.
 # Fails when the preset trains another algorithm than the script ($1) launches.
-resolve_entry_point() {
-    local algorithm="$1" python info family preset_algorithm
+check_preset() {
+    local algorithm="$1" python info preset_algorithm
     python="$(python_bin)"
-    info="$(cd "$REPO_ROOT" && "$python" - "$PRESET_NAME" <<'PY'
+    info="$(cd "$REPO_ROOT" && "$python" - "$PRESET_NAME" "$PRESET_KNOB" <<'PY'
 import importlib.util
 import sys
 
@@ -83,20 +84,15 @@ spec.loader.exec_module(presets)
 try:
     config = presets.get_config(sys.argv[1])
 except ValueError as error:
-    print(f"error: PRESET={sys.argv[1]}: {error}", file=sys.stderr)
+    print(f"error: {sys.argv[2]}: {error}", file=sys.stderr)
     sys.exit(2)
 print(config.pretrained.family, config.algorithm)
 PY
 )" || exit 2
-    read -r family preset_algorithm <<<"$info"
+    read -r PRESET_FAMILY preset_algorithm <<<"$info"
     if [[ "$preset_algorithm" != "$algorithm" ]]; then
         die "preset $PRESET_NAME trains $preset_algorithm, but this script launches $algorithm; use scripts/<single_node|multi_node>/$preset_algorithm.sh or a $algorithm preset"
     fi
-    case "$family" in
-        sd3) ENTRY_POINT=train_sd3.py ;;
-        flux) ENTRY_POINT=train_flux.py ;;
-        *) die "preset $PRESET_NAME has model family '$family', which has no entry point" ;;
-    esac
 }
 
 # Number of GPUs this machine exposes: CUDA_VISIBLE_DEVICES if set, else nvidia-smi, else 1.
@@ -128,9 +124,9 @@ check_common_knobs() {
     fi
 }
 
-# The entry point and its arguments: preset, optional BETA, then the caller's extra arguments.
+# The entry point (`-m flow_grpo.train`) and its arguments: preset, optional BETA, then the caller's extra arguments.
 training_arguments() {
-    TRAIN_ARGS=("$ENTRY_POINT" "--config=config/grpo.py:$PRESET_NAME")
+    TRAIN_ARGS=(-m flow_grpo.train "--config=config/grpo.py:$PRESET_NAME")
     if [[ -n "${BETA:-}" ]]; then
         TRAIN_ARGS+=("--config.train.beta=$BETA")
     fi
@@ -139,7 +135,7 @@ training_arguments() {
 
 # Prints the command, then runs it from the repository root (unless DRY_RUN=1).
 run_command() {
-    echo "preset: $PRESET_NAME ($ENTRY_POINT)"
+    echo "preset: $PRESET_NAME (model family $PRESET_FAMILY)"
     local quoted
     quoted="$(printf '%q ' "$@")"
     echo "command: ${quoted% }"
@@ -160,7 +156,7 @@ launch_single_node() {
     local num_gpus="${NUM_GPUS:-$(count_gpus)}"
     is_positive_int "$num_gpus" || die "NUM_GPUS=$num_gpus is not a positive integer"
     resolve_preset "$algorithm"
-    resolve_entry_point "$algorithm"
+    check_preset "$algorithm"
     training_arguments "$@"
     local command=(accelerate launch --num_processes "$num_gpus" --main_process_port "$MASTER_PORT")
     if ((num_gpus > 1)); then
@@ -188,7 +184,7 @@ launch_multi_node() {
     ((num_processes % NUM_MACHINES == 0)) \
         || die "NUM_PROCESSES=$num_processes (total) does not split evenly over NUM_MACHINES=$NUM_MACHINES machines"
     resolve_preset "$algorithm"
-    resolve_entry_point "$algorithm"
+    check_preset "$algorithm"
     training_arguments "$@"
     run_command accelerate launch --config_file "$ACCELERATE_CONFIGS/multi_node.yaml" \
         --num_machines "$NUM_MACHINES" --num_processes "$num_processes" --machine_rank "$rank" \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -31,42 +32,53 @@ def run_script(script: str, *args: str, cwd: Path | None = None, path_prefix: st
     )
 
 
-def dry_run(script: str, *args: str, **knobs: str) -> list[str]:
+def dry_run_output(script: str, *args: str, **knobs: str) -> tuple[list[str], str]:
+    """The resolved command of a dry run, and the model family it reports for the preset."""
     result = run_script(script, *args, DRY_RUN="1", **knobs)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("command: ")]
     assert len(lines) == 1, result.stdout
-    return shlex.split(lines[0].removeprefix("command: "))
+    family = re.search(r"^preset: \S+ \(model family (\w+)\)$", result.stdout, re.MULTILINE)
+    assert family, result.stdout
+    return shlex.split(lines[0].removeprefix("command: ")), family.group(1)
+
+
+def dry_run(script: str, *args: str, **knobs: str) -> list[str]:
+    return dry_run_output(script, *args, **knobs)[0]
 
 
 def training_part(command: list[str]) -> list[str]:
     """The entry point and its arguments (everything after the accelerate options)."""
-    entry = next(i for i, word in enumerate(command) if word.endswith(".py"))
+    entry = command.index("-m")
     return command[entry:]
 
 
+ENTRY = ["-m", "flow_grpo.train"]
+
+
 @pytest.mark.parametrize(
-    "script, knobs, preset, entry",
+    "script, knobs, preset, family",
     [
-        ("single_node/tp_grpo.sh", {}, "pickscore_sd3", "train_sd3.py"),
-        ("single_node/flow_grpo.sh", {}, "pickscore_sd3_flow_grpo", "train_sd3.py"),
-        ("single_node/tp_grpo.sh", {"MODEL_NAME": "flux", "REWARD": "geneval"}, "geneval_flux", "train_flux.py"),
-        ("single_node/flow_grpo.sh", {"MODEL_NAME": "flux", "REWARD": "pickscore"}, "pickscore_flux_flow_grpo", "train_flux.py"),
-        ("single_node/tp_grpo.sh", {"REWARD": "general_ocr"}, "ocr_sd3", "train_sd3.py"),
-        ("single_node/flow_grpo.sh", {"MODEL_NAME": "flux", "REWARD": "general_ocr"}, "ocr_flux_flow_grpo", "train_flux.py"),
-        ("single_node/flow_grpo.sh", {"REWARD": "geneval"}, "geneval_sd3_flow_grpo", "train_sd3.py"),
-        ("single_node/common_op3.sh", {"MODEL_NAME": "flux"}, "pickscore_flux", "train_flux.py"),
-        ("single_node/common_normal.sh", {"REWARD": "general_ocr"}, "ocr_sd3_flow_grpo", "train_sd3.py"),
-        # PRESET wins over MODEL_NAME / REWARD, and the entry point follows the preset's model family.
-        ("single_node/tp_grpo.sh", {"PRESET": "tiny_flux", "MODEL_NAME": "sd3"}, "tiny_flux", "train_flux.py"),
-        ("single_node/flow_grpo.sh", {"PRESET": "tiny_flow_grpo", "REWARD": "geneval"}, "tiny_flow_grpo", "train_sd3.py"),
+        ("single_node/tp_grpo.sh", {}, "pickscore_sd3", "sd3"),
+        ("single_node/flow_grpo.sh", {}, "pickscore_sd3_flow_grpo", "sd3"),
+        ("single_node/tp_grpo.sh", {"MODEL_NAME": "flux", "REWARD": "geneval"}, "geneval_flux", "flux"),
+        ("single_node/flow_grpo.sh", {"MODEL_NAME": "flux", "REWARD": "pickscore"}, "pickscore_flux_flow_grpo", "flux"),
+        ("single_node/tp_grpo.sh", {"REWARD": "general_ocr"}, "ocr_sd3", "sd3"),
+        ("single_node/flow_grpo.sh", {"MODEL_NAME": "flux", "REWARD": "general_ocr"}, "ocr_flux_flow_grpo", "flux"),
+        ("single_node/flow_grpo.sh", {"REWARD": "geneval"}, "geneval_sd3_flow_grpo", "sd3"),
+        ("single_node/common_op3.sh", {"MODEL_NAME": "flux"}, "pickscore_flux", "flux"),
+        ("single_node/common_normal.sh", {"REWARD": "general_ocr"}, "ocr_sd3_flow_grpo", "sd3"),
+        # PRESET wins over MODEL_NAME / REWARD, and the family is the preset's.
+        ("single_node/tp_grpo.sh", {"PRESET": "tiny_flux", "MODEL_NAME": "sd3"}, "tiny_flux", "flux"),
+        ("single_node/flow_grpo.sh", {"PRESET": "tiny_flow_grpo", "REWARD": "geneval"}, "tiny_flow_grpo", "sd3"),
     ],
 )
-def test_single_node_dry_run_picks_preset_and_entry_point(script, knobs, preset, entry) -> None:
-    command = dry_run(script, NUM_GPUS="1", **knobs)
+def test_single_node_dry_run_picks_preset_and_entry_point(script, knobs, preset, family) -> None:
+    command, reported_family = dry_run_output(script, NUM_GPUS="1", **knobs)
     assert command[:6] == ["accelerate", "launch", "--num_processes", "1", "--main_process_port", "29500"]
     assert "--config_file" not in command
-    assert training_part(command) == [entry, f"--config=config/grpo.py:{preset}"]
+    assert training_part(command) == [*ENTRY, f"--config=config/grpo.py:{preset}"]
+    assert reported_family == family
 
 
 def test_single_node_gpus_port_beta_and_pass_through_arguments() -> None:
@@ -74,7 +86,7 @@ def test_single_node_gpus_port_beta_and_pass_through_arguments() -> None:
     command = dry_run("single_node/tp_grpo.sh", *extra, NUM_GPUS="8", MASTER_PORT="29611", BETA="0.004")
     assert command[:6] == ["accelerate", "launch", "--num_processes", "8", "--main_process_port", "29611"]
     assert command[command.index("--config_file") + 1] == "scripts/accelerate_configs/multi_gpu.yaml"
-    assert training_part(command) == ["train_sd3.py", "--config=config/grpo.py:pickscore_sd3", "--config.train.beta=0.004", *extra]
+    assert training_part(command) == [*ENTRY, "--config=config/grpo.py:pickscore_sd3", "--config.train.beta=0.004", *extra]
 
 
 def test_gpu_count_defaults_to_visible_gpus(tmp_path) -> None:
@@ -108,7 +120,7 @@ def test_multi_node_dry_run_passes_rank_and_rendezvous(script) -> None:
         "--main_process_port": "29700",
     }
     preset = "pickscore_flux" if "tp_grpo" in script or "op3" in script else "pickscore_flux_flow_grpo"
-    assert training_part(command) == ["train_flux.py", f"--config=config/grpo.py:{preset}", "--config.train.beta=0", "--config.seed=7"]
+    assert training_part(command) == [*ENTRY, f"--config=config/grpo.py:{preset}", "--config.train.beta=0", "--config.seed=7"]
 
 
 @pytest.mark.parametrize(
@@ -187,3 +199,18 @@ def test_single_process_launch_trains_the_tiny_model(tiny_sd3_dir, tmp_path) -> 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["epoch"] == 0
     assert json.loads((run_dir / "config.json").read_text())["pretrained"]["model"] == tiny_sd3_dir
+
+
+# ------------------------------------------------------------------------ entry points
+
+
+def test_family_wrapper_refuses_a_preset_of_another_family(tmp_path) -> None:
+    # train_flux.py trains FLUX only; the check runs before any model is loaded (the model path is missing).
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_flux.py"), "--config=config/grpo.py:tiny_tp_grpo",
+         f"--config.pretrained.model={tmp_path / 'missing'}", f"--config.logdir={tmp_path / 'logs'}"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "config.pretrained.family is 'sd3' but this entry point trains 'flux'" in result.stderr
+    assert not (tmp_path / "logs").exists()

@@ -1,22 +1,26 @@
-"""Model adapters by family name."""
+"""Model adapters by family name.
+
+Importing this package imports every module in it, so each adapter's `@register_adapter(family)`
+runs; `adapter_class(family)` and `load_adapter(config, ...)` then find it by
+`config.pretrained.family`.
+"""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 import ml_collections
 import torch
 
 from flow_grpo.models.base import ModelAdapter, PromptEmbeds
-from flow_grpo.models.flux import FluxAdapter
-from flow_grpo.models.sd3 import SD3Adapter
+from flow_grpo.models.registry import ADAPTERS, adapter_class, register_adapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {"sd3": SD3Adapter, "flux": FluxAdapter}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def adapter_class(family: str) -> type[ModelAdapter]:
-    """The adapter class registered under `family`; a clear error for an unknown one."""
-    if family not in ADAPTERS:
-        raise ValueError(f"unknown model family {family!r}; set config.pretrained.family to one of {sorted(ADAPTERS)}")
-    return ADAPTERS[family]
+from flow_grpo.models.flux import FluxAdapter  # noqa: E402
+from flow_grpo.models.sd3 import SD3Adapter  # noqa: E402
 
 
 def load_adapter(config: ml_collections.ConfigDict, device: torch.device | str, dtype: torch.dtype) -> ModelAdapter:
@@ -32,4 +36,13 @@ def load_adapter(config: ml_collections.ConfigDict, device: torch.device | str, 
     )
 
 
-__all__ = ["ADAPTERS", "FluxAdapter", "ModelAdapter", "PromptEmbeds", "SD3Adapter", "adapter_class", "load_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "FluxAdapter",
+    "ModelAdapter",
+    "PromptEmbeds",
+    "SD3Adapter",
+    "adapter_class",
+    "load_adapter",
+    "register_adapter",
+]

@@ -66,6 +66,7 @@ class ModelAdapter(abc.ABC):
     forward pass. Sigmas are float32 in [0, 1].
     """
 
+    family: ClassVar[str]  # the `config.pretrained.family` name, set by `@register_adapter`
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     lora_target_modules: ClassVar[list[str]]
     # Image sides must be multiples of this for hub models (VAE factor 8 x token patch 2).

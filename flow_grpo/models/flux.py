@@ -17,8 +17,10 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from flow_grpo.models.base import JOINT_ATTENTION_LORA_TARGETS, ModelAdapter, PromptEmbeds
+from flow_grpo.models.registry import register_adapter
 
 
+@register_adapter("flux")
 class FluxAdapter(ModelAdapter):
     """FLUX with the guidance value fed to the transformer's guidance embedding, one row per state.
 

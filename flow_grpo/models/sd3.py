@@ -9,8 +9,10 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
 from flow_grpo.models.base import JOINT_ATTENTION_LORA_TARGETS, ModelAdapter, PromptEmbeds
+from flow_grpo.models.registry import register_adapter
 
 
+@register_adapter("sd3")
 class SD3Adapter(ModelAdapter):
     """SD3 with CFG `v = v_u + w (v_c - v_u)` against the empty prompt, in one batched call."""
 

@@ -13,6 +13,7 @@ from flow_grpo.testing.pipelines import (
     clip_tokenizer,
     save_tiny_pipeline,
     t5_tokenizer,
+    tiny_builder,
     tiny_flux_pipeline,
     tiny_sd3_pipeline,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "clip_tokenizer",
     "save_tiny_pipeline",
     "t5_tokenizer",
+    "tiny_builder",
     "tiny_flux_pipeline",
     "tiny_sd3_pipeline",
 ]

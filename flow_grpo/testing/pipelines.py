@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from diffusers import (
     AutoencoderKL,
+    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -132,6 +134,23 @@ def _vae(geometry: TinyGeometry) -> AutoencoderKL:
     ).eval()
 
 
+BUILDERS: dict[str, Callable[[str], DiffusionPipeline]] = {}
+"""Model family (the adapter registry's key) -> `builder(geometry)` of its tiny pipeline."""
+
+
+def tiny_builder(family: str) -> Callable[[Callable[[str], DiffusionPipeline]], Callable[[str], DiffusionPipeline]]:
+    """Decorator: register `builder(geometry) -> pipeline` as the tiny pipeline of the adapter family `family`."""
+
+    def register(builder: Callable[[str], DiffusionPipeline]) -> Callable[[str], DiffusionPipeline]:
+        if family in BUILDERS and BUILDERS[family].__qualname__ != builder.__qualname__:
+            raise ValueError(f"a tiny builder for family {family!r} is already registered")
+        BUILDERS[family] = builder
+        return builder
+
+    return register
+
+
+@tiny_builder("sd3")
 def tiny_sd3_pipeline(geometry: str = "minimal") -> StableDiffusion3Pipeline:
     """Build a tiny SD3 pipeline with random weights (float32, CPU, eval mode).
 
@@ -179,6 +198,7 @@ def _clip_pooled_text_encoder(vocab_size: int, hidden: int) -> CLIPTextModel:
     return CLIPTextModel(_clip_text_config(vocab_size, hidden)).eval()
 
 
+@tiny_builder("flux")
 def tiny_flux_pipeline(geometry: str = "minimal") -> FluxPipeline:
     """Build a tiny FLUX.1-dev-style pipeline with random weights (float32, CPU, eval mode).
 
@@ -229,9 +249,6 @@ def tiny_flux_pipeline(geometry: str = "minimal") -> FluxPipeline:
         tokenizer_2=t5_tok,
         transformer=transformer,
     )
-
-
-BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
 
 
 def save_tiny_pipeline(path: str | os.PathLike, family: str = "sd3", geometry: str = "minimal") -> str:
