@@ -63,3 +63,14 @@ def test_only_ddp_accelerate_configs_ship():
     assert shipped == sorted(SUPPORTED_CONFIGS)
     for path in shipped:
         assert yaml.safe_load((REPO / path).read_text())["distributed_type"] == "MULTI_GPU"
+
+
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_trainer_refuses_a_sharding_backend_before_any_work(flag, tiny_sd3_dir, tmp_path, monkeypatch):
+    from flow_grpo.trainer import Trainer
+    from tests.test_trainer import tiny_config
+
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(UnsupportedBackendError, match="multi_gpu.yaml"):
+        Trainer(tiny_config(tiny_sd3_dir, tmp_path / "logs"))
+    assert not (tmp_path / "logs").exists()  # stopped before the run directory was written
