@@ -1,8 +1,9 @@
 """Pictures for the run directory and the tracker: eval image grids and completed-reward curves.
 
-Both are drawn with matplotlib (Agg backend, no display needed). The `*_figure` functions return the
-matplotlib figure (the tests inspect its axes, labels and markers); `image_grid` and
-`reward_curves_plot` render it to a PIL image, which is what the run directory and wandb receive.
+Both are drawn with matplotlib on its Agg canvas (no display, no pyplot state, so the global
+backend of a notebook or script is left alone). The `*_figure` functions return the matplotlib
+figure (the tests inspect its axes, labels and markers); `image_grid` and `reward_curves_plot`
+render it to a PIL image, which is what the run directory and wandb receive.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import textwrap
 from collections.abc import Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen before pyplot is imported)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
 __all__ = [
     "KEPT_LABEL",
@@ -36,12 +34,18 @@ KEPT_LABEL = "turning point (kept)"
 DROPPED_LABEL = "turning point (dropped by balancing)"
 
 
+def _new_figure(width: float, height: float, dpi: int = 100) -> Figure:
+    """A figure (size in inches) attached to its own Agg canvas."""
+    figure = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure
+
+
 def figure_to_image(figure: Figure) -> Image.Image:
-    """Render a matplotlib figure to an RGB PIL image and close the figure."""
-    figure.canvas.draw()
-    image = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
-    plt.close(figure)
-    return image
+    """Render a matplotlib figure to an RGB PIL image."""
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
 
 
 def shorten_prompt(prompt: str, width: int = 32, lines: int = 2) -> str:
@@ -73,9 +77,8 @@ def image_grid_figure(
     rows = -(-count // columns)
     titled = prompts is not None or scores is not None
     tile = 2.6
-    figure, axes = plt.subplots(
-        rows, columns, figsize=(tile * columns, (tile + (0.55 if titled else 0.0)) * rows), squeeze=False
-    )
+    figure = _new_figure(tile * columns, (tile + (0.55 if titled else 0.0)) * rows)
+    axes = figure.subplots(rows, columns, squeeze=False)
     pixels = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
     for index, axis in enumerate(axes.flat):
         axis.set_axis_off()
@@ -160,8 +163,9 @@ def reward_curves_figure(
 
     window = rewards.shape[1] - 1
     steps = np.arange(window + 1)
-    colours = plt.get_cmap("tab10").colors
-    figure, axis = plt.subplots(figsize=(8.0, 4.4), dpi=120)
+    colours = matplotlib.colormaps["tab10"].colors
+    figure = _new_figure(8.0, 4.4, dpi=120)
+    axis = figure.subplots()
     for k in range(rewards.shape[0]):
         colour = colours[k % len(colours)]
         curve = rewards[k].numpy()
