@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
 
 import ml_collections
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from peft import LoraConfig
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
@@ -31,16 +28,19 @@ from flow_grpo.advantages import broadcast_to_steps, group_advantages
 from flow_grpo.config_checks import Layout, validate_config
 from flow_grpo.data import GroupSampler, PromptDataset, dataset_paths
 from flow_grpo.ema import ParameterEMA
-from flow_grpo.losses import grpo_loss
-from flow_grpo.models import PromptEmbeds, load_adapter
-from flow_grpo.rewards import AsyncScorer, build_reward
-from flow_grpo.sampling import draw_window_start, rollout, sample_ode
-from flow_grpo.sde import stochastic_step
+from flow_grpo.epoch import EpochSamples, sample_epoch
+from flow_grpo.models import load_adapter
+from flow_grpo.policy import LossSettings, UpdateStep, add_lora, training_step
+from flow_grpo.precision import mixed_precision_dtype
+from flow_grpo.rewards import build_reward
+from flow_grpo.sampling import sample_ode
+from flow_grpo.seeding import derived_seed
 from flow_grpo.turning_points import step_rewards, summarize
 
 logger = get_logger(__name__)
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TRAIN_STATS = ("loss", "policy_loss", "kl", "approx_kl", "clip_fraction", "ratio_mean")
+"""`LossOutput` fields averaged into the `train/` metrics."""
 
 
 def use_cpu() -> bool:
@@ -56,36 +56,6 @@ class NonFiniteError(FloatingPointError):
     """NaN or inf in a reward, an advantage or the loss, with `config.nonfinite = "stop"`."""
 
 
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed derived from integers (run seed, epoch, rank, batch ...), stable across runs."""
-    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class EpochSamples:
-    """Everything one process keeps from an epoch's rollouts (Bp trajectories, W window steps).
-
-    Attributes:
-        prompts: encoded prompts, Bp rows.
-        latents, next_latents: (Bp, W, ...) window states.
-        log_probs, sigmas, next_sigmas: (Bp, W).
-        group_ids: (Bp,) int64 prompt group of each trajectory.
-        rewards: name -> (Bp,) final-image reward (and "avg", the weighted sum).
-        completed_rewards: (Bp, W+1) weighted rewards R_0 ... R_W (TP-GRPO only).
-    """
-
-    prompts: PromptEmbeds
-    latents: torch.Tensor
-    next_latents: torch.Tensor
-    log_probs: torch.Tensor
-    sigmas: torch.Tensor
-    next_sigmas: torch.Tensor
-    group_ids: torch.Tensor
-    rewards: dict[str, torch.Tensor]
-    completed_rewards: torch.Tensor | None
-
-
 class Trainer:
     """Flow-GRPO / TP-GRPO training of LoRA adapters on a flow-matching model."""
 
@@ -96,27 +66,8 @@ class Trainer:
         self.layout: Layout = validate_config(config, world_size)
         run_name = config.run_name or time.strftime("run-%Y%m%d-%H%M%S")
         self.run_dir = os.path.join(config.logdir, run_name)
-        self.accelerator = Accelerator(
-            cpu=use_cpu(),
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=self.layout.gradient_accumulation_steps,
-            log_with=None if config.report_to == "none" else config.report_to,
-            project_config=ProjectConfiguration(project_dir=self.run_dir),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.distributed_timeout_s))],
-        )
-        if torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+        self.accelerator = self._setup_accelerator(run_name)
         accelerator = self.accelerator
-        if accelerator.is_main_process:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                f.write(config.to_json(indent=2))
-        if config.report_to != "none":
-            accelerator.init_trackers(
-                config.project_name,
-                config=config.to_dict(),
-                init_kwargs={"wandb": {"name": run_name, "dir": os.path.abspath(self.run_dir)}},
-            )
         logger.info(f"run directory {self.run_dir}; layout {self.layout}")
 
         self.train_dataset = PromptDataset.from_file(dataset_paths(config.dataset, "train"))
@@ -130,51 +81,20 @@ class Trainer:
             batch_size=config.sample.batch_size,
             seed=config.seed,
         )
-
-        dtype = DTYPES[config.mixed_precision]
-        self.adapter = load_adapter(config, accelerator.device, dtype)
-        transformer = self.adapter.transformer
-        transformer.requires_grad_(False)
-        set_seed(config.seed)  # the LoRA A matrices are drawn from the global generator
-        transformer.add_adapter(
-            LoraConfig(
-                r=config.train.lora_rank,
-                lora_alpha=config.train.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=self.adapter.lora_target_modules,
-            )
-        )
-        self.trainable_names = [name for name, p in transformer.named_parameters() if p.requires_grad]
-        self.trainable = [p for p in transformer.parameters() if p.requires_grad]
-        for param in self.trainable:
-            param.data = param.data.float()  # LoRA in float32, frozen base in the compute dtype
-        if config.train.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        if config.attention_backend:
-            transformer.set_attention_backend(config.attention_backend)
-        if config.compile:
-            transformer.compile()  # in place: sampling and the training forward run the same compiled code
-        optimizer = torch.optim.AdamW(
-            self.trainable,
-            lr=config.train.learning_rate,
-            betas=(config.train.adam_beta1, config.train.adam_beta2),
-            weight_decay=config.train.adam_weight_decay,
-            eps=config.train.adam_epsilon,
-        )
-        self.model, self.optimizer = accelerator.prepare(transformer, optimizer)
-        self.ema = (
-            ParameterEMA(self.trainable, decay=config.train.ema_decay, every=config.train.ema_every)
-            if config.train.ema
-            else None
-        )
+        self._setup_model()
         # One model per reward name, shared by the training and the evaluation reward.
         built = build_reward(
             {**dict(config.eval_reward_fn), **dict(config.reward_fn)}, accelerator.device, config.reward_options.to_dict()
         )
         self.reward = built.select(dict(config.reward_fn))
         self.eval_reward = built.select(dict(config.eval_reward_fn))
-        self.sigma_max = float(self.adapter.sigmas(config.sample.num_steps, config.sample.resolution)[1])
-        self.optimizer_updates = 0
+        self.loss_settings = LossSettings(
+            step_kind=config.sample.step_kind,
+            noise_level=config.sample.noise_level,
+            sigma_max=float(self.adapter.sigmas(config.sample.num_steps, config.sample.resolution)[1]),
+            clip_range=config.train.clip_range,
+            beta=config.train.beta,
+        )
         self.start_epoch = 0
         self.sampling_seconds = 0.0
         self.last_curves: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -182,81 +102,79 @@ class Trainer:
         if config.resume_from:
             self.load_checkpoint(checkpointing.resolve_checkpoint(config.resume_from))
 
+    def _setup_accelerator(self, run_name: str) -> Accelerator:
+        """The accelerator (mixed precision, accumulation, tracker); the main process writes `config.json`."""
+        config = self.config
+        accelerator = Accelerator(
+            cpu=use_cpu(),
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=self.layout.gradient_accumulation_steps,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_config=ProjectConfiguration(project_dir=self.run_dir),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.distributed_timeout_s))],
+        )
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+        if accelerator.is_main_process:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                f.write(config.to_json(indent=2))
+        if config.report_to != "none":
+            accelerator.init_trackers(
+                config.project_name,
+                config=config.to_dict(),
+                init_kwargs={"wandb": {"name": run_name, "dir": os.path.abspath(self.run_dir)}},
+            )
+        return accelerator
+
+    def _setup_model(self) -> None:
+        """The adapter with the LoRA, the run-time options, the prepared model and optimizer, EMA and update step."""
+        config, accelerator, train = self.config, self.accelerator, self.config.train
+        self.adapter = load_adapter(config, accelerator.device, mixed_precision_dtype(config.mixed_precision))
+        transformer = self.adapter.transformer
+        self.trainable = add_lora(transformer, train.lora_rank, train.lora_alpha, self.adapter.lora_target_modules, config.seed)
+        self.trainable_names = [name for name, p in transformer.named_parameters() if p.requires_grad]
+        if train.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if config.attention_backend:
+            transformer.set_attention_backend(config.attention_backend)
+        if config.compile:
+            transformer.compile()  # in place: sampling and the training forward run the same compiled code
+        optimizer = torch.optim.AdamW(
+            self.trainable,
+            lr=train.learning_rate,
+            betas=(train.adam_beta1, train.adam_beta2),
+            weight_decay=train.adam_weight_decay,
+            eps=train.adam_epsilon,
+        )
+        self.model, self.optimizer = accelerator.prepare(transformer, optimizer)
+        self.ema = ParameterEMA(self.trainable, decay=train.ema_decay, every=train.ema_every) if train.ema else None
+        self.update_step = UpdateStep(accelerator, self.optimizer, self.trainable, max_grad_norm=train.max_grad_norm, ema=self.ema)
+
+    @property
+    def optimizer_updates(self) -> int:
+        """Optimizer updates applied so far (restored on resume; the EMA schedule counts them)."""
+        return self.update_step.updates
+
+    @optimizer_updates.setter
+    def optimizer_updates(self, value: int) -> None:
+        self.update_step.updates = value
+
     # ------------------------------------------------------------------ sampling
     @property
     def is_tp(self) -> bool:
         return self.config.algorithm == "tp_grpo"
 
     def _texts(self, dataset: PromptDataset, indices: list[int]) -> tuple[list[str], list[dict]]:
-        prompts = [dataset[i] for i in indices]
-        return [p.text for p in prompts], [dict(p.metadata) for p in prompts]
+        return dataset.gather(indices)
 
-    @torch.no_grad()
     def sample_epoch(self, epoch: int) -> EpochSamples:
         """Run this process's rollouts of `epoch` and score them (scoring overlaps the next batch)."""
-        config, accelerator, adapter = self.config, self.accelerator, self.adapter
-        sample = config.sample
-        plan = self.sampler.plan(epoch)
-        pending = []
-        batches = []
-        sampling_started = time.perf_counter()
-        with AsyncScorer(self.reward) as scorer:
-            for i in tqdm(range(plan.num_batches), desc=f"epoch {epoch}: sampling", disable=not accelerator.is_local_main_process, leave=False):
-                texts, metadata = self._texts(self.train_dataset, plan.dataset_indices[i].tolist())
-                embeds = adapter.encode_prompts(texts)
-                generator = torch.Generator(accelerator.device).manual_seed(
-                    derived_seed(config.seed, epoch, accelerator.process_index, i)
-                )
-                window_start = draw_window_start(generator, tuple(sample.window_range), sample.window_size)
-                with accelerator.autocast():
-                    result = rollout(
-                        adapter,
-                        embeds,
-                        num_steps=sample.num_steps,
-                        resolution=sample.resolution,
-                        window_start=window_start,
-                        window_size=sample.window_size,
-                        noise_level=sample.noise_level,
-                        step_kind=sample.step_kind,
-                        branches=self.is_tp,
-                        generator=generator,
-                        max_states_per_call=sample.max_states_per_call,
-                        state_buckets=tuple(sample.state_buckets),
-                    )
-                if self.is_tp:
-                    per_image = sample.window_size + 1
-                    images = result.completed_images.flatten(0, 1)
-                    texts = [t for t in texts for _ in range(per_image)]
-                    metadata = [m for m in metadata for _ in range(per_image)]
-                else:
-                    images = result.images
-                pending.append(scorer.submit(images.detach(), texts, metadata))  # rewards move images where they run
-                batches.append((embeds, result, plan.group_ids[i]))
-            self.sampling_seconds = time.perf_counter() - sampling_started
-            scores = [future.result() for future in pending]  # the wait here is scoring not hidden by sampling
-        device = accelerator.device
-        rewards: dict[str, list[torch.Tensor]] = {}
-        completed = []
-        for score in scores:
-            for name, value in score.items():
-                value = value.to(device)
-                if self.is_tp:
-                    value = value.view(-1, sample.window_size + 1)
-                    if name == "avg":
-                        completed.append(value)
-                    value = value[:, -1]  # R_W: the final image
-                rewards.setdefault(name, []).append(value)
-        return EpochSamples(
-            prompts=PromptEmbeds.cat([b[0] for b in batches]),
-            latents=torch.cat([b[1].latents for b in batches]),
-            next_latents=torch.cat([b[1].next_latents for b in batches]),
-            log_probs=torch.cat([b[1].log_probs for b in batches]),
-            sigmas=torch.cat([b[1].sigmas for b in batches]),
-            next_sigmas=torch.cat([b[1].next_sigmas for b in batches]),
-            group_ids=torch.cat([b[2] for b in batches]).to(device),
-            rewards={name: torch.cat(values) for name, values in rewards.items()},
-            completed_rewards=torch.cat(completed) if self.is_tp else None,
+        samples = sample_epoch(
+            self.config, self.accelerator, self.adapter, self.reward, self.train_dataset, self.sampler.plan(epoch), epoch
         )
+        self.sampling_seconds = samples.sampling_seconds
+        return samples
 
     # ---------------------------------------------------------------- advantages
     def _nonfinite(self, epoch: int, quantity: str) -> None:
@@ -314,33 +232,20 @@ class Trainer:
         return {"data/groups": float(present.numel()), "data/groups_across_processes": float(spanning)}
 
     # ------------------------------------------------------------------ training
-    def _policy_step(self, samples: EpochSamples, rows: torch.Tensor, j: int, transformer: torch.nn.Module):
-        sample = self.config.sample
-        latents, sigmas = samples.latents[rows, j], samples.sigmas[rows, j]
-        velocity = self.adapter.velocity(latents, sigmas, samples.prompts.select(rows), transformer)
-        return stochastic_step(
-            sample.step_kind,
-            velocity,
-            latents,
-            sigmas,
-            samples.next_sigmas[rows, j],
-            sample.noise_level,
-            sigma_max=self.sigma_max,
-            next_latents=samples.next_latents[rows, j],
-        )
-
     def train_epoch(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor) -> dict[str, float]:
-        """`train.updates_per_epoch` optimizer updates over this process's trajectories and window steps."""
+        """`train.updates_per_epoch` optimizer updates over this process's trajectories and window steps.
+
+        Micro-batches of `train.batch_size` shuffled trajectories, each trained on every window step
+        (`policy.training_step`); `policy.UpdateStep` applies an update at each accumulation boundary.
+        """
         config, accelerator = self.config, self.accelerator
-        train = config.train
         generator = torch.Generator().manual_seed(derived_seed(config.seed, epoch, accelerator.process_index, -1))
         order = torch.randperm(samples.group_ids.shape[0], generator=generator).to(accelerator.device)
         unwrapped = accelerator.unwrap_model(self.model)
         stats: dict[str, list[torch.Tensor]] = {}
         first_ratio = None
-        nonfinite = torch.zeros((), device=accelerator.device)
         self.model.train()
-        micro_batches = order.split(train.batch_size)
+        micro_batches = order.split(config.train.batch_size)
         progress = tqdm(
             total=len(micro_batches) * config.sample.window_size,
             desc=f"epoch {epoch}: training",
@@ -350,40 +255,19 @@ class Trainer:
         for rows in micro_batches:
             for j in range(config.sample.window_size):
                 with accelerator.accumulate(self.model):
-                    with accelerator.autocast():
-                        step = self._policy_step(samples, rows, j, self.model)
-                        reference_mean = None
-                        if train.beta > 0:
-                            with torch.no_grad(), adapters_disabled(unwrapped):
-                                reference_mean = self._policy_step(samples, rows, j, unwrapped).mean
-                    out = grpo_loss(
-                        step.log_prob,
-                        samples.log_probs[rows, j],
+                    out = training_step(
+                        self.adapter,
+                        self.model,
+                        unwrapped,
+                        samples.window_batch(rows, j),
                         advantages[rows, j],
-                        clip_range=train.clip_range,
-                        beta=train.beta,
-                        mean=step.mean,
-                        reference_mean=reference_mean,
-                        std=step.std,
+                        self.loss_settings,
+                        accelerator.autocast,
                     )
                     if first_ratio is None:
                         first_ratio = out.ratio_mean.detach()
-                    accelerator.backward(out.loss)
-                    nonfinite = nonfinite + (~torch.isfinite(out.loss.detach())).float()
-                    if accelerator.sync_gradients:
-                        # One check per update, on the summed flag, so every process decides alike.
-                        if accelerator.reduce(nonfinite, "sum").item() > 0:
-                            self._nonfinite(epoch, "loss")
-                        else:
-                            if train.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(self.trainable, train.max_grad_norm)
-                            self.optimizer.step()
-                            self.optimizer_updates += 1
-                            if self.ema is not None:
-                                self.ema.step(self.optimizer_updates)
-                        self.optimizer.zero_grad()
-                        nonfinite = torch.zeros((), device=accelerator.device)
-                for key in ("loss", "policy_loss", "kl", "approx_kl", "clip_fraction", "ratio_mean"):
+                    self.update_step.backward(out.loss, on_nonfinite=lambda: self._nonfinite(epoch, "loss"))
+                for key in TRAIN_STATS:
                     stats.setdefault(key, []).append(getattr(out, key).detach())
                 progress.update()
         progress.close()
@@ -401,38 +285,25 @@ class Trainer:
         The main process also writes a grid of its first `config.log_images` images with their
         prompts and scores to `images/` and to the tracker.
         """
+        from flow_grpo.evaluation import evaluate
+        from flow_grpo.generation import plan_jobs
+
         config, accelerator = self.config, self.accelerator
-        indices = list(range(accelerator.process_index, len(self.test_dataset), accelerator.num_processes))
-        names = [*self.eval_reward.names, "avg"]
-        totals = torch.zeros(len(names) + 1, device=accelerator.device)  # per-reward sums, then the count
-        shown: list[tuple[torch.Tensor, str, float]] = []
         with self._ema_weights():
-            for start in range(0, len(indices), config.sample.eval_batch_size):
-                chunk = indices[start : start + config.sample.eval_batch_size]
-                texts, metadata = self._texts(self.test_dataset, chunk)
-                generator = torch.Generator(accelerator.device).manual_seed(derived_seed(config.seed, chunk[0]))
-                with accelerator.autocast():
-                    images = sample_ode(
-                        self.adapter,
-                        self.adapter.encode_prompts(texts),
-                        num_steps=config.sample.eval_num_steps,
-                        resolution=config.sample.resolution,
-                        generator=generator,
-                        max_states_per_call=config.sample.max_states_per_call,
-                        state_buckets=tuple(config.sample.state_buckets),
-                    )
-                scores = self.eval_reward(images, texts, metadata)
-                totals[:-1] += torch.stack([scores[name].sum() for name in names]).to(accelerator.device)
-                totals[-1] += len(chunk)
-                for image, text, score in zip(images, texts, scores["avg"].tolist()):
-                    if len(shown) < config.log_images:
-                        shown.append((image.cpu(), text, score))
-        totals = accelerator.reduce(totals, "sum")
-        metrics = {f"eval/{name}": (totals[i] / totals[-1].clamp(min=1)).item() for i, name in enumerate(names)}
-        if accelerator.is_main_process and shown:
-            captions = [f"{text} | {score:.4f}" for _, text, score in shown]
-            self._log_image(epoch, "eval_images", tracking.image_grid(torch.stack([s[0] for s in shown])), captions)
-        return metrics
+            result = evaluate(
+                self.adapter,
+                self.eval_reward,
+                plan_jobs(self.test_dataset.prompts, 1, config.seed),
+                config.sample,
+                batch_seed=lambda batch: derived_seed(config.seed, batch[0].prompt_index),
+                autocast=accelerator.autocast,
+                keep_images=config.log_images,
+            )
+        if accelerator.is_main_process and result.images:
+            captions = [f"{text} | {score:.4f}" for _, text, score in result.images]
+            grid = tracking.image_grid(torch.stack([image for image, _, _ in result.images]))
+            self._log_image(epoch, "eval_images", grid, captions)
+        return {f"eval/{name}": value for name, value in result.means.items()}
 
     def _log_image(self, epoch: int, name: str, image, captions: list[str] | None = None) -> None:
         """Save a PIL image to `<run>/images/<name>_epoch_XXXXX.png` and send it to wandb when active."""
@@ -552,16 +423,6 @@ class Trainer:
             logger.info(_epoch_line(metrics, self.is_tp), main_process_only=True)
         accelerator.end_training()
         return self.history
-
-
-@contextlib.contextmanager
-def adapters_disabled(transformer: torch.nn.Module):
-    """The LoRA-disabled reference model for the duration of the block."""
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
 
 
 def _epoch_line(metrics: dict[str, float], tp: bool) -> str:

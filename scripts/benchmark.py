@@ -5,7 +5,7 @@
     python scripts/benchmark.py --size sd3 --compile --buckets 18,36,90,180
     python scripts/benchmark.py --size flux --count_only         # FLOPs only (meta device), any machine
 
-Each flag left out keeps the size's preset (`flow_grpo.benchmark.default_settings`). The table of
+Each flag left out keeps the size's preset (`flow_grpo.bench.settings.default_settings`). The table of
 seconds, true FLOPs and FLOP/s, fraction of the measured matrix-product ceiling and peak memory per
 phase is printed last; `--json` also writes every number.
 """
@@ -19,13 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without installing
 
-from flow_grpo.benchmark import (
-    PHASES,
-    SIZES,
-    default_settings,
-    format_report,
-    run_benchmark,
-)
+from flow_grpo.bench.report import format_report, run_benchmark
+from flow_grpo.bench.settings import DTYPE_FLAGS, PHASES, default_settings
+from flow_grpo.testing.architectures import SIZES
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -61,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the transformer in place")
     add("--attention_backend", help="diffusers attention backend, e.g. flash, _native_cudnn; '' = default")
     add("--device", help="device; default CUDA when available, else CPU")
-    add("--dtype", choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype; auto = bf16 on CUDA, fp32 on CPU")
+    add("--dtype", choices=("auto", *DTYPE_FLAGS), help="compute dtype; auto = bf16 on CUDA, fp32 on CPU")
     add("--allow_tf32", action=argparse.BooleanOptionalAction, help="TF32 matrix products on CUDA")
     add("--warmup", type=int, help="untimed runs per phase")
     add("--repeats", type=int, help="timed runs per phase (the median is reported)")

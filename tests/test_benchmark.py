@@ -1,4 +1,4 @@
-"""The phase benchmark (flow_grpo/benchmark.py, scripts/benchmark.py) on the tiny models, CPU only."""
+"""The phase benchmark (flow_grpo/bench/, scripts/benchmark.py) on the tiny models, CPU only."""
 
 from __future__ import annotations
 
@@ -9,18 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flow_grpo.benchmark import (
-    PHASES,
-    BenchmarkSettings,
-    build_models,
-    component_flops,
-    count_flops,
-    count_phase_flops,
-    default_settings,
-    format_report,
-    model_spec,
-    run_benchmark,
-)
+from flow_grpo.bench.flops import component_flops, count_flops, count_phase_flops
+from flow_grpo.bench.models import build_models
+from flow_grpo.bench.report import format_report, run_benchmark
+from flow_grpo.bench.settings import PHASES, BenchmarkSettings, default_settings
+from flow_grpo.testing.architectures import model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 META = torch.device("meta")
@@ -76,8 +69,8 @@ def test_meta_flop_count_equals_the_count_on_real_tensors(size: str) -> None:
     """Counting on the meta device gives exactly the FLOPs of the same phases run on the CPU."""
     settings = default_settings(size, prompts=2, num_steps=3, window_size=2)
     spec = model_spec(size)
-    meta = build_models(spec, settings, META, torch.float32, optimized=False)
-    real = build_models(spec, settings, CPU, torch.float32, optimized=False)
+    meta = build_models(spec, settings, META, "no", optimized=False)
+    real = build_models(spec, settings, CPU, "no", optimized=False)
     assert component_flops(meta, settings) == component_flops(real, settings)
     meta_phases, real_phases = count_phase_flops(meta, settings), count_phase_flops(real, settings)
     assert meta_phases == real_phases and set(meta_phases) == set(PHASES)
@@ -146,7 +139,7 @@ def test_presets_match_the_documented_anchor() -> None:
     assert (s.prompts, s.resolution, s.num_steps, s.window_size, s.guidance_scale) == (9, 512, 10, 9, 4.5)
     assert (s.step_kind, s.noise_level, s.lora_rank, s.scored_images) == ("cps", 0.7, 32, 90)
     for size, billions in (("sd3", 2.24), ("flux", 11.9)):
-        models = build_models(model_spec(size), default_settings(size, phases=("scoring",)), META, torch.bfloat16, optimized=False)
+        models = build_models(model_spec(size), default_settings(size, phases=("scoring",)), META, "bf16", optimized=False)
         transformer = models.adapter.transformer
         base = sum(p.numel() for name, p in transformer.named_parameters() if "lora_" not in name)
         assert base / 1e9 == pytest.approx(billions, abs=0.01)

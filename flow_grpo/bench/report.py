@@ -1,0 +1,241 @@
+"""The benchmark run and its report: matrix-product ceiling, device description, text table and JSON dict."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from flow_grpo.bench.flops import component_flops, count_phase_flops
+from flow_grpo.bench.models import build_models
+from flow_grpo.bench.phases import PhaseResult, time_call, time_phases
+from flow_grpo.bench.settings import PHASES, BenchmarkSettings, resolve_device, resolve_mixed_precision
+from flow_grpo.precision import mixed_precision_dtype
+from flow_grpo.testing.architectures import model_spec
+
+__all__ = ["BenchmarkReport", "MatmulCeiling", "describe_device", "format_report", "matmul_ceiling", "run_benchmark"]
+
+
+@dataclass(frozen=True)
+class MatmulCeiling:
+    """Rate of one large square matrix product: the practical ceiling of the device.
+
+    Attributes:
+        size: side n of the (n x n) @ (n x n) product.
+        dtype: its dtype name.
+        seconds: median time of one product.
+    """
+
+    size: int
+    dtype: str
+    seconds: float
+
+    @property
+    def flops_per_second(self) -> float:
+        return 2.0 * self.size**3 / self.seconds
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int, *, warmup: int = 3, repeats: int = 10) -> MatmulCeiling:
+    """Time `size x size` matrix products in `dtype` on `device` (median of `repeats`)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    _, times, _ = time_call(lambda: a @ b, device, warmup=warmup, repeats=repeats)
+    return MatmulCeiling(size=size, dtype=str(dtype).removeprefix("torch."), seconds=statistics.median(times))
+
+
+@dataclass
+class BenchmarkReport:
+    """Result of `run_benchmark`.
+
+    Attributes:
+        settings: what was run.
+        model: the model spec's name.
+        device: the device in words (GPU name, or CPU model and threads).
+        dtype: the compute dtype.
+        date: ISO time of the run.
+        versions: torch, diffusers, transformers, peft and Python versions.
+        ceiling: the matrix-product ceiling, or None when only counted.
+        components: FLOPs of single calls (see `component_flops`).
+        memory: what `PhaseResult.peak_memory_bytes` means on this device.
+        phases: per phase, in run order.
+    """
+
+    settings: BenchmarkSettings
+    model: str
+    device: str
+    dtype: str
+    date: str
+    versions: dict[str, str]
+    ceiling: MatmulCeiling | None
+    components: dict[str, int]
+    memory: str
+    phases: list[PhaseResult]
+
+    def phase(self, name: str) -> PhaseResult:
+        return next(p for p in self.phases if p.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of everything (derived rates included)."""
+        ceiling = None
+        if self.ceiling is not None:
+            ceiling = {**asdict(self.ceiling), "tflops_per_second": self.ceiling.flops_per_second / 1e12}
+        return {
+            "settings": asdict(self.settings),
+            "model": self.model,
+            "device": self.device,
+            "dtype": self.dtype,
+            "date": self.date,
+            "versions": self.versions,
+            "matmul_ceiling": ceiling,
+            "components_flops": self.components,
+            "memory": self.memory,
+            "phases": [phase.to_dict() for phase in self.phases],
+        }
+
+
+def describe_device(device: torch.device) -> str:
+    """The device in words: the GPU's name and memory, or the CPU model and torch's thread count."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU {name}, {torch.get_num_threads()} threads"
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import peft
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def run_benchmark(settings: BenchmarkSettings) -> BenchmarkReport:
+    """Count the FLOPs of every phase on the meta device, then (unless `count_only`) time them.
+
+    Real-size models need a GPU for timing; with `count_only` they are only built on the meta
+    device, which any machine can do.
+    """
+    device = resolve_device(settings)
+    mixed_precision = resolve_mixed_precision(settings, device)
+    dtype = mixed_precision_dtype(mixed_precision)
+    spec = model_spec(settings.size)
+    meta = build_models(spec, settings, torch.device("meta"), "no", optimized=False)
+    components = component_flops(meta, settings)
+    flops = count_phase_flops(meta, settings)
+    del meta
+    ceiling = None
+    if settings.count_only:
+        phases = {name: PhaseResult(name=name, flops=flops[name]) for name in settings.phases}
+        description = "meta device (FLOPs only)"
+    else:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = settings.allow_tf32
+        size = settings.matmul_size or (8192 if device.type == "cuda" else 1024)
+        ceiling = matmul_ceiling(device, dtype if device.type == "cuda" else torch.float32, size)
+        models = build_models(spec, settings, device, mixed_precision, optimized=True)
+        phases = time_phases(models, settings)
+        for name, result in phases.items():
+            result.flops = flops[name]
+            result.ceiling_flops_per_second = ceiling.flops_per_second
+        description = describe_device(device)
+    memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process max RSS (not per phase)"
+    return BenchmarkReport(
+        settings=settings,
+        model=spec.name,
+        device=description,
+        dtype="any" if settings.count_only else str(dtype).removeprefix("torch."),
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        versions=_versions(),
+        ceiling=ceiling,
+        components=components,
+        memory=memory if not settings.count_only else "n/a",
+        phases=[phases[name] for name in PHASES if name in phases],
+    )
+
+
+def _si(value: float | None, unit: str = "") -> str:
+    """`value` with an SI prefix: 1.23 T, 456.7 G, ...; "-" for None."""
+    if value is None:
+        return "-"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}".rstrip()
+
+
+def _phase_title(phase: PhaseResult, settings: BenchmarkSettings) -> str:
+    if phase.name == "flow_grpo_rollout":
+        return f"Flow-GRPO rollout ({settings.num_steps} steps)"
+    if phase.name == "tp_grpo_rollout":
+        return f"TP-GRPO rollout incl. decodes ({settings.num_steps} steps)"
+    if phase.name == "scoring":
+        return f"scoring {settings.scored_images} images, one call"
+    return f"GRPO update over the window ({settings.window_size} steps)"
+
+
+def format_report(report: BenchmarkReport) -> str:
+    """The report as text: a few lines of context, then the per-phase table (last)."""
+    s = report.settings
+    components = report.components
+    lines = [
+        f"model {report.model}, {report.dtype}, on {report.device}; {report.date}",
+        (
+            f"batch {s.prompts} prompts, {s.resolution}x{s.resolution}, {s.num_steps} steps, window {s.window_size} "
+            f"from {s.window_start}, guidance {s.guidance_scale}, {s.step_kind} noise {s.noise_level}, "
+            f"LoRA r{s.lora_rank}, beta {s.beta}"
+        ),
+        (
+            f"options: compile={s.compile} attention_backend={s.attention_backend or 'default'} "
+            f"state_buckets={tuple(s.state_buckets)} max_states_per_call={s.max_states_per_call} "
+            f"gradient_checkpointing={s.gradient_checkpointing}; median of {s.repeats} after {s.warmup} warm-up"
+        ),
+        (
+            f"FLOPs per call: transformer forward {_si(components['transformer_forward_per_row'])} per row, "
+            f"VAE decode {_si(components['vae_decode_per_image'])} per image, "
+            f"reward {_si(components['reward_per_image'])} per image"
+        ),
+    ]
+    if report.ceiling is not None:
+        c = report.ceiling
+        lines.append(f"matmul ceiling: {c.size}^3 {c.dtype} at {_si(c.flops_per_second, 'FLOP/s')}")
+    lines.append(f"peak memory: {report.memory}")
+    header = ("phase", "seconds", "first run s", "FLOP", "FLOP/s", "of matmul", "peak memory")
+    rows = []
+    for phase in report.phases:
+        fraction = phase.fraction_of_ceiling
+        memory = f"{phase.peak_memory_bytes / 1e9:.2f} GB" if phase.peak_memory_bytes is not None else "n/a"
+        seconds = f"{phase.seconds:.3f}" if phase.seconds is not None else (phase.error or "-")
+        rows.append(
+            (
+                _phase_title(phase, s),
+                seconds,
+                f"{phase.warmup_times[0]:.3f}" if phase.warmup_times else "-",
+                _si(phase.flops),
+                _si(phase.flops_per_second),
+                f"{100 * fraction:.1f}%" if fraction is not None else "-",
+                memory,
+            )
+        )
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    table = [
+        "| " + " | ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)) + " |"
+        for row in (header, *rows)
+    ]
+    table.insert(1, "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|")
+    return "\n".join(lines + [""] + table)

@@ -1,0 +1,136 @@
+"""One process's share of an epoch: its rollouts, their rewards, and the micro-batches trained on them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ml_collections
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from flow_grpo.data import EpochPlan, PromptDataset
+from flow_grpo.models import ModelAdapter, PromptEmbeds
+from flow_grpo.policy import WindowBatch
+from flow_grpo.rewards import AsyncScorer, MultiReward
+from flow_grpo.sampling import Rollout, draw_window_start, rollout
+from flow_grpo.seeding import derived_seed
+
+__all__ = ["EpochSamples", "sample_epoch"]
+
+
+@dataclass
+class EpochSamples:
+    """Everything one process keeps from an epoch's rollouts (Bp trajectories, W window steps).
+
+    Attributes:
+        prompts: encoded prompts, Bp rows.
+        latents, next_latents: (Bp, W, ...) window states.
+        log_probs, sigmas, next_sigmas: (Bp, W).
+        group_ids: (Bp,) int64 prompt group of each trajectory.
+        rewards: name -> (Bp,) final-image reward (and "avg", the weighted sum).
+        completed_rewards: (Bp, W+1) weighted rewards R_0 ... R_W (TP-GRPO only).
+        sampling_seconds: time spent in rollouts (scoring overlaps them; the rest is waiting for it).
+    """
+
+    prompts: PromptEmbeds
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    log_probs: torch.Tensor
+    sigmas: torch.Tensor
+    next_sigmas: torch.Tensor
+    group_ids: torch.Tensor
+    rewards: dict[str, torch.Tensor]
+    completed_rewards: torch.Tensor | None
+    sampling_seconds: float = 0.0
+
+    def window_batch(self, rows: torch.Tensor, j: int) -> WindowBatch:
+        """Window step `j` of the trajectories `rows` (b,) as a training micro-batch."""
+        return WindowBatch.select(self, self.prompts, rows, j)
+
+
+def _rollout_batch(
+    config: ml_collections.ConfigDict, accelerator: Accelerator, adapter: ModelAdapter, embeds: PromptEmbeds, seed: int
+) -> Rollout:
+    """One batch's rollout with its own generator `seed`, which also draws the window start."""
+    sample = config.sample
+    generator = torch.Generator(accelerator.device).manual_seed(seed)
+    window_start = draw_window_start(generator, tuple(sample.window_range), sample.window_size)
+    with accelerator.autocast():
+        return rollout(
+            adapter,
+            embeds,
+            num_steps=sample.num_steps,
+            resolution=sample.resolution,
+            window_start=window_start,
+            window_size=sample.window_size,
+            noise_level=sample.noise_level,
+            step_kind=sample.step_kind,
+            branches=config.algorithm == "tp_grpo",
+            generator=generator,
+            max_states_per_call=sample.max_states_per_call,
+            state_buckets=tuple(sample.state_buckets),
+        )
+
+
+@torch.no_grad()
+def sample_epoch(
+    config: ml_collections.ConfigDict,
+    accelerator: Accelerator,
+    adapter: ModelAdapter,
+    reward: MultiReward,
+    dataset: PromptDataset,
+    plan: EpochPlan,
+    epoch: int,
+) -> EpochSamples:
+    """Run this process's rollouts of `epoch` (batches of `plan`) and score them; scoring overlaps the next batch.
+
+    TP-GRPO scores every completed image (`W + 1` per trajectory); Flow-GRPO the final images.
+    """
+    tp = config.algorithm == "tp_grpo"
+    per_image = config.sample.window_size + 1
+    pending, batches = [], []
+    started = time.perf_counter()
+    with AsyncScorer(reward) as scorer:
+        progress = tqdm(
+            range(plan.num_batches), desc=f"epoch {epoch}: sampling", disable=not accelerator.is_local_main_process, leave=False
+        )
+        for i in progress:
+            texts, metadata = dataset.gather(plan.dataset_indices[i])
+            embeds = adapter.encode_prompts(texts)
+            result = _rollout_batch(config, accelerator, adapter, embeds, derived_seed(config.seed, epoch, accelerator.process_index, i))
+            if tp:
+                images = result.completed_images.flatten(0, 1)
+                texts = [t for t in texts for _ in range(per_image)]
+                metadata = [m for m in metadata for _ in range(per_image)]
+            else:
+                images = result.images
+            pending.append(scorer.submit(images.detach(), texts, metadata))  # rewards move images where they run
+            batches.append((embeds, result, plan.group_ids[i]))
+        sampling_seconds = time.perf_counter() - started
+        scores = [future.result() for future in pending]  # the wait here is scoring not hidden by sampling
+    device = accelerator.device
+    rewards: dict[str, list[torch.Tensor]] = {}
+    completed = []
+    for score in scores:
+        for name, value in score.items():
+            value = value.to(device)
+            if tp:
+                value = value.view(-1, per_image)
+                if name == "avg":
+                    completed.append(value)
+                value = value[:, -1]  # R_W: the final image
+            rewards.setdefault(name, []).append(value)
+    return EpochSamples(
+        prompts=PromptEmbeds.cat([b[0] for b in batches]),
+        latents=torch.cat([b[1].latents for b in batches]),
+        next_latents=torch.cat([b[1].next_latents for b in batches]),
+        log_probs=torch.cat([b[1].log_probs for b in batches]),
+        sigmas=torch.cat([b[1].sigmas for b in batches]),
+        next_sigmas=torch.cat([b[1].next_sigmas for b in batches]),
+        group_ids=torch.cat([b[2] for b in batches]).to(device),
+        rewards={name: torch.cat(values) for name, values in rewards.items()},
+        completed_rewards=torch.cat(completed) if tp else None,
+        sampling_seconds=sampling_seconds,
+    )
