@@ -390,3 +390,18 @@ def test_ocr_batch_engine_and_worker_pool_give_the_per_image_scores():
     assert len(threads) > 1 and all(name.startswith("ocr") for name in threads)
     with pytest.raises(RuntimeError, match="returned 1 texts for 12 images"):
         OcrScorer(_fake_read, lambda arrays: ["x"])(images, prompts, metadata)
+
+
+# ---- the throughput benchmark, short mode ----
+
+
+def test_throughput_benchmark_short_mode(capsys):
+    from flow_grpo.reward_server.benchmark import main
+
+    argv = ["--scorer", "tiny_clip", "--clients", "2", "--requests", "2", "--batch_size", "2", "--resolution", "64"]
+    result = main(argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"server/in-process throughput ratio: {result['ratio']:.2f}"
+    assert result["served"] > 0 and result["in_process"] > 0 and 0 < result["p50"] <= result["p95"]
+    assert any(line.startswith("transport png:") for line in lines)
+    assert result["raw_kb"] == 64 * 64 * 3 / 1024  # raw is exactly the pixel bytes
