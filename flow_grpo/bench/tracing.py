@@ -1,0 +1,475 @@
+"""Byte counting of model calls under fake tensors: real architectures, no weights, no device.
+
+Models are built inside `torch._subclasses.fake_tensor.FakeTensorMode`: every tensor has a shape,
+dtype and storage size but no data, so a real-size forward and backward runs on any CPU in seconds.
+Two counters observe such a run:
+
+- `SavedBytes`: `torch.autograd.graph.saved_tensors_hooks` sees every tensor autograd keeps for the
+  backward pass; storages are counted once and parameter storages are left out.
+- `LiveBytes`: a dispatch mode that follows every storage an operator creates until it is freed
+  and records the peak of the bytes alive at once: the simulated allocator peak of a call,
+  including transients, recomputation under gradient checkpointing and the backward pass.
+
+Pitfalls met and handled here: `module.to(...)` cannot swap fake parameters, so models are built
+under the target default dtype, buffers are cast by assignment and peft's adapter injection runs
+with `Module.to` as a no-op (the LoRA weights are created in float32 on the same fake device).
+
+`architecture(config)` names what a preset builds: the transformer, VAE and scheduler configs of
+the published checkpoints (`flow_grpo.testing.architectures`), the text encoders (CLIP-L, OpenCLIP
+bigG, T5-XXL v1.1 encoder) and the reward backbones (configs written here), or a local pipeline
+directory's own component configs (e.g. the tiny models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from unittest import mock
+
+import ml_collections
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from peft import LoraConfig
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from flow_grpo.models import FluxAdapter, ModelAdapter, PromptEmbeds, SD3Adapter
+from flow_grpo.testing.architectures import (
+    CLIP_VIT_H_14,
+    FLUX_DEV_TRANSFORMER,
+    FLUX_SCHEDULER,
+    FLUX_VAE,
+    SD35_MEDIUM_TRANSFORMER,
+    SD3_CLIP_TOKENS,
+    SD3_SCHEDULER,
+    SD3_VAE,
+)
+
+__all__ = [
+    "CLIP_L_TEXT",
+    "CLIP_VIT_L_14",
+    "OPENCLIP_BIGG_TEXT",
+    "REMOTE_REWARDS",
+    "T5_XXL_ENCODER",
+    "Architecture",
+    "LiveBytes",
+    "RewardModel",
+    "SavedBytes",
+    "architecture",
+    "build_fake_adapter",
+    "build_frozen",
+    "default_dtype",
+    "fake_mode",
+    "fake_prompts",
+    "live_peak",
+    "module_bytes",
+    "module_tensors",
+    "reward_models",
+    "storage_key",
+    "text_encoder_bytes",
+]
+
+# ------------------------------------------------------------------------------ architectures
+
+CLIP_L_TEXT: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+"""Text tower of openai/clip-vit-large-patch14 (SD3 `text_encoder`, FLUX `text_encoder`)."""
+
+OPENCLIP_BIGG_TEXT: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+"""Text tower of OpenCLIP ViT-bigG/14 (SD3 `text_encoder_2`)."""
+
+T5_XXL_ENCODER: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+}
+"""Encoder of google/t5-v1_1-xxl (SD3 `text_encoder_3`, FLUX `text_encoder_2`; 4.76 B parameters)."""
+
+CLIP_VIT_L_14: dict[str, Any] = {
+    "text_config": {key: CLIP_L_TEXT[key] for key in CLIP_L_TEXT if key != "projection_dim"},
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "quick_gelu",
+    },
+    "projection_dim": 768,
+}
+"""`CLIPModel` of openai/clip-vit-large-patch14 (CLIPScore and the aesthetic backbone)."""
+
+REMOTE_REWARDS = frozenset({"remote", "geneval", "ocr", "unifiedreward"})
+"""Rewards scored by a server process: no model on the training device."""
+
+_CPU_REWARDS = frozenset({"jpeg_compressibility", "jpeg_incompressibility"})
+
+_HUB = {
+    "stabilityai/stable-diffusion-3.5-medium": ("sd3", SD35_MEDIUM_TRANSFORMER, SD3_VAE, SD3_SCHEDULER),
+    "black-forest-labs/FLUX.1-dev": ("flux", FLUX_DEV_TRANSFORMER, FLUX_VAE, FLUX_SCHEDULER),
+}
+
+_HUB_TEXT_ENCODERS = {
+    "sd3": {
+        "text_encoder": ("CLIPTextModelWithProjection", CLIP_L_TEXT),
+        "text_encoder_2": ("CLIPTextModelWithProjection", OPENCLIP_BIGG_TEXT),
+        "text_encoder_3": ("T5EncoderModel", T5_XXL_ENCODER),
+    },
+    "flux": {
+        "text_encoder": ("CLIPTextModel", CLIP_L_TEXT),
+        "text_encoder_2": ("T5EncoderModel", T5_XXL_ENCODER),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a preset builds on the device, as configs.
+
+    Attributes:
+        name: label in reports.
+        family: "sd3" or "flux".
+        components: diffusers configs of "transformer", "vae" and "scheduler".
+        text_encoders: component name -> (transformers class name, config keyword arguments).
+        text_tokens: tokens of the prompt embeddings (SD3: 77 CLIP + T5 length; FLUX: T5 length).
+    """
+
+    name: str
+    family: str
+    components: Mapping[str, Mapping[str, Any]]
+    text_encoders: Mapping[str, tuple[str, Mapping[str, Any]]]
+    text_tokens: int
+
+    def vae_factor(self) -> int:
+        """Pixels per latent pixel side."""
+        return 2 ** (len(self.components["vae"]["block_out_channels"]) - 1)
+
+    def latent_numel(self, resolution: int) -> int:
+        """Elements of one state's latents (SD3 (C, h, w); FLUX packed (S, 4 C): the same count)."""
+        side = resolution // self.vae_factor()
+        return int(self.components["vae"]["latent_channels"]) * side * side
+
+
+def _read_json(*parts: str) -> dict[str, Any]:
+    with open(os.path.join(*parts)) as f:
+        return json.load(f)
+
+
+def _local(root: str, family: str) -> tuple[dict, dict]:
+    components = {
+        "transformer": _read_json(root, "transformer", "config.json"),
+        "vae": _read_json(root, "vae", "config.json"),
+        "scheduler": _read_json(root, "scheduler", "scheduler_config.json"),
+    }
+    index = _read_json(root, "model_index.json")
+    encoders = {}
+    for name, entry in index.items():
+        if name.startswith("text_encoder") and isinstance(entry, list) and entry[1]:
+            config = _read_json(root, name, "config.json")
+            encoders[name] = (entry[1], {k: v for k, v in config.items() if not k.startswith("_")})
+    return components, encoders
+
+
+def architecture(config: ml_collections.ConfigDict) -> Architecture:
+    """The architecture of `config.pretrained`: a known hub id or a local pipeline directory."""
+    pretrained = config.pretrained
+    family = pretrained.family
+    root = os.path.expanduser(pretrained.model)
+    if os.path.isdir(root):
+        components, encoders = _local(root, family)
+        name = os.path.basename(os.path.normpath(root))
+    elif pretrained.model in _HUB:
+        hub_family, transformer, vae, scheduler = _HUB[pretrained.model]
+        if hub_family != family:
+            raise ValueError(f"config.pretrained.family={family!r} does not match {pretrained.model} ({hub_family})")
+        components = {"transformer": transformer, "vae": vae, "scheduler": scheduler}
+        encoders = _HUB_TEXT_ENCODERS[family]
+        name = pretrained.model.split("/")[-1]
+    else:
+        raise ValueError(
+            f"no architecture known for config.pretrained.model={pretrained.model!r}: use one of {sorted(_HUB)} "
+            "or a local pipeline directory (its component configs are read, no weights)"
+        )
+    tokens = pretrained.max_sequence_length + (SD3_CLIP_TOKENS if family == "sd3" else 0)
+    return Architecture(name, family, components, encoders, tokens)
+
+
+def text_encoder_bytes(arch: Architecture, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of each text encoder's parameters and buffers in `dtype` (built on the meta device)."""
+    result = {}
+    for name, (class_name, kwargs) in arch.text_encoders.items():
+        model_class = getattr(transformers, class_name)
+        with torch.device("meta"):
+            model = model_class(model_class.config_class(**kwargs))
+        result[name] = module_bytes(model, dtype)
+    return result
+
+
+def module_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of `module`'s distinct parameters and buffers once floating ones are cast to `dtype`."""
+    seen: dict[int, int] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        size = dtype.itemsize if tensor.is_floating_point() else tensor.element_size()
+        seen[id(tensor)] = tensor.numel() * size
+    return sum(seen.values())
+
+
+@dataclass(frozen=True)
+class RewardModel:
+    """A reward model on the training device: its `CLIPConfig` arguments, dtype and images per call."""
+
+    name: str
+    clip: Mapping[str, Any]
+    dtype: torch.dtype
+    batch_size: int
+    extra_bytes: int = 0  # float32 head on top of the backbone (aesthetic)
+    image_size: int = 224
+
+
+_REWARD_DTYPES = {"auto": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def reward_models(config: ml_collections.ConfigDict) -> list[RewardModel]:
+    """The reward models the trainer builds on a CUDA device (union of training and eval rewards).
+
+    Remote and CPU rewards hold no device memory. HPSv2's open_clip ViT-H-14 has the dimensions of
+    the CLIP ViT-H/14 config, which stands in for it.
+    """
+    names = sorted({*config.reward_fn.keys(), *config.eval_reward_fn.keys()})
+    models = []
+    for name in names:
+        if name in REMOTE_REWARDS or name in _CPU_REWARDS:
+            continue
+        options = config.reward_options[name]
+        dtype = _REWARD_DTYPES[options.dtype]
+        if name in ("pickscore", "hpsv2"):
+            models.append(RewardModel(name, CLIP_VIT_H_14, dtype, options.batch_size))
+        elif name == "clipscore":
+            models.append(RewardModel(name, CLIP_VIT_L_14, dtype, options.batch_size))
+        elif name == "aesthetic":
+            head = (768 * 1024 + 1024) + (1024 * 128 + 128) + (128 * 64 + 64) + (64 * 16 + 16) + (16 + 1)
+            models.append(RewardModel(name, CLIP_VIT_L_14, dtype, options.batch_size, extra_bytes=4 * head))
+        else:
+            raise ValueError(f"memory preflight: no device-memory model for reward {name!r}; add it to {__name__}")
+    return models
+
+
+# ---------------------------------------------------------------------------------- counting
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """Identity of the storage behind `tensor` (shared by all its views)."""
+    return tensor.untyped_storage()._cdata
+
+
+def fake_mode() -> FakeTensorMode:
+    """A fake-tensor mode for building and tracing (no data is ever allocated)."""
+    return FakeTensorMode()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create floating tensors in `dtype` inside the block."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward, parameters left out.
+
+    Use as a context manager around a forward pass; `bytes` holds the total afterwards.
+    """
+
+    def __init__(self, parameters: Iterable[torch.Tensor]) -> None:
+        self._excluded = {storage_key(p) for p in parameters}
+        self._seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = storage_key(tensor)
+        if key not in self._excluded:
+            self._seen[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._hooks.__exit__(*exc_info)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages created inside the block that are alive at once.
+
+    Storages that exist before (parameters, buffers, inputs passed to `ignore`) are not counted,
+    nor are views of them. A storage counts from the operator that creates it until its last
+    reference dies, as a caching allocator would see it (without rounding or fragmentation).
+    """
+
+    def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self._known: set[int] = set()
+        self._alive: dict[int, weakref.finalize] = {}
+        self.current = 0
+        self.peak = 0
+        self.ignore(existing)
+
+    def ignore(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Leave the storages of `tensors` out of the count."""
+        self._known.update(storage_key(t) for t in tensors)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.current -= nbytes
+        self._alive.pop(key, None)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            if key in self._known or key in self._alive:
+                continue
+            nbytes = storage.nbytes()
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+            self._alive[key] = weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def _cast_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating buffers to `dtype`, as loading with `dtype=...` gives (assignment: fake tensors cannot swap)."""
+    for submodule in module.modules():
+        for name, buffer in list(submodule._buffers.items()):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                submodule._buffers[name] = buffer.to(dtype)
+
+
+def build_frozen(model_class: Any, config: Mapping[str, Any], dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen eval-mode `model_class` from its config in `dtype` (parameters and floating buffers)."""
+    with default_dtype(dtype):
+        model = model_class.from_config(dict(config))
+    _cast_buffers(model, dtype)
+    return model.requires_grad_(False).eval()
+
+
+def add_lora(transformer: torch.nn.Module, rank: int, alpha: int, targets: list[str]) -> list[torch.nn.Parameter]:
+    """Add the trainer's LoRA (float32) to `transformer`; returns the trainable parameters."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    with default_dtype(torch.float32), mock.patch.object(torch.nn.Module, "to", lambda self, *args, **kwargs: self):
+        transformer.add_adapter(config)
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def build_fake_adapter(
+    family: str,
+    components: Mapping[str, Mapping[str, Any]],
+    dtype: torch.dtype,
+    *,
+    guidance_scale: float,
+    text_tokens: int,
+    lora: tuple[int, int] | None,
+    gradient_checkpointing: bool = False,
+) -> tuple[ModelAdapter, list[torch.nn.Parameter]]:
+    """The family's adapter over a transformer (in `dtype`, with LoRA) and a float32 VAE, no text encoders.
+
+    Call inside a fake mode. `components` holds the diffusers configs "transformer", "vae" and
+    "scheduler"; `lora` is (rank, alpha) or None. Returns the adapter and the LoRA parameters.
+    """
+    transformer_class = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+    transformer = build_frozen(transformer_class, components["transformer"], dtype)
+    vae = build_frozen(AutoencoderKL, components["vae"], torch.float32)
+    with unset_fake_temporarily():  # the scheduler computes its grid with real tensors
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(components["scheduler"]))
+    adapter_class = SD3Adapter if family == "sd3" else FluxAdapter
+    trainable = add_lora(transformer, *lora, adapter_class.lora_target_modules) if lora else []
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if family == "sd3":
+        pipeline = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae,
+            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        )
+        adapter: ModelAdapter = SD3Adapter(pipeline, guidance_scale=guidance_scale, max_sequence_length=text_tokens)
+        adapter._negative = fake_prompts(adapter, 1, text_tokens)
+    else:
+        pipeline = FluxPipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae,
+            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        )
+        adapter = FluxAdapter(pipeline, guidance_scale=guidance_scale, max_sequence_length=text_tokens)
+    return adapter, trainable
+
+
+def fake_prompts(adapter: ModelAdapter, rows: int, text_tokens: int) -> PromptEmbeds:
+    """Prompt embeddings of `rows` prompts with the shapes and dtype the family's encoders give."""
+    config = adapter.transformer.config
+    dtype = adapter.dtype
+    tensors = {
+        "prompt_embeds": torch.empty(rows, text_tokens, config.joint_attention_dim, dtype=dtype),
+        "pooled": torch.empty(rows, config.pooled_projection_dim, dtype=dtype),
+    }
+    if isinstance(adapter, FluxAdapter):
+        tensors["text_ids"] = torch.zeros(rows, text_tokens, 3, dtype=dtype)
+    return PromptEmbeds(tensors)
+
+
+def module_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers of `modules` (storages a trace leaves out)."""
+    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
+def live_peak(run: Callable[[], Any], existing: Iterable[torch.Tensor]) -> int:
+    """Peak live bytes of `run()`, leaving out the storages of `existing` (call inside a fake mode)."""
+    tracker = LiveBytes(existing)
+    with tracker:
+        result = run()
+        del result
+    return tracker.peak
