@@ -1,7 +1,7 @@
 """The model-agnostic training loop: sample -> score -> step rewards -> advantages -> train -> eval -> save.
 
 One `Trainer` serves every model family: all model specifics go through the `ModelAdapter`.
-Epoch layout (ALGORITHM.md sections 3-6): each process samples its share of the epoch's
+Epoch layout (docs/algorithm.md): each process samples its share of the epoch's
 `prompts_per_epoch x group_size` trajectories, rewards are gathered from all processes so groups
 and turning-point balancing see the whole epoch batch, then each process trains on its own
 trajectories with `train.updates_per_epoch` optimizer updates.

@@ -139,7 +139,7 @@ DTYPE_FLAGS: dict[str, str] = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 """`--dtype` values -> `config.mixed_precision` names (`precision.MIXED_PRECISION_DTYPES`); "auto" picks one."""
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    # The settings of PERFORMANCE.md's anchor (the SD3.5-M TP-GRPO preset).
+    # The settings of docs/performance.md's anchor (the SD3.5-M TP-GRPO preset).
     "sd3": {},
     # The FLUX presets of config/grpo.py: 6 steps, window 5, guidance embedding 3.5, LoRA r64.
     "flux": {"num_steps": 6, "window_size": 5, "guidance_scale": 3.5, "lora_rank": 64, "lora_alpha": 128},
