@@ -25,6 +25,7 @@ saved plus about 6.6 GiB of weights, i.e. about 21 % over the saved bytes). Size
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -35,10 +36,12 @@ from dataclasses import dataclass, field
 import ml_collections
 import torch
 from accelerate.logging import get_logger
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flow_grpo.bench import tracing
 from flow_grpo.config_checks import Layout, derive_layout
 from flow_grpo.losses import grpo_loss
+from flow_grpo.models import ModelAdapter, PromptEmbeds
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.sde import stochastic_step
 
@@ -55,6 +58,8 @@ __all__ = [
     "format_report",
     "main",
     "predict_memory",
+    "rollout_call_states",
+    "training_step",
 ]
 
 GIB = 2**30
@@ -128,6 +133,74 @@ def _autocast(dtype: torch.dtype):
     return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
 
+def training_step(
+    adapter: ModelAdapter,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    prompts: PromptEmbeds,
+    next_latents: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    step_kind: str,
+    noise_level: float,
+    beta: float,
+    dtype: torch.dtype,
+    saved: tracing.SavedBytes | None = None,
+) -> None:
+    """One micro-batch window step as the trainer runs it: policy forward, reference pass, loss, backward.
+
+    Tensors are batch-first with B rows: `latents`, `next_latents` (B, ...) float32, `sigmas`,
+    `old_log_prob`, `advantages` (B,). `saved`, if given, counts what the policy forward saves.
+    """
+    transformer = adapter.transformer
+    transformer.train()
+    with _autocast(dtype):
+        with saved if saved is not None else contextlib.nullcontext():
+            velocity = adapter.velocity(latents, sigmas, prompts)
+        step = stochastic_step(step_kind, velocity, latents, sigmas, sigmas * 0.9, noise_level,
+                               sigma_max=0.99, next_latents=next_latents)
+        reference = None
+        if beta > 0:
+            with torch.no_grad():
+                transformer.disable_adapters()
+                reference_velocity = adapter.velocity(latents, sigmas, prompts)
+                transformer.enable_adapters()
+                reference = stochastic_step(step_kind, reference_velocity, latents, sigmas, sigmas * 0.9, noise_level,
+                                            sigma_max=0.99, next_latents=next_latents).mean
+    out = grpo_loss(step.log_prob, old_log_prob, advantages, clip_range=1e-5, beta=beta,
+                    mean=step.mean, reference_mean=reference, std=step.std)
+    out.loss.backward()
+    transformer.eval()
+
+
+@dataclass
+class _FakeBuild:
+    """A fake-tensor adapter with LoRA, kept for several traces (built once per architecture and dtype)."""
+
+    mode: FakeTensorMode
+    adapter: ModelAdapter
+    trainable: list[torch.nn.Parameter]
+    model_tensors: list[torch.Tensor]
+
+
+_BUILDS: dict[str, _FakeBuild] = {}
+
+
+def _fake_build(arch: tracing.Architecture, dtype: torch.dtype, guidance_scale: float, lora: tuple[int, int],
+                gradient_checkpointing: bool) -> _FakeBuild:
+    key = _key(arch.components, arch.family, arch.text_tokens, str(dtype), guidance_scale > 1.0, lora, gradient_checkpointing)
+    if key not in _BUILDS:
+        mode = tracing.fake_mode()
+        with mode:
+            adapter, trainable = tracing.build_fake_adapter(
+                arch.family, arch.components, dtype, guidance_scale=guidance_scale, text_tokens=arch.text_tokens,
+                lora=lora, gradient_checkpointing=gradient_checkpointing,
+            )
+        _BUILDS[key] = _FakeBuild(mode, adapter, trainable, tracing.module_tensors(adapter.transformer, adapter.pipeline.vae))
+    return _BUILDS[key]
+
+
 def _diffusion_traces(
     arch: tracing.Architecture,
     dtype: torch.dtype,
@@ -143,73 +216,65 @@ def _diffusion_traces(
     noise_level: float,
     beta: float,
 ) -> dict[str, int]:
-    """Trace the update micro-batch, the largest rollout call and the largest decode; bytes by name."""
-    key = _key(arch.components, arch.family, arch.text_tokens, str(dtype), resolution, guidance_scale, lora,
-               gradient_checkpointing, train_rows, rollout_states, decode_states, step_kind, noise_level, beta > 0)
-    if key in _TRACES:
-        return _TRACES[key]
-    with tracing.fake_mode():
-        adapter, trainable = tracing.build_fake_adapter(
-            arch.family, arch.components, dtype, guidance_scale=guidance_scale, text_tokens=arch.text_tokens,
-            lora=lora, gradient_checkpointing=gradient_checkpointing,
-        )
-        transformer, vae = adapter.transformer, adapter.pipeline.vae
-        model_tensors = tracing.module_tensors(transformer, vae)
-        result = {
-            "transformer_bytes": tracing.module_bytes(transformer, dtype) - 4 * sum(p.numel() for p in trainable),
-            "vae_bytes": tracing.module_bytes(vae, torch.float32),
-            "lora_numel": sum(p.numel() for p in trainable),
-        }
+    """Trace the update micro-batch, the largest rollout call and the largest decode; bytes by name.
 
-        def inputs(rows: int) -> tuple:
-            latents = adapter.initial_latents(rows, resolution, None)
-            sigmas = torch.full((rows,), 0.5)
-            return latents, sigmas, tracing.fake_prompts(adapter, rows, arch.text_tokens)
+    Each trace is cached by what it depends on, so presets that share an architecture and shape
+    trace it once per process.
+    """
+    build = _fake_build(arch, dtype, guidance_scale, lora, gradient_checkpointing)
+    adapter, trainable, model_tensors = build.adapter, build.trainable, build.model_tensors
+    base = _key(arch.components, arch.family, arch.text_tokens, str(dtype), resolution, guidance_scale > 1.0, lora,
+                gradient_checkpointing)
+    lora_ids = {id(p) for p in trainable}
+    result = {
+        "transformer_bytes": tracing.module_bytes(adapter.transformer, dtype, exclude=lora_ids),
+        "vae_bytes": tracing.module_bytes(adapter.pipeline.vae, torch.float32),
+        "lora_numel": sum(p.numel() for p in trainable),
+    }
 
-        latents, sigmas, prompts = inputs(train_rows)
-        next_latents, old_log_prob, advantages = torch.empty_like(latents), torch.empty(train_rows), torch.empty(train_rows)
-        saved = tracing.SavedBytes(model_tensors)
+    def inputs(rows: int) -> tuple:
+        latents = adapter.initial_latents(rows, resolution, None)
+        return latents, torch.full((rows,), 0.5), tracing.fake_prompts(adapter, rows, arch.text_tokens)
 
-        def update() -> None:
-            transformer.train()
-            with _autocast(dtype):
-                with saved:
-                    velocity = adapter.velocity(latents, sigmas, prompts)
-                step = stochastic_step(step_kind, velocity, latents, sigmas, sigmas * 0.9, noise_level,
-                                       sigma_max=0.99, next_latents=next_latents)
-                reference = None
-                if beta > 0:
-                    with torch.no_grad():
-                        transformer.disable_adapters()
-                        reference = stochastic_step(step_kind, adapter.velocity(latents, sigmas, prompts), latents, sigmas,
-                                                    sigmas * 0.9, noise_level, sigma_max=0.99, next_latents=next_latents).mean
-                        transformer.enable_adapters()
-            out = grpo_loss(step.log_prob, old_log_prob, advantages, clip_range=1e-5, beta=beta,
-                            mean=step.mean, reference_mean=reference, std=step.std)
-            out.loss.backward()
-            transformer.eval()
+    with build.mode:
+        key = _key(base, "update", train_rows, step_kind, noise_level, beta > 0)
+        if key not in _TRACES:
+            latents, sigmas, prompts = inputs(train_rows)
+            extra = (torch.empty_like(latents), torch.empty(train_rows), torch.empty(train_rows))
+            saved = tracing.SavedBytes(model_tensors)
 
-        existing = [*model_tensors, latents, sigmas, *prompts.tensors.values(), next_latents, old_log_prob, advantages]
-        result["update_live"] = tracing.live_peak(update, existing)
-        result["update_saved"] = saved.bytes
-        for param in trainable:
-            param.grad = None
+            def update() -> None:
+                training_step(adapter, latents, sigmas, prompts, *extra, step_kind=step_kind, noise_level=noise_level,
+                              beta=beta, dtype=dtype, saved=saved)
 
-        latents, sigmas, prompts = inputs(rollout_states)
+            live = tracing.live_peak(update, [*model_tensors, latents, sigmas, *prompts.tensors.values(), *extra])
+            for param in trainable:
+                param.grad = None
+            _TRACES[key] = {"update_live": live, "update_saved": saved.bytes}
+        result.update(_TRACES[key])
 
-        def velocity_call() -> torch.Tensor:
-            with torch.no_grad(), _autocast(dtype):
-                return adapter.velocity(latents, sigmas, prompts)
+        key = _key(base, "rollout", rollout_states)
+        if key not in _TRACES:
+            latents, sigmas, prompts = inputs(rollout_states)
 
-        result["rollout_live"] = tracing.live_peak(velocity_call, [*model_tensors, latents, sigmas, *prompts.tensors.values()])
-        latents = adapter.initial_latents(decode_states, resolution, None)
+            def velocity_call() -> torch.Tensor:
+                with torch.no_grad(), _autocast(dtype):
+                    return adapter.velocity(latents, sigmas, prompts)
 
-        def decode_call() -> torch.Tensor:
-            with torch.no_grad(), _autocast(dtype):
-                return adapter.decode(latents)
+            existing = [*model_tensors, latents, sigmas, *prompts.tensors.values()]
+            _TRACES[key] = {"rollout_live": tracing.live_peak(velocity_call, existing)}
+        result.update(_TRACES[key])
 
-        result["decode_live"] = tracing.live_peak(decode_call, [*model_tensors, latents])
-    _TRACES[key] = result
+        key = _key(base, "decode", decode_states)
+        if key not in _TRACES:
+            latents = adapter.initial_latents(decode_states, resolution, None)
+
+            def decode_call() -> torch.Tensor:
+                with torch.no_grad(), _autocast(dtype):
+                    return adapter.decode(latents)
+
+            _TRACES[key] = {"decode_live": tracing.live_peak(decode_call, [*model_tensors, latents])}
+        result.update(_TRACES[key])
     return result
 
 

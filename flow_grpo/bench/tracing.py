@@ -242,10 +242,15 @@ def text_encoder_bytes(arch: Architecture, dtype: torch.dtype) -> dict[str, int]
     return result
 
 
-def module_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Bytes of `module`'s distinct parameters and buffers once floating ones are cast to `dtype`."""
+def module_bytes(module: torch.nn.Module, dtype: torch.dtype, exclude: set[int] = frozenset()) -> int:
+    """Bytes of `module`'s distinct parameters and buffers once floating ones are cast to `dtype`.
+
+    Tensors whose `id` is in `exclude` (e.g. the float32 LoRA parameters) are left out.
+    """
     seen: dict[int, int] = {}
     for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) in exclude:
+            continue
         size = dtype.itemsize if tensor.is_floating_point() else tensor.element_size()
         seen[id(tensor)] = tensor.numel() * size
     return sum(seen.values())
