@@ -60,7 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     defaults = ServerLimits()
     parser.add_argument(
-        "--max_batch", "--max-batch", type=int, default=defaults.max_batch, help="most images per scorer call and per request"
+        "--max_batch",
+        "--max-batch",
+        type=int,
+        default=defaults.max_batch,
+        help="most images per scorer call and per request",
     )
     parser.add_argument(
         "--max_wait_ms",
@@ -82,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="largest accepted request body in MB; 0 = max_batch raw 512x512 images in base64 with 25%% headroom",
     )
-    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="largest accepted image (height * width)")
+    parser.add_argument(
+        "--max-pixels", type=int, default=defaults.max_pixels, help="largest accepted image (height * width)"
+    )
     parser.add_argument(
         "--read_timeout_s",
         "--read-timeout-s",

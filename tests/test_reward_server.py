@@ -296,9 +296,12 @@ def test_default_body_limit_is_sized_to_a_real_batch():
     assert limits.max_request_bytes < 512 * 1024 * 1024
     assert ServerLimits(max_batch=128).max_request_bytes > limits.max_request_bytes
     # A full batch of 512x512 images fits, with its prompts and metadata.
-    payload = {"scorer": "s", **encode_images(torch.rand(64, 3, 512, 512), "raw"), "prompts": ["p" * 300] * 64}
+    one = encode_images(torch.rand(1, 3, 512, 512), "raw")
+    payload = {"scorer": "s", **one, "prompts": ["p" * 300] * 64}
     payload["metadata"] = [{"tag": "counting", "include": [{"class": "dog", "count": 2}]}] * 64
-    assert len(json.dumps(payload)) < limits.max_request_bytes
+    # The body with 64 images: the one-image body plus 63 more quoted base64 strings and separators.
+    size = len(json.dumps(payload)) + 63 * (len(one["images"][0]) + 4)
+    assert size < limits.max_request_bytes
     with pytest.raises(ValueError, match="max_concurrent"):
         ServerLimits(max_concurrent=0)
 

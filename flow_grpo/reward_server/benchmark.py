@@ -141,8 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scorer", default="clip_vit_b16", help=f"{' or '.join(BENCHMARK_SCORERS)} or a local reward")
     parser.add_argument("--clients", type=int, default=8, help="client processes (one per training process)")
     parser.add_argument("--requests", type=int, default=2, help="batches each client sends")
-    parser.add_argument("--preset", default="geneval_sd3", help="preset of config/grpo.py giving batch size and resolution")
-    parser.add_argument("--batch_size", type=int, default=0, help="images per request; 0 = the preset's sample.batch_size")
+    parser.add_argument("--preset", default="geneval_sd3", help="config/grpo.py preset giving batch size and resolution")
+    parser.add_argument("--batch_size", type=int, default=0, help="images per request; 0 = preset's sample.batch_size")
     parser.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the preset's")
     parser.add_argument("--devices", default="cpu", help="comma-separated devices, one scorer replica each")
     parser.add_argument("--max_batch", type=int, default=64, help="server: most images per scorer call")
@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     replicas = [build_benchmark_scorer(args.scorer, device) for device in devices]
     prompts, metadata = _prompts(args.batch_size), [{}] * args.batch_size
     batches = [
-        _client_images(c, r, args.batch_size, args.resolution) for c in range(args.clients) for r in range(args.requests)
+        _client_images(client, request, args.batch_size, args.resolution)
+        for client in range(args.clients)
+        for request in range(args.requests)
     ]
     num_images = len(batches) * args.batch_size
     reference = replicas[0]

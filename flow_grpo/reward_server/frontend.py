@@ -105,7 +105,8 @@ def make_handler(
 
         def do_POST(self) -> None:
             if self.path.rstrip("/") != "/score":
-                self._answer(HTTPStatus.NOT_FOUND, {"error": f"Unknown path {self.path!r}; POST to /score."}, close=True)
+                unknown = {"error": f"Unknown path {self.path!r}; POST to /score."}
+                self._answer(HTTPStatus.NOT_FOUND, unknown, close=True)
                 return
             length = self.headers.get("Content-Length")
             if length is None or not length.isdigit():
