@@ -237,7 +237,7 @@ def _diffusion_traces(
         return latents, torch.full((rows,), 0.5), tracing.fake_prompts(adapter, rows, arch.text_tokens)
 
     with build.mode:
-        key = _key(base, "update", train_rows, step_kind, noise_level, beta > 0)
+        key = _key(base, "update", train_rows, beta > 0)  # step kind and noise level change no shape
         if key not in _TRACES:
             latents, sigmas, prompts = inputs(train_rows)
             extra = (torch.empty_like(latents), torch.empty(train_rows), torch.empty(train_rows))

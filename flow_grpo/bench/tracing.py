@@ -231,14 +231,20 @@ def architecture(config: ml_collections.ConfigDict) -> Architecture:
     return Architecture(name, family, components, encoders, tokens)
 
 
+_TEXT_ENCODER_BYTES: dict[str, int] = {}
+
+
 def text_encoder_bytes(arch: Architecture, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes of each text encoder's parameters and buffers in `dtype` (built on the meta device)."""
+    """Bytes of each text encoder's parameters and buffers in `dtype` (built on the meta device, cached)."""
     result = {}
     for name, (class_name, kwargs) in arch.text_encoders.items():
-        model_class = getattr(transformers, class_name)
-        with torch.device("meta"):
-            model = model_class(model_class.config_class(**kwargs))
-        result[name] = module_bytes(model, dtype)
+        key = json.dumps([class_name, kwargs, str(dtype)], sort_keys=True, default=str)
+        if key not in _TEXT_ENCODER_BYTES:
+            model_class = getattr(transformers, class_name)
+            with torch.device("meta"):
+                model = model_class(model_class.config_class(**kwargs))
+            _TEXT_ENCODER_BYTES[key] = module_bytes(model, dtype)
+        result[name] = _TEXT_ENCODER_BYTES[key]
     return result
 
 
