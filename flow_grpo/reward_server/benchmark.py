@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Reward server throughput against in-process scoring.")
     parser.add_argument("--scorer", default="clip_vit_b16", help=f"{' or '.join(BENCHMARK_SCORERS)} or a local reward")
     parser.add_argument("--clients", type=int, default=8, help="client processes (one per training process)")
-    parser.add_argument("--requests", type=int, default=2, help="batches each client sends")
+    parser.add_argument("--requests", type=int, default=1, help="batches each client sends")
     parser.add_argument("--preset", default="geneval_sd3", help="config/grpo.py preset giving batch size and resolution")
     parser.add_argument("--batch_size", type=int, default=0, help="images per request; 0 = preset's sample.batch_size")
     parser.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the preset's")
