@@ -27,8 +27,8 @@ Errors (all :class:`RemoteRewardError`): :class:`RemoteRewardUnreachableError` (
 dropped on every attempt), :class:`RemoteRewardTimeoutError` (the exchange did not complete within
 ``timeout`` seconds on every attempt; the deadline covers connect, send and receive together, so a
 server that trickles its answer cannot stretch it), :class:`RemoteRewardHTTPError` (a non-200 status),
-:class:`RemoteRewardBadReplyError`
-(not JSON, no ``scores``, wrong length, non-finite or non-numeric values). Connection failures,
+:class:`RemoteRewardBadReplyError` (not JSON, no ``scores``, wrong length, non-finite or non-numeric
+values). Connection failures,
 timeouts and statuses 429/500/502/503/504 are retried ``max_retries`` times, waiting ``backoff``,
 ``2 * backoff``, ... seconds; other errors are raised at once. So a call fails after at most
 ``(max_retries + 1) * timeout + backoff * (2 ** max_retries - 1)`` seconds per request.
