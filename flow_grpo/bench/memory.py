@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import ml_collections
 import torch
-from accelerate.logging import get_logger
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flow_grpo.bench import tracing
@@ -45,7 +44,6 @@ from flow_grpo.models import ModelAdapter, PromptEmbeds
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.sde import stochastic_step
 
-logger = get_logger(__name__)
 
 __all__ = [
     "GIB",
