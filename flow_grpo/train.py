@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from flow_grpo.cli import setup_logging
 from flow_grpo.config_checks import ConfigError
+from flow_grpo.distributed import check_supported_backend
 from flow_grpo.trainer import Trainer, use_cpu
 
 __all__ = ["main", "run_training"]
@@ -26,6 +27,7 @@ __all__ = ["main", "run_training"]
 def run_training(config: ml_collections.ConfigDict, family: str | None = None) -> None:
     """Build a Trainer for `config` and train; with `family`, first check that the preset is for it."""
     setup_logging()
+    check_supported_backend()
     PartialState(cpu=use_cpu())
     if family is not None and config.pretrained.family != family:
         raise ConfigError(

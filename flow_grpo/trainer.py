@@ -28,12 +28,14 @@ from flow_grpo.advantages import broadcast_to_steps, group_advantages
 from flow_grpo.config_checks import Layout, validate_config
 from flow_grpo.data import GroupSampler, PromptDataset, dataset_paths
 from flow_grpo.ema import ParameterEMA
+from flow_grpo.distributed import check_supported_backend
 from flow_grpo.epoch import EpochSamples, sample_epoch
+from flow_grpo.evaluation import evaluate
+from flow_grpo.generation import plan_jobs
 from flow_grpo.models import load_adapter
 from flow_grpo.policy import LossSettings, UpdateStep, add_lora, training_step
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.rewards import build_reward
-from flow_grpo.sampling import sample_ode
 from flow_grpo.seeding import derived_seed
 from flow_grpo.turning_points import step_rewards, summarize
 
@@ -61,6 +63,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         """Validate the config, then set up accelerate, the model with LoRA, optimizer, data and rewards."""
+        check_supported_backend()
         self.config = config
         world_size = PartialState(cpu=use_cpu()).num_processes
         self.layout: Layout = validate_config(config, world_size)
@@ -164,9 +167,6 @@ class Trainer:
     @property
     def is_tp(self) -> bool:
         return self.config.algorithm == "tp_grpo"
-
-    def _texts(self, dataset: PromptDataset, indices: list[int]) -> tuple[list[str], list[dict]]:
-        return dataset.gather(indices)
 
     def sample_epoch(self, epoch: int) -> EpochSamples:
         """Run this process's rollouts of `epoch` and score them (scoring overlaps the next batch)."""
@@ -285,9 +285,6 @@ class Trainer:
         The main process also writes a grid of its first `config.log_images` images with their
         prompts and scores to `images/` and to the tracker.
         """
-        from flow_grpo.evaluation import evaluate
-        from flow_grpo.generation import plan_jobs
-
         config, accelerator = self.config, self.accelerator
         with self._ema_weights():
             result = evaluate(
