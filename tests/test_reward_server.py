@@ -408,3 +408,15 @@ def test_throughput_benchmark_short_mode(capsys):
     assert result["served"] > 0 and result["in_process"] > 0 and 0 < result["p50"] <= result["p95"]
     assert any(line.startswith("transport png:") for line in lines)
     assert result["raw_kb"] == 64 * 64 * 3 / 1024  # raw is exactly the pixel bytes
+
+
+def test_client_splits_a_body_over_the_known_limit_before_sending():
+    recorder = Recorder()
+    with RewardServer({"s": recorder}, limits=ServerLimits(max_wait_ms=0)) as server:
+        client = _client(server.url)
+        client.check()
+        client.max_request_bytes = 110_000  # as if the server had advertised this limit
+        assert client.images_per_request(16, 16) == 8  # the estimate allows 8 images of 16x16 ...
+        metadata = [{"note": "x" * 20_000}] * 8  # ... but their metadata makes the body about 170 kB
+        client(_images(8), ["a"] * 8, metadata)
+    assert recorder.calls == [4, 4]  # no request was refused: the body was split before it was sent

@@ -351,14 +351,20 @@ class RemoteReward:
             ) from None
         del payload
         num = len(prompts)
-        try:
-            reply = self._parse_json(self._request("POST", "/score", body))
-        except RemoteRewardHTTPError as error:
-            if error.status != 413 or num == 1:
-                raise
+        too_large: RemoteRewardError | None = None
+        if self.max_request_bytes is not None and len(body) > self.max_request_bytes and num > 1:
+            too_large = RemoteRewardError(f"A body of {len(body)} bytes exceeds the server's {self.max_request_bytes}")
+        else:
+            try:
+                reply = self._parse_json(self._request("POST", "/score", body))
+            except RemoteRewardHTTPError as error:
+                if error.status != 413 or num == 1:
+                    raise
+                too_large = error
+        if too_large is not None:
             half = num // 2
             self.batch_size = max(1, min(self.batch_size, half))
-            logger.warning(f"{error}; sending {half} images per request", main_process_only=False)
+            logger.warning(f"{too_large}; sending {half} images per request", main_process_only=False)
             return self._score_chunk(images[:half], prompts[:half], metadata[:half]) + self._score_chunk(
                 images[half:], prompts[half:], metadata[half:]
             )
