@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-__all__ = ["SamplingFlags", "define_sampling_flags", "parse_reward_weights", "setup_logging"]
+from flow_grpo.paths import REPO_ROOT
+
+__all__ = [
+    "SamplingFlags",
+    "config_comments",
+    "define_sampling_flags",
+    "format_config",
+    "parse_reward_weights",
+    "preset_summaries",
+    "setup_logging",
+    "training_help",
+]
+
+PRESET_FILE = REPO_ROOT / "config" / "grpo.py"
+BASE_CONFIG_FILE = REPO_ROOT / "config" / "base.py"
 
 
 def setup_logging() -> None:
@@ -88,3 +109,119 @@ def define_sampling_flags(out_help: str) -> SamplingFlags:
         num_images=flags.DEFINE_integer("num_images", 1, "Images per prompt, each with its own seed.", lower_bound=1),
         max_prompts=flags.DEFINE_integer("max_prompts", 0, "Use only the first N prompts; 0 = all.", lower_bound=0),
     )
+
+
+# ----------------------------------------------------------------------------- presets and config help
+
+
+def _load_preset_module(path: str | os.PathLike[str]) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("flow_grpo_config_presets", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def preset_summaries(path: str | os.PathLike[str] = PRESET_FILE) -> list[tuple[str, str]]:
+    """`(name, one line)` per preset of a preset file: the first line of the preset function's docstring,
+    else its family, algorithm, dataset and reward read from the preset's config.
+    """
+    module = _load_preset_module(path)
+    summaries = []
+    for name, function in sorted(vars(module).items()):
+        if name.startswith("_") or name == "get_config" or not inspect.isfunction(function):
+            continue
+        if function.__module__ != module.__name__:
+            continue
+        doc = inspect.getdoc(function)
+        if doc:
+            line = doc.splitlines()[0]
+        else:
+            config = function()
+            rewards = ", ".join(f"{key}:{value:g}" for key, value in config.reward_fn.items())
+            algorithm = {"tp_grpo": "TP-GRPO", "flow_grpo": "Flow-GRPO"}.get(config.algorithm, config.algorithm)
+            line = f"{algorithm} on {config.pretrained.family.upper()}, prompts {config.dataset}, reward {rewards}."
+        summaries.append((name, line))
+    return summaries
+
+
+def config_comments(path: str | os.PathLike[str] = BASE_CONFIG_FILE) -> dict[str, str]:
+    """Key -> comment of every `x.y = value  # comment` line of `config/base.py`.
+
+    Sub-dict aliases (`config.sample = sample = ...`, `remote = reward_options[name] = ...`) are
+    followed; a key set in a loop over names is returned with `*` for the name (`reward_options.*.url`).
+    """
+    aliases = {"config": ""}
+    comments: dict[str, str] = {}
+    key_line = re.compile(r"^\s*(\w+)((?:\.\w+)+)\s*=\s*.*?#\s*(.+)$")
+    for line in Path(path).read_text().splitlines():
+        match = re.match(r"^\s*config\.(\w+)\s*=\s*(\w+)\s*=\s*ml_collections\.ConfigDict\(", line)
+        if match:
+            aliases[match.group(2)] = match.group(1)
+            continue
+        match = re.match(r"^\s*(\w+)\s*=\s*(\w+)\[\w+\]\s*=\s*ml_collections\.ConfigDict\(", line)
+        if match and match.group(2) in aliases:
+            aliases[match.group(1)] = f"{aliases[match.group(2)]}.*"
+            continue
+        match = key_line.match(line)
+        if match and match.group(1) in aliases:
+            prefix = aliases[match.group(1)]
+            key = f"{prefix}{match.group(2)}".lstrip(".")
+            comments[key] = match.group(3).strip()
+    return comments
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+        items = value.items()
+        return [pair for key, child in items for pair in _flatten(child, f"{prefix}{key}.")]
+    return [(prefix.rstrip("."), value)]
+
+
+def _comment_for(key: str, comments: dict[str, str]) -> str:
+    """The comment of `key`, of its pattern with one segment replaced by `*` (keys set in a loop), or of its parent."""
+    if key in comments:
+        return comments[key]
+    parts = key.split(".")
+    for index in range(len(parts) - 1):
+        pattern = ".".join([*parts[:index], "*", *parts[index + 1 :]])
+        if pattern in comments:
+            return comments[pattern]
+    parent = key.rpartition(".")[0]
+    return _comment_for(parent, comments) if parent else ""
+
+
+def format_config(config: ml_collections.ConfigDict, comments: dict[str, str] | None = None) -> str:
+    """Every key of `config` as `key = value  # comment`, one per line (comments from `config/base.py`)."""
+    comments = config_comments() if comments is None else comments
+    lines = []
+    for key, value in _flatten(config):
+        comment = _comment_for(key, comments)
+        lines.append(f"{key} = {value!r}" + (f"  # {comment}" if comment else ""))
+    return "\n".join(lines)
+
+
+def training_help(program: str, default_preset: str) -> str:
+    """The `--help` text of the training entry points: usage, presets (one line each), how to see a config."""
+    width = max(len(name) for name, _ in preset_summaries())
+    presets = "\n".join(f"  {name.ljust(width)}  {line}" for name, line in preset_summaries())
+    return f"""usage: {program} [--config=config/grpo.py:PRESET] [--config.KEY=VALUE ...] [--print_config]
+
+Train LoRA adapters of a flow-matching text-to-image model with Flow-GRPO or TP-GRPO.
+
+Flags:
+  --config=FILE:PRESET   preset to train (default {default_preset}); paths resolve from any directory
+  --config.KEY=VALUE     override one key, e.g. --config.num_epochs=4 --config.sample.noise_level=0.5
+  --print_config         print the resolved config (preset plus overrides), every key with its comment, and exit
+  --helpfull             every absl flag
+
+Presets (config/grpo.py):
+{presets}
+
+First steps:
+  make tiny-model                                          # tiny offline models for the tiny_* presets
+  {program} --config=config/grpo.py:tiny_tp_grpo           # CPU demo, a few minutes
+  python scripts/prepare_data.py --source pickapic_sfw     # dataset/pickscore_sfw for the pickscore_* presets
+  {program} --config=config/grpo.py:pickscore_sd3 --print_config
+The published presets download their model from the Hugging Face hub: SD3.5 and FLUX.1-dev are gated
+(accept the license, then `huggingface-cli login`), or set --config.pretrained.model=/local/diffusers/dir.
+"""
