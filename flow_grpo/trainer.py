@@ -24,7 +24,7 @@ from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from flow_grpo import checkpointing, tracking
-from flow_grpo.advantages import broadcast_to_steps, group_advantages
+from flow_grpo.advantages import broadcast_to_steps, group_advantages, informative_rows
 from flow_grpo.config_checks import Layout, validate_config
 from flow_grpo.data import GroupSampler, PromptDataset, dataset_paths
 from flow_grpo.ema import ParameterEMA
@@ -235,17 +235,25 @@ class Trainer:
     def train_epoch(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor) -> dict[str, float]:
         """`train.updates_per_epoch` optimizer updates over this process's trajectories and window steps.
 
-        Micro-batches of `train.batch_size` shuffled trajectories, each trained on every window step
-        (`policy.training_step`); `policy.UpdateStep` applies an update at each accumulation boundary.
+        Trajectories with a zero advantage at every window step are dropped first
+        (`advantages.informative_rows`): the configured number of micro-batches (Bp /
+        `train.batch_size`) stays, so every process takes the same optimizer steps, and they shrink
+        to equal parts of the kept, shuffled trajectories; the loss is a mean over the kept ones.
+        Each micro-batch is trained on every window step (`policy.training_step`);
+        `policy.UpdateStep` applies an update at each accumulation boundary.
         """
         config, accelerator = self.config, self.accelerator
         generator = torch.Generator().manual_seed(derived_seed(config.seed, epoch, accelerator.process_index, -1))
         order = torch.randperm(samples.group_ids.shape[0], generator=generator).to(accelerator.device)
+        num_micro_batches = samples.group_ids.shape[0] // config.train.batch_size
+        kept = torch.zeros_like(order, dtype=torch.bool)
+        kept[informative_rows(advantages, num_micro_batches, generator)] = True
+        order = order[kept[order]]  # the shuffled order, restricted to the kept rows
         unwrapped = accelerator.unwrap_model(self.model)
         stats: dict[str, list[torch.Tensor]] = {}
         first_ratio = None
         self.model.train()
-        micro_batches = order.split(config.train.batch_size)
+        micro_batches = order.split(order.numel() // num_micro_batches)
         progress = tqdm(
             total=len(micro_batches) * config.sample.window_size,
             desc=f"epoch {epoch}: training",
@@ -274,6 +282,8 @@ class Trainer:
         self.model.eval()
         metrics = {f"train/{key}": accelerator.reduce(torch.stack(values).mean(), "mean").item() for key, values in stats.items()}
         metrics["train/ratio_first"] = accelerator.reduce(first_ratio, "mean").item()
+        kept_fraction = torch.tensor(order.numel() / kept.numel(), device=accelerator.device)
+        metrics["train/kept_fraction"] = accelerator.reduce(kept_fraction, "mean").item()
         metrics["train/learning_rate"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
@@ -435,6 +445,7 @@ def _epoch_line(metrics: dict[str, float], tp: bool) -> str:
     if "train/kl" in metrics:
         parts.append(f"kl {metrics['train/kl']:.2e}")
         parts.append(f"clip {metrics['train/clip_fraction']:.2f}")
+        parts.append(f"kept {metrics['train/kept_fraction']:.2f}")
     else:
         parts.append("training skipped")
     if "eval/avg" in metrics:

@@ -33,7 +33,21 @@ def _launch(model_dir: str, logdir: Path, extra_env: dict | None = None, *flags:
 
 
 def test_two_process_training_completes_with_groups_across_processes(tiny_sd3_dir, tmp_path) -> None:
-    done = _launch(tiny_sd3_dir, tmp_path)
+    # Rank 0 zeroes the advantages of 3 of its 8 trajectories: it trains on 5, rank 1 on 8, in one
+    # micro-batch each, and both must still take the same optimizer steps.
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '0':\n"
+        "    import flow_grpo.trainer as trainer\n"
+        "    original = trainer.Trainer.advantages\n"
+        "    def zeroed(self, epoch, samples):\n"
+        "        advantages, metrics = original(self, epoch, samples)\n"
+        "        advantages[:3] = 0\n"
+        "        return advantages, metrics\n"
+        "    trainer.Trainer.advantages = zeroed\n"
+    )
+    done = _launch(tiny_sd3_dir, tmp_path, {"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{ROOT}"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world_size=2" in done.stderr
     rows = [json.loads(line) for line in (tmp_path / "mp" / "metrics.jsonl").read_text().splitlines()]
@@ -42,6 +56,7 @@ def test_two_process_training_completes_with_groups_across_processes(tiny_sd3_di
     assert all(row["data/groups"] == 4 for row in rows)
     assert max(row["data/groups_across_processes"] for row in rows) > 0
     assert all("eval/avg" in row for row in rows)
+    assert all(row["train/kept_fraction"] == (5 / 8 + 8 / 8) / 2 for row in rows)
     assert (tmp_path / "mp" / "checkpoints" / "epoch_00001" / "rng_1.pt").exists()
 
 
