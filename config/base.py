@@ -19,18 +19,26 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixed_precision = "fp16"  # accelerate mixed precision: "no", "fp16" or "bf16"; frozen weights use this dtype
     config.allow_tf32 = True  # allow TF32 matrix products on Ampere and newer GPUs
     config.compile = False  # torch.compile the transformer in place (sampling and training use the same numerics)
+    config.memory_check = True  # on CUDA, stop at start-up with advice when the predicted peak memory exceeds the device
+    config.offload_text_encoders = False  # keep the text encoders on the CPU between prompt encodings (moved back for each encoding)
     config.attention_backend = ""  # diffusers attention backend ("flash", "_native_cudnn", ...); empty = default
     config.num_epochs = 300  # number of sample -> train epochs
     config.save_freq = 30  # write a checkpoint every this many epochs (and after the last one); 0 = only at the end
     config.keep_checkpoints = 3  # keep the newest this many checkpoints of the run; 0 = keep all
-    config.resume_from = ""  # run directory (newest checkpoint) or checkpoint directory to continue from
+    config.resume_from = ""  # run directory (newest checkpoint), checkpoint directory or "latest" to continue from
+    config.resume_overwrite = False  # resuming from an older checkpoint continues its run in place (later checkpoints set aside) instead of branching
     config.nonfinite = "stop"  # NaN/inf in rewards, advantages or loss: "stop" the run or "skip" the batch
     config.distributed_timeout_s = 1800  # a collective waiting this long (e.g. on a dead process) ends the job
     config.log_images = 8  # eval images in the logged grid and reward curves plotted per eval (main process)
     config.eval_freq = 30  # evaluate every this many epochs (and after the last one); 0 = never
     config.eval_before_training = False  # also evaluate the base model before the first epoch of a fresh run (not on resume)
-    config.report_to = "wandb"  # accelerate tracker: "wandb" (WANDB_MODE=offline works) or "none"
-    config.project_name = "flow_grpo"  # tracker project name
+    config.report_to = "wandb"  # accelerate tracker, installed: "wandb" (WANDB_MODE=offline works), "tensorboard", ... or "none"
+    config.project_name = "flow_grpo"  # tracker project name (wandb project)
+    config.wandb = wandb = ml_collections.ConfigDict()
+    wandb.entity = ""  # wandb entity (user or team); empty = wandb's default
+    wandb.group = ""  # wandb run group (e.g. one sweep or ablation); empty = none
+    wandb.tags = ()  # wandb run tags, e.g. ("sd3", "pickscore")
+    wandb.notes = ""  # wandb run notes
     config.dataset = "dataset/demo"  # directory with train.txt/test.txt or train_metadata.jsonl/test_metadata.jsonl
 
     # ---- pretrained model ----
@@ -54,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.prompts_per_epoch = 48  # global: distinct prompt groups per epoch
     sample.batch_size = 9  # per process: trajectories per sampling batch
     sample.eval_batch_size = 8  # per process: prompts per evaluation batch
-    sample.max_states_per_call = 0  # bound on states in one transformer or VAE call (chunks bigger ones); 0 = no bound
+    sample.max_states_per_call = 0  # bound on states in one transformer call (chunks bigger ones); 0 = no bound
+    sample.decode_chunk = 9  # images per VAE decode call in training rollouts (all completions of a batch are decoded in chunks); 0 = one call
     sample.state_buckets = ()  # pad each transformer call's states up to one of these sizes (few shapes for compile); () = off
 
     # ---- TP-GRPO step rewards ----
@@ -87,6 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- rewards ----
     config.reward_fn = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})  # training reward {name: weight}
     config.eval_reward_fn = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})  # eval rewards {name: weight}
+    config.allow_negative_reward_weights = False  # permit negative training reward weights (trains against that reward)
     # Per-reward settings (model paths, dtypes, server URLs), one sub-dict per reward name.
     config.reward_options = reward_options = ml_collections.ConfigDict()
     reward_options.pickscore = ml_collections.ConfigDict()

@@ -6,6 +6,7 @@ Each error names the key and says what to change.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -14,7 +15,6 @@ import ml_collections
 ALGORITHMS = ("flow_grpo", "tp_grpo")
 STEP_KINDS = ("sde", "cps")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-TRACKERS = ("wandb", "none")
 NONFINITE = ("stop", "skip")
 
 
@@ -152,10 +152,19 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
             "is True but config.eval_freq is 0 (evaluation is off)",
             "Set config.eval_freq to a positive number of epochs, or eval_before_training=False.",
         )
-    if config.resume_from and not os.path.isdir(config.resume_from):
-        _fail("resume_from", f"directory {config.resume_from!r} does not exist", "Point it at logs/<run> or a checkpoint.")
-    if config.report_to not in TRACKERS:
-        _fail("report_to", f"unknown tracker {config.report_to!r}", f"Use one of {TRACKERS}.")
+    if config.resume_from and config.resume_from != "latest" and not os.path.isdir(config.resume_from):
+        _fail(
+            "resume_from",
+            f"directory {config.resume_from!r} does not exist",
+            "Point it at logs/<run>, a checkpoint logs/<run>/checkpoints/epoch_XXXXX, or use 'latest'.",
+        )
+    _positive_int(config, "num_epochs")
+    if config.eval_freq < 0:
+        _fail("eval_freq", f"must be 0 or more, got {config.eval_freq}", "Use 0 to disable evaluation.")
+    _check_reward_weights(config)
+    from flow_grpo.trackers import check_report_to  # imported here: trackers imports ConfigError from this module
+
+    check_report_to(config.report_to)
     sample = config.sample
     if sample.step_kind not in STEP_KINDS:
         _fail("sample.step_kind", f"unknown step kind {sample.step_kind!r}", f"Use one of {STEP_KINDS}.")
@@ -167,6 +176,8 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
         _fail("sample.guidance_scale", f"is negative ({sample.guidance_scale})", "Use 0 or more (1 = no guidance).")
     if sample.max_states_per_call < 0:
         _fail("sample.max_states_per_call", "is negative", "Use 0 (no bound) or a positive number of states.")
+    if sample.decode_chunk < 0:
+        _fail("sample.decode_chunk", "is negative", "Use 0 (one VAE call) or a positive number of images per call.")
     buckets = tuple(sample.state_buckets)
     if buckets and (not all(isinstance(b, int) and b > 0 for b in buckets) or list(buckets) != sorted(set(buckets))):
         _fail("sample.state_buckets", f"{buckets!r} must be increasing positive integers", "E.g. (18, 36, 90).")
@@ -212,6 +223,23 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
     except ValueError as error:
         raise ConfigError(f"config.reward_fn / config.eval_reward_fn: {error}") from None
     return derive_layout(config, world_size)
+
+
+def _check_reward_weights(config: ml_collections.ConfigDict) -> None:
+    for key in ("reward_fn", "eval_reward_fn"):
+        for name, weight in config[key].items():
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                _fail(f"{key}.{name}", f"weight {weight!r} is not a finite number", "Give a number, e.g. 1.0.")
+    weights = dict(config.reward_fn)
+    if weights and all(weight == 0 for weight in weights.values()):
+        _fail("reward_fn", f"every weight is 0 ({weights})", "Give at least one reward a non-zero weight.")
+    negative = {name: weight for name, weight in weights.items() if weight < 0}
+    if negative and not config.allow_negative_reward_weights:
+        _fail(
+            "reward_fn",
+            f"negative weights {negative} train the model to lower those rewards",
+            "Use positive weights, or set config.allow_negative_reward_weights=True if that is intended.",
+        )
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -260,8 +288,24 @@ def _check_model_path(model: str) -> None:
             "Point it at a diffusers pipeline directory or a hub id; for the tiny CPU presets run "
             "`make tiny-model` first.",
         )
+    if os.path.isdir(os.path.expanduser(model)) and not os.listdir(os.path.expanduser(model)):
+        _fail(
+            "pretrained.model",
+            f"directory {model!r} is empty",
+            "Point it at a diffusers pipeline directory (with model_index.json); an interrupted download "
+            "leaves an empty one.",
+        )
 
 
 def _check_dataset(config: ml_collections.ConfigDict) -> None:
+    from flow_grpo.data import dataset_paths
+
     if not os.path.isdir(config.dataset):
         _fail("dataset", f"directory {config.dataset!r} does not exist", "Point it at a directory with train/test prompt files.")
+    # The test split is read only when the run evaluates.
+    for split in ("train", "test") if config.eval_freq else ("train",):
+        try:
+            dataset_paths(config.dataset, split)
+        except FileNotFoundError as error:
+            fix = "Add the file." if split == "train" else "Add the file, or set config.eval_freq=0 (no evaluation)."
+            _fail("dataset", str(error).rstrip("."), fix)

@@ -17,7 +17,7 @@ from flow_grpo.rewards import AsyncScorer, MultiReward
 from flow_grpo.sampling import Rollout, draw_window_start, rollout
 from flow_grpo.seeding import derived_seed
 
-__all__ = ["EpochSamples", "sample_epoch"]
+__all__ = ["EpochSamples", "encode_epoch_prompts", "sample_epoch"]
 
 
 @dataclass
@@ -71,7 +71,24 @@ def _rollout_batch(
             generator=generator,
             max_states_per_call=sample.max_states_per_call,
             state_buckets=tuple(sample.state_buckets),
+            decode_chunk=sample.decode_chunk,
+            uint8_images=True,  # rewards score uint8 exactly as the float images (`rewards.images.to_uint8`)
         )
+
+
+def encode_epoch_prompts(adapter: ModelAdapter, batches: list[list[str]], chunk: int) -> list[PromptEmbeds]:
+    """Encode each distinct prompt of the epoch once, `chunk` prompts per encoder call, then index per batch.
+
+    Args:
+        batches: the prompt texts of every sampling batch.
+    Returns:
+        one PromptEmbeds per batch, with `len(batches[i])` rows.
+    """
+    distinct = list(dict.fromkeys(text for texts in batches for text in texts))
+    encoded = PromptEmbeds.cat([adapter.encode_prompts(distinct[i : i + chunk]) for i in range(0, len(distinct), chunk)])
+    row = {text: i for i, text in enumerate(distinct)}
+    device = next(iter(encoded.tensors.values())).device
+    return [encoded.select(torch.tensor([row[text] for text in texts], device=device)) for texts in batches]
 
 
 @torch.no_grad()
@@ -86,19 +103,25 @@ def sample_epoch(
 ) -> EpochSamples:
     """Run this process's rollouts of `epoch` (batches of `plan`) and score them; scoring overlaps the next batch.
 
-    TP-GRPO scores every completed image (`W + 1` per trajectory); Flow-GRPO the final images.
+    The epoch's distinct prompts are encoded first, in one pass; with `config.offload_text_encoders`
+    the text encoders then wait on the CPU. TP-GRPO scores every completed image (`W + 1` per
+    trajectory), Flow-GRPO the final images; the rewards get them as uint8 and only the scorer
+    holds them, until they are scored.
     """
     tp = config.algorithm == "tp_grpo"
     per_image = config.sample.window_size + 1
     pending, batches = [], []
     started = time.perf_counter()
+    gathered = [dataset.gather(plan.dataset_indices[i]) for i in range(plan.num_batches)]
+    embeds_per_batch = encode_epoch_prompts(adapter, [texts for texts, _ in gathered], config.sample.batch_size)
+    if config.offload_text_encoders:
+        adapter.offload_text_encoders()
     with AsyncScorer(reward) as scorer:
         progress = tqdm(
             range(plan.num_batches), desc=f"epoch {epoch}: sampling", disable=not accelerator.is_local_main_process, leave=False
         )
         for i in progress:
-            texts, metadata = dataset.gather(plan.dataset_indices[i])
-            embeds = adapter.encode_prompts(texts)
+            (texts, metadata), embeds = gathered[i], embeds_per_batch[i]
             result = _rollout_batch(config, accelerator, adapter, embeds, derived_seed(config.seed, epoch, accelerator.process_index, i))
             if tp:
                 images = result.completed_images.flatten(0, 1)
@@ -106,7 +129,9 @@ def sample_epoch(
                 metadata = [m for m in metadata for _ in range(per_image)]
             else:
                 images = result.images
-            pending.append(scorer.submit(images.detach(), texts, metadata))  # rewards move images where they run
+            pending.append(scorer.submit(images, texts, metadata))  # rewards move images where they run
+            del images
+            result.images = result.completed_images = None  # the scorer holds the images until they are scored
             batches.append((embeds, result, plan.group_ids[i]))
         sampling_seconds = time.perf_counter() - started
         scores = [future.result() for future in pending]  # the wait here is scoring not hidden by sampling

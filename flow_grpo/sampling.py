@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from flow_grpo.models.base import ModelAdapter, PromptEmbeds
+from flow_grpo.rewards.images import to_uint8
 from flow_grpo.sde import euler_step, stochastic_step
 
 
@@ -22,7 +23,7 @@ class Rollout:
     """One sampling batch of B trajectories with a window of W stochastic steps.
 
     Attributes:
-        images: (B, 3, H, W_img) float32 final images in [0, 1].
+        images: (B, 3, H, W_img) final images, float32 in [0, 1] (uint8 with `uint8_images`).
         latents: (B, W, ...) float32 states `x_k` at the window steps.
         next_latents: (B, W, ...) float32 states `x_{k+1}` sampled at the window steps.
         log_probs: (B, W) float32 log-probabilities of `next_latents` under the sampling policy.
@@ -81,10 +82,20 @@ def _chunked_velocity(
     return torch.cat(parts)
 
 
-def decode_chunked(adapter: ModelAdapter, latents: torch.Tensor, max_states_per_call: int = 0) -> torch.Tensor:
-    """Decode latents (B, ...) to images (B, 3, H, W) in [0, 1], at most `max_states_per_call` per VAE call."""
-    size = max_states_per_call if max_states_per_call > 0 else latents.shape[0]
-    return torch.cat([adapter.decode(latents[i : i + size]) for i in range(0, latents.shape[0], size)])
+def decode_chunked(adapter: ModelAdapter, latents: torch.Tensor, chunk: int = 0, uint8: bool = False) -> torch.Tensor:
+    """Decode latents (B, ...) to images (B, 3, H, W), at most `chunk` per VAE call (0 = one call).
+
+    Images are float32 in [0, 1], or with `uint8` rounded per chunk by `flow_grpo.rewards.images.to_uint8`
+    (the rewards' own rounding, so they score them exactly as the float images), so no float32
+    copy of the whole batch exists at once.
+    """
+    size = chunk if chunk > 0 else latents.shape[0]
+    parts = []
+    for i in range(0, latents.shape[0], size):
+        images = adapter.decode(latents[i : i + size])
+        parts.append(to_uint8(images) if uint8 else images)
+        del images
+    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -104,6 +115,8 @@ def rollout(
     max_states_per_call: int = 0,
     state_buckets: tuple[int, ...] = (),
     transformer: torch.nn.Module | None = None,
+    decode_chunk: int = 0,
+    uint8_images: bool = False,
 ) -> Rollout:
     """Sample B = len(prompts) trajectories with stochastic steps `[s, s + W)` and ODE steps elsewhere.
 
@@ -118,9 +131,11 @@ def rollout(
         branches: also compute the TP-GRPO completions (lockstep) and return `completed_images`.
         generator: drives the initial noise (unless `initial_latents` is given) and the step noise.
         initial_latents: (B, ...) noise at sigma 1, overriding the generator's draw.
-        max_states_per_call: bound on states per transformer / VAE call; 0 = no bound.
+        max_states_per_call: bound on states per transformer call; 0 = no bound.
         state_buckets: pad transformer calls to these state counts (see `_chunked_velocity`).
         transformer: overrides the adapter's transformer (e.g. a compiled one).
+        decode_chunk: images per VAE decode call; 0 = all in one call.
+        uint8_images: return `images` and `completed_images` as uint8 (see `decode_chunked`).
     """
     batch = len(prompts)
     if window_size and not 0 <= window_start <= window_start + window_size <= num_steps - 1:
@@ -164,12 +179,12 @@ def rollout(
             x = euler_step(main_velocity, x, sigma, sigma_next)
     final = x
     if branches:
-        decoded = decode_chunked(adapter, torch.cat([branch_states, final]), max_states_per_call)
+        decoded = decode_chunked(adapter, torch.cat([branch_states, final]), decode_chunk, uint8_images)
         completed = decoded.view(window_size + 1, batch, *decoded.shape[1:]).transpose(0, 1)
         images = completed[:, -1]
     else:
         completed = None
-        images = decode_chunked(adapter, final, max_states_per_call)
+        images = decode_chunked(adapter, final, decode_chunk, uint8_images)
     steps = torch.arange(window_start, window_start + window_size, device=x.device)
     return Rollout(
         images=images,

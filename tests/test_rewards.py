@@ -190,7 +190,7 @@ def test_multi_reward_checks_inputs_and_outputs(monkeypatch):
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         reward(images[:, :1], prompts, metadata)
     with pytest.raises(ValueError, match="float images"):
-        reward((images * 255).to(torch.uint8), prompts, metadata)
+        reward((images * 255).to(torch.int32), prompts, metadata)
     bad = build_reward({"test_wrong_shape": 1.0}, "cpu")
     with pytest.raises(ValueError, match="test_wrong_shape"):
         bad(images, prompts, metadata)

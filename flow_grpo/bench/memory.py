@@ -4,17 +4,21 @@
 (`flow_grpo.bench.tracing`), counts resident bytes exactly and traces the largest call of each phase:
 
 - weights: transformer and text encoders in the mixed-precision dtype, VAE in float32, the
-  on-device reward models in their reward dtype ("auto" = float16 on CUDA);
+  on-device reward models in their reward dtype ("auto" = float16 on CUDA). With
+  `offload_text_encoders` the text encoders are on the device only in the "encoding" phase (the
+  epoch's distinct prompts are encoded first, then the encoders move to the CPU);
 - training state: LoRA parameters (float32), their gradients (update only), AdamW's two float32
   states, the EMA shadow (`train.ema`) and DDP's gradient buckets (more than one process);
 - buffers: what a process keeps for the epoch (rollout latents, prompt embeddings, and during
-  sampling the float32 final and completed images of every sampling batch);
+  sampling the uint8 final and completed images waiting for the scorer, counted as if none were
+  scored before the last batch is sampled). The "encoding" phase holds the previous epoch's buffers;
 - activations: the largest call of the phase, traced at real size: the rollout's largest
   transformer call (lockstep TP-GRPO: main + baseline + W - 1 branches, times 2 rows with CFG,
-  bounded by `sample.max_states_per_call` or the largest state bucket) or its VAE decode (all
-  completions of a sampling batch in one call unless chunked), the reward's largest image batch
-  (scoring runs in a thread while sampling goes on, so the sampling phase holds both), and one
-  training micro-batch's forward + LoRA-disabled reference pass + backward.
+  bounded by `sample.max_states_per_call` or the largest state bucket) or its VAE decode
+  (`sample.decode_chunk` images per call), the reward's largest image batch (scoring runs in a
+  thread while sampling goes on, so the sampling phase holds both), and one training
+  micro-batch's forward + LoRA-disabled reference pass + backward. The text encoders' own
+  activations (a few hundred MB for a sampling batch of prompts) are not traced.
 
 Activations are the larger of the traced live-storage peak and the bytes saved for backward,
 times `1 + TRANSIENT_ALLOWANCE`: a caching allocator's fragmentation, kernel workspaces and the
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 
 import ml_collections
 import torch
+from accelerate.logging import get_logger
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flow_grpo.bench import tracing
@@ -56,15 +61,18 @@ __all__ = [
     "format_report",
     "main",
     "predict_memory",
+    "preflight",
     "rollout_call_states",
     "training_step",
 ]
+
+logger = get_logger(__name__)
 
 GIB = 2**30
 TRANSIENT_ALLOWANCE = 0.25
 """Fraction added to every traced activation peak (allocator fragmentation, workspaces, step math)."""
 
-PHASES = ("sampling", "scoring", "update")
+PHASES = ("encoding", "sampling", "scoring", "update")
 
 
 class InsufficientMemoryError(RuntimeError):
@@ -276,29 +284,6 @@ def _diffusion_traces(
     return result
 
 
-def _reward_traces(reward: tracing.RewardModel, images: int) -> dict[str, int]:
-    """Weights and the peak of one image-embedding call of `images` images of a CLIP reward."""
-    from transformers import CLIPConfig, CLIPModel
-
-    key = _key("reward", reward.clip, str(reward.dtype), images, reward.image_size)
-    if key in _TRACES:
-        return _TRACES[key]
-    with tracing.fake_mode(), tracing.default_dtype(reward.dtype):
-        model = CLIPModel(CLIPConfig(**reward.clip)).requires_grad_(False).eval()
-        pixels = torch.empty(images, 3, reward.image_size, reward.image_size, dtype=reward.dtype)
-
-        def embed() -> torch.Tensor:
-            with torch.no_grad():
-                return model.get_image_features(pixel_values=pixels)
-
-        result = {
-            "weights": tracing.module_bytes(model, reward.dtype) + reward.extra_bytes,
-            "live": tracing.live_peak(embed, [*tracing.module_tensors(model), pixels]),
-        }
-    _TRACES[key] = result
-    return result
-
-
 # ---------------------------------------------------------------------------------- prediction
 
 
@@ -307,7 +292,7 @@ def rollout_call_states(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
     Lockstep TP-GRPO carries B (W + 1) states at the end of the window (main, baseline and W - 1
     branches); Flow-GRPO carries B. A bound (`max_states_per_call`) or the largest state bucket
-    caps the transformer call; only `max_states_per_call` chunks the decode.
+    caps the transformer call; `decode_chunk` caps the decode.
     """
     sample = config.sample
     live = sample.batch_size * (sample.window_size + 1 if config.algorithm == "tp_grpo" else 1)
@@ -316,7 +301,7 @@ def rollout_call_states(config: ml_collections.ConfigDict) -> tuple[int, int]:
         call = min((b for b in buckets if b >= live), default=max(buckets))
     else:
         call = min(live, sample.max_states_per_call or live)
-    decode = min(live, sample.max_states_per_call or live)
+    decode = min(live, sample.decode_chunk or live)
     return call, decode
 
 
@@ -329,7 +314,7 @@ def _epoch_buffers(config: ml_collections.ConfigDict, arch: tracing.Architecture
     if arch.family == "flux":
         prompt += arch.text_tokens * 3 * dtype.itemsize  # text_ids
     recorded = 2 * window * arch.latent_numel(sample.resolution) * 4 + window * (4 + 4 + 4 + 8)  # latents, next, log-probs, sigmas, steps
-    image = 3 * sample.resolution**2 * 4
+    image = 3 * sample.resolution**2  # uint8
     images = image * (window + 1 if config.algorithm == "tp_grpo" else 1)
     per_process = layout.trajectories_per_process
     return per_process * (prompt + recorded + images), per_process * (prompt + recorded + 8)
@@ -353,7 +338,7 @@ def predict_memory(config: ml_collections.ConfigDict, world_size: int) -> Memory
         step_kind=sample.step_kind, noise_level=sample.noise_level, beta=train.beta,
     )
     scored_per_call = sample.batch_size * (sample.window_size + 1 if config.algorithm == "tp_grpo" else 1)
-    rewards = {r.name: _reward_traces(r, min(r.batch_size, scored_per_call)) for r in tracing.reward_models(config)}
+    rewards = {r.name: tracing.reward_trace(r, min(r.batch_size, scored_per_call)) for r in tracing.reward_models(config)}
 
     lora = 4 * traces["lora_numel"]
     components = {
@@ -367,7 +352,9 @@ def predict_memory(config: ml_collections.ConfigDict, world_size: int) -> Memory
         "ddp_buckets": lora if world_size > 1 else 0,
         "grads": lora,
     }
-    weights = sum(v for k, v in components.items() if k in ("transformer", "vae") or k.startswith(("text:", "reward:")))
+    text = sum(v for k, v in components.items() if k.startswith("text:"))
+    weights = sum(v for k, v in components.items() if k in ("transformer", "vae") or k.startswith("reward:"))
+    resident = weights + (0 if config.offload_text_encoders else text)  # outside the encoding phase
     state = components["lora"] + components["adamw"] + components["ema"] + components["ddp_buckets"]
     sampling_buffers, update_buffers = _epoch_buffers(config, arch, layout, dtype)
     allowance = 1.0 + TRANSIENT_ALLOWANCE
@@ -379,13 +366,15 @@ def predict_memory(config: ml_collections.ConfigDict, world_size: int) -> Memory
         update_live=traces["update_live"], update_saved=traces["update_saved"],
     )
     phases = (
-        PhaseMemory("sampling", weights, state, sampling_buffers, rollout + scoring),
-        PhaseMemory("scoring", weights, state, sampling_buffers, scoring),
-        PhaseMemory("update", weights, state + components["grads"], update_buffers, update),
+        PhaseMemory("encoding", weights + text, state, update_buffers, 0),
+        PhaseMemory("sampling", resident, state, sampling_buffers, rollout + scoring),
+        PhaseMemory("scoring", resident, state, sampling_buffers, scoring),
+        PhaseMemory("update", resident, state + components["grads"], update_buffers, update),
     )
     settings = {
         "train.batch_size": train.batch_size, "train.gradient_checkpointing": train.gradient_checkpointing,
-        "sample.max_states_per_call": sample.max_states_per_call, "rollout_states": rollout_states,
+        "sample.max_states_per_call": sample.max_states_per_call, "sample.decode_chunk": sample.decode_chunk,
+        "offload_text_encoders": config.offload_text_encoders, "rollout_states": rollout_states,
         "decode_states": decode_states, "train_rows": train.batch_size * cfg_rows,
         "trajectories_per_process": layout.trajectories_per_process,
     }
@@ -409,15 +398,24 @@ def _advice(report: MemoryReport, device_bytes: int) -> list[str]:
         smaller = [b for b in range(1, batch) if settings["trajectories_per_process"] % b == 0 and b <= batch * fraction]
         if smaller:
             advice.append(f"lower train.batch_size from {batch} to {max(smaller)} (must divide {settings['trajectories_per_process']})")
-    else:
-        states = int(settings["rollout_states"])
+    elif phase.name in ("sampling", "scoring"):
+        components = report.components
         fraction = max(0.0, 1.0 - excess / max(phase.activations, 1))
-        bound = max(1, int(states * fraction))
-        advice.append(
-            f"set sample.max_states_per_call={bound} (the largest rollout call holds {states} states and the VAE "
-            f"decodes {settings['decode_states']} images at once; the bound chunks both)"
-        )
-    advice.append("or free the device of the text encoders / rewards (remote reward server) and lower sample.batch_size")
+        if components["decode_call_live"] >= components["rollout_call_live"]:
+            images = int(settings["decode_states"])
+            advice.append(
+                f"set sample.decode_chunk={max(1, int(images * fraction))} (the VAE decodes {images} images per call)"
+            )
+        else:
+            states = int(settings["rollout_states"])
+            advice.append(
+                f"set sample.max_states_per_call={max(1, int(states * fraction))} (the largest rollout call holds "
+                f"{states} states)"
+            )
+    text = sum(v for k, v in report.components.items() if k.startswith("text:"))
+    if phase.name != "encoding" and not settings["offload_text_encoders"] and text:
+        advice.append(f"set offload_text_encoders=True (frees {text / GIB:.1f} GB outside the prompt encoding)")
+    advice.append("or free the device of the rewards (remote reward server) and lower sample.batch_size")
     return advice
 
 
@@ -431,6 +429,22 @@ def check_fits(report: MemoryReport, device_bytes: int) -> None:
         f"predicted peak per process {report.peak / GIB:.1f} GB ({phase.name}) exceeds the device's "
         f"{device_bytes / GIB:.1f} GB by {(report.peak - device_bytes) / GIB:.1f} GB. Change:\n  - {lines}"
     )
+
+
+def preflight(config: ml_collections.ConfigDict, world_size: int, device: torch.device) -> MemoryReport | None:
+    """The trainer's start-up check: on a CUDA `device` with `config.memory_check`, predict and `check_fits`.
+
+    Returns the report (logged), or None where nothing was checked (CPU / MPS, or the check is off).
+    Raises `InsufficientMemoryError` with advice before any weights are loaded.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not config.memory_check:
+        return None
+    report = predict_memory(config, world_size)
+    total = torch.cuda.get_device_properties(device).total_memory
+    logger.info(f"{format_report(report)}\ndevice memory: {total / GIB:.1f} GB (config.memory_check=False skips this check)")
+    check_fits(report, total)
+    return report
 
 
 def format_report(report: MemoryReport) -> str:

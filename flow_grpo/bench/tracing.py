@@ -15,9 +15,9 @@ under the target default dtype, buffers are cast by assignment and peft's adapte
 with `Module.to` as a no-op (the LoRA weights are created in float32 on the same fake device).
 
 `architecture(config)` names what a preset builds: the transformer, VAE and scheduler configs of
-the published checkpoints (`flow_grpo.testing.architectures`), the text encoders (CLIP-L, OpenCLIP
-bigG, T5-XXL v1.1 encoder) and the reward backbones (configs written here), or a local pipeline
-directory's own component configs (e.g. the tiny models).
+the published checkpoints, the text encoders (CLIP-L, OpenCLIP bigG, T5-XXL v1.1 encoder) and the
+reward backbones (all in `flow_grpo.testing.architectures`), or a local pipeline directory's own
+component configs (e.g. the tiny models).
 """
 
 from __future__ import annotations
@@ -49,22 +49,22 @@ from torch.utils._pytree import tree_leaves
 
 from flow_grpo.models import FluxAdapter, ModelAdapter, PromptEmbeds, SD3Adapter
 from flow_grpo.testing.architectures import (
+    CLIP_L_TEXT,
     CLIP_VIT_H_14,
+    CLIP_VIT_L_14,
     FLUX_DEV_TRANSFORMER,
     FLUX_SCHEDULER,
     FLUX_VAE,
+    OPENCLIP_BIGG_TEXT,
     SD35_MEDIUM_TRANSFORMER,
     SD3_CLIP_TOKENS,
     SD3_SCHEDULER,
     SD3_VAE,
+    T5_XXL_ENCODER,
 )
 
 __all__ = [
-    "CLIP_L_TEXT",
-    "CLIP_VIT_L_14",
-    "OPENCLIP_BIGG_TEXT",
     "REMOTE_REWARDS",
-    "T5_XXL_ENCODER",
     "Architecture",
     "LiveBytes",
     "RewardModel",
@@ -79,62 +79,12 @@ __all__ = [
     "module_bytes",
     "module_tensors",
     "reward_models",
+    "reward_trace",
     "storage_key",
     "text_encoder_bytes",
 ]
 
 # ------------------------------------------------------------------------------ architectures
-
-CLIP_L_TEXT: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-}
-"""Text tower of openai/clip-vit-large-patch14 (SD3 `text_encoder`, FLUX `text_encoder`)."""
-
-OPENCLIP_BIGG_TEXT: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "max_position_embeddings": 77,
-    "projection_dim": 1280,
-    "hidden_act": "gelu",
-}
-"""Text tower of OpenCLIP ViT-bigG/14 (SD3 `text_encoder_2`)."""
-
-T5_XXL_ENCODER: dict[str, Any] = {
-    "vocab_size": 32128,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_num_buckets": 32,
-}
-"""Encoder of google/t5-v1_1-xxl (SD3 `text_encoder_3`, FLUX `text_encoder_2`; 4.76 B parameters)."""
-
-CLIP_VIT_L_14: dict[str, Any] = {
-    "text_config": {key: CLIP_L_TEXT[key] for key in CLIP_L_TEXT if key != "projection_dim"},
-    "vision_config": {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "image_size": 224,
-        "patch_size": 14,
-        "hidden_act": "quick_gelu",
-    },
-    "projection_dim": 768,
-}
-"""`CLIPModel` of openai/clip-vit-large-patch14 (CLIPScore and the aesthetic backbone)."""
 
 REMOTE_REWARDS = frozenset({"remote", "geneval", "ocr", "unifiedreward"})
 """Rewards scored by a server process: no model on the training device."""
@@ -300,6 +250,28 @@ def reward_models(config: ml_collections.ConfigDict) -> list[RewardModel]:
         else:
             raise ValueError(f"memory preflight: no device-memory model for reward {name!r}; add it to {__name__}")
     return models
+
+
+_REWARD_TRACES: dict[str, dict[str, int]] = {}
+
+
+def reward_trace(reward: RewardModel, images: int) -> dict[str, int]:
+    """Bytes of a CLIP reward: "weights", and "live", the peak of one image-embedding call of `images` images (cached)."""
+    key = json.dumps([reward.clip, str(reward.dtype), images, reward.image_size, reward.extra_bytes], sort_keys=True, default=str)
+    if key not in _REWARD_TRACES:
+        with fake_mode(), default_dtype(reward.dtype):
+            model = transformers.CLIPModel(transformers.CLIPConfig(**reward.clip)).requires_grad_(False).eval()
+            pixels = torch.empty(images, 3, reward.image_size, reward.image_size, dtype=reward.dtype)
+
+            def embed() -> torch.Tensor:
+                with torch.no_grad():
+                    return model.get_image_features(pixel_values=pixels)
+
+            _REWARD_TRACES[key] = {
+                "weights": module_bytes(model, reward.dtype) + reward.extra_bytes,
+                "live": live_peak(embed, [*module_tensors(model), pixels]),
+            }
+    return _REWARD_TRACES[key]
 
 
 # ---------------------------------------------------------------------------------- counting

@@ -97,6 +97,7 @@ class ModelAdapter(abc.ABC):
         self.pipeline = pipeline
         self.guidance_scale = guidance_scale
         self.max_sequence_length = max_sequence_length
+        self.text_encoders_offloaded = False
 
     @classmethod
     def from_pretrained(
@@ -139,6 +140,27 @@ class ModelAdapter(abc.ABC):
     def dtype(self) -> torch.dtype:
         return self.pipeline.transformer.dtype
 
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text encoders (its `text_encoder*` components that are set)."""
+        return [
+            module
+            for name, module in self.pipeline.components.items()
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+        ]
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU; the next `encode_prompts` moves them back to the device."""
+        for module in self.text_encoders():
+            module.to("cpu")
+        self.text_encoders_offloaded = True
+
+    def text_encoders_to_device(self) -> None:
+        """Bring offloaded text encoders back to the transformer's device (adapters call it before encoding)."""
+        if self.text_encoders_offloaded:
+            for module in self.text_encoders():
+                module.to(self.device)
+            self.text_encoders_offloaded = False
+
     @property
     def uses_cfg(self) -> bool:
         """Whether the velocity uses classifier-free guidance (two transformer rows per state)."""
@@ -146,7 +168,11 @@ class ModelAdapter(abc.ABC):
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        """Encode `prompts` (length B) into a PromptEmbeds of B rows."""
+        """Encode `prompts` (length B) into a PromptEmbeds of B rows.
+
+        Implementations call `text_encoders_to_device()` first and compute everything else they
+        need from the text encoders here, so the encoders may be offloaded afterwards.
+        """
 
     @abc.abstractmethod
     def initial_latents(

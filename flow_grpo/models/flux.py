@@ -48,6 +48,7 @@ class FluxAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        self.text_encoders_to_device()
         embeds, pooled, text_ids = self.pipeline.encode_prompt(
             prompt=list(prompts),
             prompt_2=None,

@@ -29,6 +29,7 @@ class SD3Adapter(ModelAdapter):
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
+        self.text_encoders_to_device()
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
@@ -40,6 +41,8 @@ class SD3Adapter(ModelAdapter):
         return PromptEmbeds({"prompt_embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)})
 
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        if self.uses_cfg:
+            self.negative_prompt()  # cached now, while the text encoders are on the device
         return self._encode(list(prompts))
 
     def negative_prompt(self) -> PromptEmbeds:

@@ -1,9 +1,9 @@
 """CLIP-based rewards loaded with transformers: PickScore, CLIPScore and the LAION aesthetic score.
 
-Every scorer takes float images ``(N, 3, H, W)`` in ``[0, 1]`` on any device, preprocesses them on
-the reward device as the model's processor would (:class:`ImagePreprocess`), runs the model in
-chunks of ``batch_size`` images under ``torch.no_grad`` in the configured dtype, and returns
-float32 ``(N,)`` on the CPU. Text is tokenised once per distinct prompt (a GRPO batch repeats each
+Every scorer takes images ``(N, 3, H, W)`` (float in ``[0, 1]`` or uint8) on any device,
+preprocesses them on the reward device as the model's processor would (:class:`ImagePreprocess`),
+runs the model in chunks of ``batch_size`` images under ``torch.no_grad`` in the configured dtype,
+and returns float32 ``(N,)`` on the CPU. Text is tokenised once per distinct prompt (a GRPO batch repeats each
 prompt ``G`` times).
 
 transformers is imported inside the factories, so importing this module stays light.
@@ -103,7 +103,7 @@ class EmbeddingEncoder:
 
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [0, 1] -> L2-normalised float32 ``(N, D)`` on the reward device."""
+        """``(N, 3, H, W)`` in [0, 1] or uint8 -> L2-normalised float32 ``(N, D)`` on the reward device."""
         out = []
         for part in chunk_slices(images.shape[0], self.batch_size):
             pixels = self.preprocess(images[part].to(self.device, non_blocking=True)).to(self.dtype)
@@ -241,7 +241,7 @@ class ClipSimilarityReward:
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [0, 1] -> float32 ``(N,)`` on the CPU."""
+        """``(N, 3, H, W)`` in [0, 1] or uint8 -> float32 ``(N,)`` on the CPU."""
         cosine = self.encoder.cosine(images, prompts)
         if self.min_cosine is not None:
             cosine = cosine.clamp(min=self.min_cosine)
@@ -318,5 +318,5 @@ class AestheticReward:
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [0, 1] -> float32 ``(N,)`` CPU aesthetic score (about 1-10 with real weights)."""
+        """``(N, 3, H, W)`` in [0, 1] or uint8 -> float32 ``(N,)`` CPU aesthetic score (about 1-10 with real weights)."""
         return self.head(self.encoder.image_embeddings(images)).float().cpu()

@@ -85,7 +85,7 @@ class HpsReward:
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [0, 1] -> float32 ``(N,)`` CPU HPS v2.1 score."""
+        """``(N, 3, H, W)`` in [0, 1] or uint8 -> float32 ``(N,)`` CPU HPS v2.1 score."""
         image = self.encoder.image_embeddings(images)
         return (image * self.encoder.text_embeddings(prompts)).sum(dim=-1).cpu()
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flow_grpo.rewards.images import to_uint8
 from flow_grpo.rewards.registry import RewardFn, register_reward
 
 __all__ = ["JPEG_QUALITY", "jpeg_compressibility", "jpeg_incompressibility", "jpeg_size_kb"]
@@ -26,24 +27,15 @@ def jpeg_size_kb(images: torch.Tensor) -> torch.Tensor:
     """JPEG file size of each image in kB (bytes / 1000), quality 95.
 
     Args:
-        images: float ``(N, 3, H, W)`` in ``[0, 1]``, any device; values are scaled to 0..255,
-            rounded and clamped to uint8 before encoding.
+        images: float ``(N, 3, H, W)`` in ``[0, 1]`` (rounded to uint8 with `to_uint8` before
+            encoding) or uint8 in ``0..255``, any device.
 
     Returns:
         float32 ``(N,)`` on the CPU.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"jpeg_size_kb expects images of shape (N, 3, H, W), got {tuple(images.shape)}.")
-    pixels = (
-        (images.detach().float() * 255.0)
-        .nan_to_num(0.0)
-        .round()
-        .clamp(0, 255)
-        .to(torch.uint8)
-        .permute(0, 2, 3, 1)  # (N, H, W, 3) as PIL wants
-        .cpu()
-        .numpy()
-    )
+    pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3) as PIL wants
     sizes = np.empty(len(pixels), dtype=np.float32)
     for i, pixel_array in enumerate(pixels):
         buffer = io.BytesIO()
@@ -55,7 +47,7 @@ def jpeg_size_kb(images: torch.Tensor) -> torch.Tensor:
 def jpeg_compressibility(
     images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
 ) -> torch.Tensor:
-    """Minus the JPEG size in kB: ``(N, 3, H, W)`` in [0, 1] -> float32 ``(N,)`` CPU.
+    """Minus the JPEG size in kB: ``(N, 3, H, W)`` in [0, 1] or uint8 -> float32 ``(N,)`` CPU.
 
     Prompts and metadata are ignored.
     """
@@ -65,7 +57,7 @@ def jpeg_compressibility(
 def jpeg_incompressibility(
     images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
 ) -> torch.Tensor:
-    """The JPEG size in kB: ``(N, 3, H, W)`` in [0, 1] -> float32 ``(N,)`` CPU.
+    """The JPEG size in kB: ``(N, 3, H, W)`` in [0, 1] or uint8 -> float32 ``(N,)`` CPU.
 
     Prompts and metadata are ignored.
     """

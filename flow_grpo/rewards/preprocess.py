@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from flow_grpo.rewards.images import to_uint8, to_unit_float
+
 __all__ = ["ImagePreprocess"]
 
 # PIL resampling codes as stored in processor configs.
@@ -88,7 +90,8 @@ class ImagePreprocess:
         """Preprocess a batch.
 
         Args:
-            images: float ``(N, 3, H, W)`` in ``[0, 1]`` on any device (values outside are clamped).
+            images: float ``(N, 3, H, W)`` in ``[0, 1]`` (values outside are clamped) or uint8 in
+                ``0..255``, on any device; float images are first rounded to uint8 (`to_uint8`).
 
         Returns:
             float32 ``(N, 3, h, w)`` on the same device, normalised.
@@ -100,14 +103,14 @@ class ImagePreprocess:
         if self.quantize:
             # 8-bit path, as the processors work: torchvision's antialiased uint8 resize is also
             # several times faster on CPU than a float resize. One copy, then in-place passes.
-            pixels = images.detach().float().mul(255.0).nan_to_num_(0.0).clamp_(0.0, 255.0).round_().to(torch.uint8)
+            pixels = to_uint8(images)
             if new_size != (height, width):
                 pixels = _resize_uint8(pixels, new_size, self.interpolation)
             if self.crop is not None:
                 pixels = _center_crop(pixels, self.crop, self.crop_offset)
             x = pixels.float().div_(255.0)
         else:
-            x = images.detach().float().nan_to_num(0.0).clamp_(0.0, 1.0)
+            x = to_unit_float(images).float().nan_to_num(0.0).clamp_(0.0, 1.0)
             if new_size != (height, width):
                 x = F.interpolate(x, size=new_size, mode=self.interpolation, align_corners=False, antialias=True)
                 x = x.clamp_(0.0, 1.0)  # as an 8-bit image cannot overshoot

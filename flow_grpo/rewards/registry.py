@@ -4,7 +4,8 @@ Every reward follows one call signature::
 
     reward(images, prompts, metadata) -> torch.Tensor
 
-- ``images``: float tensor ``(N, 3, H, W)`` with values in ``[0, 1]``, on any device.
+- ``images``: ``(N, 3, H, W)``, float with values in ``[0, 1]`` or uint8 in ``0..255`` (what the
+  trainer hands over: `flow_grpo.rewards.images.to_uint8` of the decoded images), on any device.
 - ``prompts``: ``list[str]`` of length ``N``.
 - ``metadata``: ``list[dict]`` of length ``N`` (e.g. GenEval ``include`` / ``exclude`` entries).
 - returns: float32 tensor ``(N,)`` on the CPU, higher is better.
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 RewardFn = Callable[[torch.Tensor, Sequence[str], Sequence[Mapping[str, Any]]], torch.Tensor]
-"""``reward(images (N, 3, H, W) in [0, 1], prompts, metadata) -> float32 (N,) on CPU``."""
+"""``reward(images (N, 3, H, W) in [0, 1] or uint8, prompts, metadata) -> float32 (N,) on CPU``."""
 
 RewardFactory = Callable[[torch.device, Mapping[str, Any]], RewardFn]
 """``factory(device, options) -> RewardFn``; ``options`` holds per-reward settings."""
@@ -287,9 +288,9 @@ def _check_batch(
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"Rewards expect images of shape (N, 3, H, W), got {shape}.")
-    if not images.is_floating_point():
+    if not (images.is_floating_point() or images.dtype == torch.uint8):
         raise ValueError(
-            f"Rewards expect float images in [0, 1], got dtype {images.dtype}; divide uint8 images by 255."
+            f"Rewards expect float images in [0, 1] or uint8 images in 0..255, got dtype {images.dtype}."
         )
     num = images.shape[0]
     if len(prompts) != num or len(metadata) != num:

@@ -55,6 +55,7 @@ import torch
 from accelerate.logging import get_logger
 from PIL import Image
 
+from flow_grpo.rewards.images import to_uint8
 from flow_grpo.rewards.options import chunk_slices, parse_options
 from flow_grpo.rewards.registry import RewardFn, register_reward
 
@@ -132,24 +133,15 @@ class RemoteRewardBadReplyError(RemoteRewardError):
 
 
 def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float ``(N, 3, H, W)`` in [0, 1] -> uint8 ``(N, H, W, 3)`` numpy (rounded, clamped)."""
-    return (
-        (images.detach().float() * 255.0)
-        .nan_to_num(0.0)
-        .round()
-        .clamp(0, 255)
-        .to(torch.uint8)
-        .permute(0, 2, 3, 1)
-        .cpu()
-        .numpy()
-    )
+    """Float ``(N, 3, H, W)`` in [0, 1] (rounded with `to_uint8`) or uint8 -> uint8 ``(N, H, W, 3)`` numpy."""
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def encode_images(images: torch.Tensor, image_format: str) -> dict[str, Any]:
     """Encode a batch for a ``/score`` request.
 
     Args:
-        images: float ``(N, 3, H, W)`` in ``[0, 1]``.
+        images: float ``(N, 3, H, W)`` in ``[0, 1]`` or uint8.
         image_format: ``"png"`` or ``"raw"``.
 
     Returns:
@@ -324,7 +316,7 @@ class RemoteReward:
         """Score a batch remotely.
 
         Args:
-            images: float ``(N, 3, H, W)`` in ``[0, 1]``, any device.
+            images: float ``(N, 3, H, W)`` in ``[0, 1]`` or uint8, any device.
             prompts: ``N`` prompts.
             metadata: ``N`` JSON-serialisable dicts (e.g. GenEval ``tag`` / ``include`` / ``exclude``).
 

@@ -1,7 +1,8 @@
 """Architectures of the real models (component configs, random weights) and adapters with random prompt embeddings.
 
 The configs are those of the published checkpoints' config.json files: the SD3.5-Medium and
-FLUX.1-dev transformers and VAEs and a CLIP ViT-H/14 reward model. `model_spec(size)` gives them,
+FLUX.1-dev transformers and VAEs, their text encoders (CLIP-L, OpenCLIP bigG, T5-XXL) and the
+CLIP ViT-H/14 and ViT-L/14 reward models. `model_spec(size)` gives them,
 or the tiny models of `flow_grpo.testing.pipelines` for CPU runs. The random-text adapters stand
 in for the text encoders: prompt embeddings are random tensors of the shapes the real encoders give.
 Nothing here downloads anything.
@@ -20,15 +21,19 @@ from flow_grpo.models import FluxAdapter, PromptEmbeds, SD3Adapter
 from flow_grpo.testing.pipelines import BUILDERS, CLIP_MAX_LENGTH, T5_MAX_LENGTH
 
 __all__ = [
+    "CLIP_L_TEXT",
     "CLIP_VIT_H_14",
+    "CLIP_VIT_L_14",
     "FLUX_DEV_TRANSFORMER",
     "FLUX_SCHEDULER",
     "FLUX_VAE",
+    "OPENCLIP_BIGG_TEXT",
     "SD35_MEDIUM_TRANSFORMER",
     "SD3_CLIP_TOKENS",
     "SD3_SCHEDULER",
     "SD3_VAE",
     "SIZES",
+    "T5_XXL_ENCODER",
     "ModelSpec",
     "RandomTextFluxAdapter",
     "RandomTextSD3Adapter",
@@ -133,6 +138,57 @@ CLIP_VIT_H_14: dict[str, Any] = {
 
 SD3_CLIP_TOKENS = 77
 """Tokens of the SD3 CLIP text encoders; the T5 tokens follow them in `prompt_embeds`."""
+
+CLIP_L_TEXT: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+"""Text tower of openai/clip-vit-large-patch14 (SD3 `text_encoder`, FLUX `text_encoder`)."""
+
+OPENCLIP_BIGG_TEXT: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+"""Text tower of OpenCLIP ViT-bigG/14 (SD3 `text_encoder_2`)."""
+
+T5_XXL_ENCODER: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+}
+"""Encoder of google/t5-v1_1-xxl (SD3 `text_encoder_3`, FLUX `text_encoder_2`; 4.76 B parameters)."""
+
+CLIP_VIT_L_14: dict[str, Any] = {
+    "text_config": {key: CLIP_L_TEXT[key] for key in CLIP_L_TEXT if key != "projection_dim"},
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "quick_gelu",
+    },
+    "projection_dim": 768,
+}
+"""`CLIPModel` of openai/clip-vit-large-patch14 (CLIPScore and the aesthetic backbone)."""
 
 
 @dataclass(frozen=True)
