@@ -392,9 +392,18 @@ class Trainer:
     def train(self) -> list[dict[str, float]]:
         """Run epochs `start_epoch ... config.num_epochs - 1`; returns their metrics.
 
-        Each epoch's metrics are appended to `<run>/metrics.jsonl` as soon as the epoch ends.
+        Each epoch's metrics are appended to `<run>/metrics.jsonl` as soon as the epoch ends. With
+        `config.eval_before_training`, a fresh run first evaluates the initial LoRA (the base model)
+        and records it as epoch -1, sent to the tracker at step 0 before epoch 0's metrics.
         """
         config, accelerator = self.config, self.accelerator
+        if config.eval_before_training and self.start_epoch == 0:
+            metrics = {"epoch": -1, **self.evaluate(-1)}
+            accelerator.log(metrics, step=0)
+            if accelerator.is_main_process:
+                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            logger.info(f"before training | eval {metrics['eval/avg']:.4f}", main_process_only=True)
         for epoch in range(self.start_epoch, config.num_epochs):
             started = time.perf_counter()
             samples = self.sample_epoch(epoch)
