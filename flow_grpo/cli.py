@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
 import math
 import os
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TextIO
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flow_grpo.paths import REPO_ROOT
 
@@ -24,6 +28,7 @@ __all__ = [
     "config_comments",
     "define_sampling_flags",
     "format_config",
+    "log_lines_apart",
     "parse_reward_weights",
     "preset_summaries",
     "setup_logging",
@@ -225,3 +230,63 @@ First steps:
 The published presets download their model from the Hugging Face hub: SD3.5 and FLUX.1-dev are gated
 (accept the license, then `huggingface-cli login`), or set --config.pretrained.model=/local/diffusers/dir.
 """
+
+
+# ----------------------------------------------------------------------------- log lines and progress bars
+
+
+class _LineTrackingStream:
+    """A text stream that remembers whether the last character written ended a line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+class _OwnLineHandler(logging.StreamHandler):
+    """Starts a new line before a record when a progress bar left the current line unfinished."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.stream.at_line_start:
+            self.stream.write("\n")
+        super().emit(record)
+
+
+@contextlib.contextmanager
+def log_lines_apart() -> Iterator[None]:
+    """Keep every log line on its own line, apart from tqdm progress bars, so `grep` on a log works.
+
+    On a terminal, records are written through tqdm (`logging_redirect_tqdm`), which clears the bars
+    first. When stderr is a file or pipe, bars are written as they are, and a record that follows an
+    unfinished bar line starts a new line.
+    """
+    if sys.stderr.isatty():
+        with logging_redirect_tqdm():
+            yield
+        return
+    original, tracked = sys.stderr, _LineTrackingStream(sys.stderr)
+    root = logging.getLogger()
+    replaced = [h for h in root.handlers if type(h) is logging.StreamHandler and h.stream in (original, sys.__stderr__)]
+    for handler in replaced:
+        own_line = _OwnLineHandler(tracked)
+        own_line.setFormatter(handler.formatter)
+        own_line.setLevel(handler.level)
+        root.removeHandler(handler)
+        root.addHandler(own_line)
+    sys.stderr = tracked
+    try:
+        yield
+    finally:
+        sys.stderr = original
+        for handler in [h for h in root.handlers if isinstance(h, _OwnLineHandler)]:
+            root.removeHandler(handler)
+        for handler in replaced:
+            root.addHandler(handler)

@@ -19,9 +19,8 @@ from absl import app, flags
 from accelerate import PartialState
 from accelerate.logging import get_logger
 from ml_collections import config_flags
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from flow_grpo.cli import format_config, setup_logging, training_help
+from flow_grpo.cli import format_config, log_lines_apart, setup_logging, training_help
 from flow_grpo.config_checks import ConfigError
 from flow_grpo.distributed import check_supported_backend
 from flow_grpo.paths import check_model_source, resolve_config_argument, resolve_config_paths
@@ -49,7 +48,7 @@ def run_training(config: ml_collections.ConfigDict, family: str | None = None) -
     if warning is not None:
         logger.warning(warning, main_process_only=True)
     logger.info("resolved config:\n" + format_config(config), main_process_only=True)
-    with logging_redirect_tqdm():  # log lines go between progress bars, never onto them
+    with log_lines_apart():  # log lines never share a line with a progress bar
         Trainer(config).train()
 
 
@@ -71,8 +70,12 @@ def main(default_preset: str = DEFAULT_PRESET, family: str | None = None) -> Non
         sys.exit(0)
     no_arguments = len(sys.argv) == 1
     sys.argv = resolve_config_argument(sys.argv)
-    holder = config_flags.DEFINE_config_file("config", resolve_config_argument(["--config", default_preset])[1], "Preset: file:function.")
-    print_config = flags.DEFINE_bool("print_config", False, "Print the resolved config with comments and exit.")
+    try:  # ml_collections may apply the overrides while the flags are defined
+        holder = config_flags.DEFINE_config_file("config", resolve_config_argument(["--config", default_preset])[1], "Preset: file:function.")
+        print_config = flags.DEFINE_bool("print_config", False, "Print the resolved config with comments and exit.")
+    except (AttributeError, KeyError) as error:
+        print(f"error: {unknown_key_message(sys.argv, error)}", file=sys.stderr)
+        sys.exit(2)
 
     def run(argv: list[str]) -> None:
         if len(argv) > 1:
@@ -84,9 +87,50 @@ def main(default_preset: str = DEFAULT_PRESET, family: str | None = None) -> Non
             run_training(holder.value, family)
         except ConfigError as error:
             first = f"No --config given, so the default preset {default_preset} was used.\n" if no_arguments else ""
-            sys.exit(f"error: {error}\n{first}Run `{program} --help` for the presets and first steps.")
+            print(f"error: {error}\n{first}Run `{program} --help` for the presets and first steps.", file=sys.stderr)
+            sys.exit(2)
 
-    app.run(run)
+    app.run(run, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """Parse the flags; an override naming a key the locked config lacks exits with code 2 and advice."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, flags.Error) as error:
+        print(f"error: {unknown_key_message(argv, error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def unknown_key_message(argv: list[str], error: BaseException) -> str:
+    """The message for a flag error: the override, the missing key, ml_collections' "did you mean", a fix.
+
+    Adding a reward with `--config.reward_fn.<name>=w` cannot work (the reward dicts are locked
+    like the rest of the config): the message shows the whole-dict form that does.
+    """
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    key, _, hint = text.partition("\n")
+    key = key.strip("'\"")
+    overrides = [arg.split("=", 1) for arg in argv[1:] if arg.startswith("--config.")]
+    matching = [(flag, value) for flag, *value in overrides if key and flag.split(".")[-1] == key]
+    if not matching or isinstance(error, flags.Error):
+        return text
+    flag, value = matching[-1]
+    parent = flag[len("--config.") :].rpartition(".")[0]
+    message = f"{flag}: the config has no key {key!r}" + (f" under config.{parent}." if parent else ".")
+    if hint:
+        message += f" {hint}"
+    if parent in ("reward_fn", "eval_reward_fn"):
+        weight = value[0] if value else "1.0"
+        message += (
+            f" Rewards are given as a whole dict, which replaces the preset's: --config.{parent}='{{\"{key}\": {weight}}}'"
+            " (list every reward you want, e.g. '{\"pickscore\": 1.0, \"aesthetic\": 0.5}')."
+        )
+    else:
+        message += " Every key is listed by --print_config (defined in config/base.py)."
+    return message
 
 
 if __name__ == "__main__":

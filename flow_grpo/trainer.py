@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import time
 
@@ -23,8 +22,10 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from flow_grpo import checkpointing, tracking
+from flow_grpo import checkpointing, tracking, trackers
 from flow_grpo.advantages import broadcast_to_steps, group_advantages, informative_rows
+from flow_grpo.bench.memory import preflight
+from flow_grpo.compile import compile_phases
 from flow_grpo.config_checks import Layout, validate_config
 from flow_grpo.data import GroupSampler, PromptDataset, dataset_paths
 from flow_grpo.ema import ParameterEMA
@@ -36,8 +37,9 @@ from flow_grpo.models import load_adapter
 from flow_grpo.policy import LossSettings, UpdateStep, add_lora, training_step
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.rewards import build_reward
+from flow_grpo.run_dir import default_run_name, metrics_line, plan_run, prepare, wandb_id
 from flow_grpo.seeding import derived_seed
-from flow_grpo.turning_points import step_rewards, summarize
+from flow_grpo.turning_points import StepRewards, step_rewards, summarize
 
 logger = get_logger(__name__)
 
@@ -65,16 +67,19 @@ class Trainer:
         """Validate the config, then set up accelerate, the model with LoRA, optimizer, data and rewards."""
         check_supported_backend()
         self.config = config
-        world_size = PartialState(cpu=use_cpu()).num_processes
+        state = PartialState(cpu=use_cpu())
+        world_size = state.num_processes
         self.layout: Layout = validate_config(config, world_size)
-        run_name = config.run_name or time.strftime("run-%Y%m%d-%H%M%S")
-        self.run_dir = os.path.join(config.logdir, run_name)
-        self.accelerator = self._setup_accelerator(run_name)
+        preflight(config, world_size, state.device)  # CUDA only; before any weights are loaded
+        self.plan = plan_run(config, config.run_name or default_run_name(config.logdir))
+        self.run_dir = self.plan.run_dir
+        PartialState().wait_for_everyone()  # every process has planned before the main one writes
+        self.accelerator = self._setup_accelerator(self.plan.run_name)
         accelerator = self.accelerator
         logger.info(f"run directory {self.run_dir}; layout {self.layout}")
 
         self.train_dataset = PromptDataset.from_file(dataset_paths(config.dataset, "train"))
-        self.test_dataset = PromptDataset.from_file(dataset_paths(config.dataset, "test"))
+        self.test_dataset = PromptDataset.from_file(dataset_paths(config.dataset, "test")) if config.eval_freq else None
         self.sampler = GroupSampler(
             num_prompts=len(self.train_dataset),
             prompts_per_epoch=config.sample.prompts_per_epoch,
@@ -100,10 +105,12 @@ class Trainer:
         )
         self.start_epoch = 0
         self.sampling_seconds = 0.0
-        self.last_curves: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_curves: tuple[torch.Tensor, StepRewards] | None = None  # completed rewards (B, W+1), step rewards
+        self.last_eval: tuple[int, dict[str, float]] | None = None  # (epoch, eval means) of the newest evaluation
         self.history: list[dict[str, float]] = []
-        if config.resume_from:
-            self.load_checkpoint(checkpointing.resolve_checkpoint(config.resume_from))
+        if self.plan.checkpoint is not None:
+            self.load_checkpoint(self.plan.checkpoint, self.plan.state)
+            self.plan.state = None  # release the loaded copy
 
     def _setup_accelerator(self, run_name: str) -> Accelerator:
         """The accelerator (mixed precision, accumulation, tracker); the main process writes `config.json`."""
@@ -113,21 +120,19 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=self.layout.gradient_accumulation_steps,
             log_with=None if config.report_to == "none" else config.report_to,
-            project_config=ProjectConfiguration(project_dir=self.run_dir),
+            project_config=ProjectConfiguration(project_dir=self.run_dir, logging_dir=self.run_dir),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.distributed_timeout_s))],
         )
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
         if accelerator.is_main_process:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                f.write(config.to_json(indent=2))
+            prepare(self.plan, config)
+        accelerator.wait_for_everyone()
         if config.report_to != "none":
-            accelerator.init_trackers(
-                config.project_name,
-                config=config.to_dict(),
-                init_kwargs={"wandb": {"name": run_name, "dir": os.path.abspath(self.run_dir)}},
-            )
+            kwargs = trackers.init_kwargs(config, run_name, self.run_dir)
+            if accelerator.is_main_process:  # only the main process runs a tracker
+                kwargs["wandb"] |= {"id": wandb_id(self.plan), "resume": "allow"}
+            accelerator.init_trackers(config.project_name, config=trackers.tracker_config(config), init_kwargs=kwargs)
         return accelerator
 
     def _setup_model(self) -> None:
@@ -141,8 +146,6 @@ class Trainer:
             transformer.enable_gradient_checkpointing()
         if config.attention_backend:
             transformer.set_attention_backend(config.attention_backend)
-        if config.compile:
-            transformer.compile()  # in place: sampling and the training forward run the same compiled code
         optimizer = torch.optim.AdamW(
             self.trainable,
             lr=train.learning_rate,
@@ -151,6 +154,8 @@ class Trainer:
             eps=train.adam_epsilon,
         )
         self.model, self.optimizer = accelerator.prepare(transformer, optimizer)
+        # One compiled callable per phase (rollout and evaluation, policy, reference), or none: eager throughout.
+        self.compiled = compile_phases(config, self.adapter, self.model) if config.compile else None
         self.ema = ParameterEMA(self.trainable, decay=train.ema_decay, every=train.ema_every) if train.ema else None
         self.update_step = UpdateStep(accelerator, self.optimizer, self.trainable, max_grad_norm=train.max_grad_norm, ema=self.ema)
 
@@ -204,7 +209,7 @@ class Trainer:
             advantages = group_advantages(result.rewards, group_ids, **clip)
             metrics.update({f"tp/{key}": value for key, value in summarize(result).items()})
             metrics["reward/baseline_R0"] = scored[:, 0].mean().item()
-            self.last_curves = (scored, result.turning_points)
+            self.last_curves = (scored, result)
         else:
             scored = accelerator.gather(samples.rewards["avg"])
             advantages = broadcast_to_steps(group_advantages(scored, group_ids, **clip), config.sample.window_size)
@@ -271,6 +276,7 @@ class Trainer:
                         advantages[rows, j],
                         self.loss_settings,
                         accelerator.autocast,
+                        compiled=self.compiled,
                     )
                     if first_ratio is None:
                         first_ratio = out.ratio_mean.detach()
@@ -307,24 +313,28 @@ class Trainer:
                 keep_images=config.log_images,
             )
         if accelerator.is_main_process and result.images:
-            captions = [f"{text} | {score:.4f}" for _, text, score in result.images]
-            grid = tracking.image_grid(torch.stack([image for image, _, _ in result.images]))
-            self._log_image(epoch, "eval_images", grid, captions)
-        return {f"eval/{name}": value for name, value in result.means.items()}
+            images, prompts, scores = torch.stack([kept[0] for kept in result.images]), *zip(*[kept[1:] for kept in result.images])
+            captions = [f"{prompt} | {score:.4f}" for prompt, score in zip(prompts, scores)]
+            self._log_image(epoch, "eval_images", tracking.image_grid(images, prompts=prompts, scores=scores), captions)
+            trackers.log_eval_samples(accelerator, config.report_to, images, prompts, scores, max(epoch, 0))
+        metrics = {f"eval/{name}": value for name, value in result.means.items()}
+        self.last_eval = (epoch, dict(result.means))
+        return metrics | {f"eval/{name}_nonfinite": float(n) for name, n in result.nonfinite.items() if n}
 
     def _log_image(self, epoch: int, name: str, image, captions: list[str] | None = None) -> None:
-        """Save a PIL image to `<run>/images/<name>_epoch_XXXXX.png` and send it to wandb when active."""
+        """Save a PIL image to `<run>/images/<name>_epoch_XXXXX.png` and send it to the tracker.
+
+        Epoch -1 (before training) is saved as `<name>_before_training.png`, sent at step 0.
+        """
         directory = os.path.join(self.run_dir, "images")
         os.makedirs(directory, exist_ok=True)
-        image.save(os.path.join(directory, f"{name}_epoch_{epoch:05d}.png"))
+        stem = os.path.join(directory, f"{name}_before_training" if epoch < 0 else f"{name}_epoch_{epoch:05d}")
+        image.save(stem + ".png")
         if captions is not None:
-            with open(os.path.join(directory, f"{name}_epoch_{epoch:05d}.txt"), "w") as f:
+            with open(stem + ".txt", "w") as f:
                 f.write("\n".join(captions) + "\n")
-        if self.config.report_to == "wandb":
-            import wandb
-
-            caption = " || ".join(captions) if captions else None
-            self.accelerator.get_tracker("wandb", unwrap=True).log({name: wandb.Image(image, caption=caption)}, step=epoch)
+        caption = " || ".join(captions) if captions else None
+        trackers.log_image(self.accelerator, self.config.report_to, name, image, max(epoch, 0), caption)
 
     def _ema_weights(self) -> contextlib.AbstractContextManager:
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
@@ -355,28 +365,37 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             }
-            torch.save(state, os.path.join(temporary, checkpointing.STATE_FILE + ".part"))
-            os.replace(
-                os.path.join(temporary, checkpointing.STATE_FILE + ".part"),
-                os.path.join(temporary, checkpointing.STATE_FILE),
-            )
+            checkpointing.save_file(state, os.path.join(temporary, checkpointing.STATE_FILE))
         accelerator.wait_for_everyone()
-        torch.save(checkpointing.rng_state(), os.path.join(temporary, f"rng_{accelerator.process_index}.pt"))
+        checkpointing.save_file(checkpointing.rng_state(), os.path.join(temporary, f"rng_{accelerator.process_index}.pt"))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             checkpointing.publish(target, self.config.keep_checkpoints)
         accelerator.wait_for_everyone()
         return target
 
-    def load_checkpoint(self, path: str) -> None:
-        """Restore LoRA, optimizer, EMA, scaler, counters and this process's RNG from a checkpoint."""
-        state = torch.load(os.path.join(path, checkpointing.STATE_FILE), map_location="cpu", weights_only=False)
+    def load_checkpoint(self, path: str, state: dict | None = None) -> None:
+        """Restore LoRA, optimizer, EMA, scaler, counters and this process's RNG from a checkpoint.
+
+        Every file is read as data only (`checkpointing.load_file`); `state` is `path`'s already
+        loaded `state.pt`. The optimizer keeps its restored moments but takes this config's
+        learning rate, betas, weight decay and epsilon.
+        """
+        state = checkpointing.load_checkpoint_state(path) if state is None else state
         if list(state["lora"]) != self.trainable_names:
             raise ValueError(f"checkpoint {path} holds a different LoRA (rank or target modules) than this config")
         with torch.no_grad():
             for param, saved in zip(self.trainable, state["lora"].values()):
                 param.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
+        train = self.config.train
+        for group in self.optimizer.param_groups:
+            group.update(
+                lr=train.learning_rate,
+                betas=(train.adam_beta1, train.adam_beta2),
+                weight_decay=train.adam_weight_decay,
+                eps=train.adam_epsilon,
+            )
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
@@ -385,7 +404,7 @@ class Trainer:
         self.start_epoch = state["epoch"] + 1
         rng_file = os.path.join(path, f"rng_{self.accelerator.process_index}.pt")
         if os.path.isfile(rng_file):
-            checkpointing.set_rng_state(torch.load(rng_file, weights_only=False))
+            checkpointing.set_rng_state(checkpointing.load_file(rng_file))
         logger.info(f"resumed from {path}: continuing at epoch {self.start_epoch}")
 
     # ---------------------------------------------------------------------- loop
@@ -402,8 +421,9 @@ class Trainer:
             accelerator.log(metrics, step=0)
             if accelerator.is_main_process:
                 with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                    f.write(metrics_line(metrics))
             logger.info(f"before training | eval {metrics['eval/avg']:.4f}", main_process_only=True)
+        run_started = time.perf_counter()
         for epoch in range(self.start_epoch, config.num_epochs):
             started = time.perf_counter()
             samples = self.sample_epoch(epoch)
@@ -416,10 +436,9 @@ class Trainer:
             if config.eval_freq and ((epoch + 1) % config.eval_freq == 0 or last):
                 metrics.update(self.evaluate(epoch))
                 if self.is_tp and accelerator.is_main_process and config.log_images:
-                    completed, turning_points = self.last_curves
-                    shown = min(config.log_images, completed.shape[0], 6)
-                    plot = tracking.reward_curves_plot(completed[:shown], turning_points[:shown])
-                    self._log_image(epoch, "reward_curves", plot)
+                    completed, steps = self.last_curves
+                    self._log_image(epoch, "reward_curves", trackers.reward_curves_image(completed, steps, epoch, min(config.log_images, 6)))
+                    trackers.log_histograms(accelerator, config.report_to, {"tp/d_j": steps.incremental, "tp/g_j": steps.aggregated}, epoch)
             if last or (config.save_freq and (epoch + 1) % config.save_freq == 0):
                 self.save_checkpoint(epoch)
             metrics.update(
@@ -431,12 +450,17 @@ class Trainer:
                     "time/epoch": time.perf_counter() - started,
                 }
             )
+            if self.compiled is not None:  # graphs may appear in the first epoch and at the first evaluation
+                first_eval = "eval/avg" in metrics and not any("eval/avg" in h for h in self.history)
+                metrics.update(self.compiled.check(epoch, epoch == self.start_epoch or first_eval))
             accelerator.log(metrics, step=epoch)
             self.history.append(metrics)
             if accelerator.is_main_process:
                 with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                    f.write(metrics_line(metrics))
             logger.info(_epoch_line(metrics, self.is_tp), main_process_only=True)
+            progress = trackers.progress_line(epoch, self.start_epoch, config.num_epochs, time.perf_counter() - run_started)
+            logger.info(progress, main_process_only=True)
         accelerator.end_training()
         return self.history
 

@@ -158,7 +158,7 @@ CASES = [
     ("pretrained.family", "sdxl", r"config\.pretrained\.family: unknown model family 'sdxl'"),
     ("train.clip_range", 0.0, r"config\.train\.clip_range: must be positive"),
     ("train.ema_decay", 1.5, r"config\.train\.ema_decay: must be in \(0, 1\)"),
-    ("report_to", "tensorboard", r"config\.report_to: unknown tracker"),
+    ("report_to", "no_such_tracker", r"config\.report_to: unknown tracker"),
     ("eval_before_training", True, r"config\.eval_before_training: is True but config\.eval_freq is 0"),
 ]
 
