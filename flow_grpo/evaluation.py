@@ -46,8 +46,10 @@ class EvalResult:
     """What `evaluate` returns.
 
     Attributes:
-        means: reward name (and `"avg"`, the weighted sum) -> mean over every process's images.
+        means: reward name (and `"avg"`, the weighted sum) -> mean over every process's images
+            whose score is finite (NaN when none is).
         count: number of images scored over all processes.
+        nonfinite: reward name (and `"avg"`) -> number of NaN/inf scores left out of its mean.
         images: this process's first `keep_images` images as `(image (3, H, W) on the CPU, prompt, avg score)`.
         records: with `collect_records`, one dict per image of every process (prompt index, image
             index, seed, prompt, one score per reward name), ordered by prompt then sample; else empty.
@@ -57,6 +59,7 @@ class EvalResult:
     count: int
     images: list[tuple[torch.Tensor, str, float]] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite: dict[str, int] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -93,7 +96,8 @@ def evaluate(
     state = PartialState()
     device = state.device
     names = [*reward.names, AVERAGE_KEY]
-    totals = torch.zeros(len(names) + 1, device=device)  # per-reward sums, then the count
+    totals = torch.zeros(len(names) + 1, device=device)  # per-reward sums of finite scores, then the count
+    finite = torch.zeros(len(names), device=device)  # per-reward counts of finite scores
     kept: list[tuple[torch.Tensor, str, float]] = []
     local: list[dict[str, Any]] = []
     own_jobs = jobs[state.process_index :: state.num_processes]
@@ -101,7 +105,10 @@ def evaluate(
     for chunk, images in batches:
         texts = [job.text for job in chunk]
         scores = reward(images, texts, [job.metadata for job in chunk])
-        totals[:-1] += torch.stack([scores[name].sum() for name in names]).to(device)
+        stacked = torch.stack([scores[name].float() for name in names]).to(device)  # (rewards, B)
+        ok = torch.isfinite(stacked)
+        totals[:-1] += torch.where(ok, stacked, 0.0).sum(dim=1)
+        finite += ok.sum(dim=1)
         totals[-1] += len(chunk)
         for image, text, score in zip(images, texts, scores[AVERAGE_KEY].tolist()):
             if len(kept) < keep_images:
@@ -112,10 +119,15 @@ def evaluate(
                 local.append(record | {name: float(scores[name][row]) for name in names})
         if on_batch is not None:
             on_batch(chunk, images, scores)
-    totals = reduce(totals, "sum")
-    means = {name: (totals[i] / totals[-1].clamp(min=1)).item() for i, name in enumerate(names)}
+    totals, finite = reduce(totals, "sum"), reduce(finite, "sum")
+    count = int(totals[-1].item())
+    means = {name: (totals[i] / finite[i]).item() if finite[i] else float("nan") for i, name in enumerate(names)}
+    nonfinite = {name: count - int(finite[i].item()) for i, name in enumerate(names)}
+    for name, missing in nonfinite.items():
+        if missing:
+            logger.warning(f"evaluation: {missing} of {count} {name} scores are NaN or infinite; left out of the mean")
     records = sort_records(gather_object(local)) if collect_records else []
-    return EvalResult(means, int(totals[-1].item()), kept, records)
+    return EvalResult(means, count, kept, records, nonfinite)
 
 
 def run_evaluation(

@@ -71,7 +71,8 @@ def main(default_preset: str = DEFAULT_PRESET, family: str | None = None) -> Non
     no_arguments = len(sys.argv) == 1
     sys.argv = resolve_config_argument(sys.argv)
     try:  # ml_collections may apply the overrides while the flags are defined
-        holder = config_flags.DEFINE_config_file("config", resolve_config_argument(["--config", default_preset])[1], "Preset: file:function.")
+        preset = resolve_config_argument(["--config", default_preset])[1]
+        holder = config_flags.DEFINE_config_file("config", preset, "Preset: file:function.")
         print_config = flags.DEFINE_bool("print_config", False, "Print the resolved config with comments and exit.")
     except (AttributeError, KeyError) as error:
         print(f"error: {unknown_key_message(sys.argv, error)}", file=sys.stderr)
