@@ -22,7 +22,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from flow_grpo import checkpointing, tracking, trackers
+from flow_grpo import checkpointing, model_card, tracking, trackers
 from flow_grpo.advantages import broadcast_to_steps, group_advantages, informative_rows
 from flow_grpo.bench.memory import preflight
 from flow_grpo.compile import compile_phases
@@ -357,6 +357,7 @@ class Trainer:
                     transformer_lora_layers=get_peft_model_state_dict(unwrapped),
                     transformer_lora_adapter_metadata=unwrapped.peft_config["default"].to_dict(),
                 )
+            model_card.write_trainer_card(os.path.join(temporary, "lora"), self, epoch)
             state = {
                 "epoch": epoch,
                 "optimizer_updates": self.optimizer_updates,

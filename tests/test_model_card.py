@@ -1,0 +1,72 @@
+"""Exported LoRA model cards: a plain diffusers call built only from the card reproduces the trainer's eval images."""
+
+from __future__ import annotations
+
+import os
+
+import diffusers
+import pytest
+import torch
+
+from flow_grpo.evaluation import evaluate
+from flow_grpo.generation import plan_jobs
+from flow_grpo.model_card import read_card_settings
+from flow_grpo.seeding import derived_seed
+from flow_grpo.testing import save_tiny_pipeline
+from flow_grpo.trainer import Trainer
+from tests.test_trainer import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_card_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux-card"), "flux", "minimal")
+
+
+def _trainer_eval_images(trainer: Trainer) -> torch.Tensor:
+    """The trainer's evaluation images of its first eval batch (as `Trainer.evaluate` samples them)."""
+    config = trainer.config
+    result = evaluate(
+        trainer.adapter,
+        trainer.eval_reward,
+        plan_jobs(trainer.test_dataset.prompts, 1, config.seed),
+        config.sample,
+        batch_seed=lambda batch: derived_seed(config.seed, batch[0].prompt_index),
+        keep_images=config.sample.eval_batch_size,
+    )
+    return torch.stack([image for image, _, _ in result.images])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_card_settings_reproduce_the_trainer_eval_images(family, tiny_sd3_dir, tiny_flux_card_model, tmp_path) -> None:
+    preset = "tiny_tp_grpo" if family == "sd3" else "tiny_flux"
+    model = tiny_sd3_dir if family == "sd3" else tiny_flux_card_model
+    config = tiny_config(model, tmp_path, preset, eval_freq=1, **{"sample.eval_batch_size": 2, "sample.eval_num_steps": 4})
+    trainer = Trainer(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a LoRA that changes the output (a fresh one has B = 0)
+        for param in trainer.trainable:
+            param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    trainer.evaluate(0)
+    expected = _trainer_eval_images(trainer)
+    lora_dir = os.path.join(trainer.save_checkpoint(0), "lora")
+
+    card = open(os.path.join(lora_dir, "README.md")).read()
+    for text in ("Base model", "Algorithm", "Training reward", "Epoch", "Eval score", "max_sequence_length", "load_lora_weights"):
+        assert text in card
+    settings = read_card_settings(lora_dir)
+    assert settings["call"]["max_sequence_length"] == config.pretrained.max_sequence_length
+    assert settings["eval"] is not None and settings["epoch"] == 0
+
+    pipeline_class = getattr(diffusers, settings["pipeline"])
+    assert pipeline_class is (diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline)
+    pipe = pipeline_class.from_pretrained(settings["base_model"], torch_dtype=getattr(torch, settings["torch_dtype"]))
+    noise = settings["noise"]
+    pipe.to(noise["generator_device"])
+    plain = pipe(noise["first_eval_batch_prompts"], **settings["call"], output_type="pt",
+                 generator=torch.Generator(noise["generator_device"]).manual_seed(noise["first_eval_batch_seed"])).images
+    pipe.load_lora_weights(lora_dir)
+    images = pipe(noise["first_eval_batch_prompts"], **settings["call"], output_type="pt",
+                  generator=torch.Generator(noise["generator_device"]).manual_seed(noise["first_eval_batch_seed"])).images
+    assert images.shape == expected.shape
+    torch.testing.assert_close(images.float(), expected, atol=2e-3, rtol=0)
+    assert (plain.float() - expected).abs().max() > 1e-2  # the LoRA matters: the base model's images differ
