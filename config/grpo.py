@@ -20,6 +20,8 @@ _spec.loader.exec_module(base)
 # Where `make tiny-model` saves the tiny offline pipelines used by the CPU presets.
 TINY_MODEL_DIR = os.path.join(".cache", "tiny-sd3")
 TINY_FLUX_DIR = os.path.join(".cache", "tiny-flux")
+# The tiny CLIP (`flow_grpo.testing.rewards.save_tiny_clip`) standing in for PickScore under `,tiny`.
+TINY_CLIP_DIR = os.path.join(".cache", "tiny-clip")
 
 
 def _rewards(**weights: float) -> ml_collections.ConfigDict:
@@ -206,14 +208,64 @@ def tiny_flux_flow_grpo() -> ml_collections.ConfigDict:
     return _flow_grpo(tiny_flux())
 
 
+_TINY_MODELS = {"sd3": TINY_MODEL_DIR, "flux": TINY_FLUX_DIR}
+_TINY_DATASETS = {"pickscore": "dataset/demo", "geneval": "dataset/demo_geneval", "ocr": "dataset/demo"}
+_TINY_STEPS = 4
+_TINY_GROUP_SIZE = 3
+
+
+def _shrink_for_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `,tiny` modifier: one short CPU epoch of a preset, same switches and batch arithmetic.
+
+    Kept: algorithm and turning-point switches, step kind and noise level, the window relative to
+    the step count (steps - window and the distance of the range's end from the last step), the
+    per-process sampling and training batch sizes and updates per epoch, the LoRA alpha/rank ratio,
+    eval_before_training. Shrunk: the tiny model of the preset's family, 32x32 images, 4 steps,
+    groups of 3 and the fewest prompts per epoch that fill the batches on one process, one epoch
+    evaluated and saved, few prompts (dataset/demo, dataset/demo_geneval for GenEval). PickScore
+    reads a tiny CLIP from `.cache/tiny-clip`; GenEval and OCR stay remote rewards (README, Presets).
+    """
+    sample, train = config.sample, config.train
+    config.pretrained.model = _TINY_MODELS[config.pretrained.family]
+    config.pretrained.max_sequence_length = 64
+    config.mixed_precision = "no"
+    config.report_to = "none"
+    for reward in config.reward_fn:
+        config.dataset = _TINY_DATASETS.get(reward, config.dataset)
+    config.reward_options.pickscore.model = TINY_CLIP_DIR
+    config.reward_options.pickscore.processor = TINY_CLIP_DIR
+    config.num_epochs = 1
+    config.eval_freq = 1
+    config.save_freq = 1
+    shift = sample.num_steps - _TINY_STEPS
+    sample.num_steps = sample.eval_num_steps = _TINY_STEPS
+    sample.window_size -= shift
+    low, high = sample.window_range
+    sample.window_range = (max(0, min(low, high - shift - sample.window_size)), high - shift)
+    sample.resolution = 32
+    sample.group_size = min(sample.group_size, _TINY_GROUP_SIZE)
+    prompts = 1
+    while (prompts * sample.group_size) % sample.batch_size or (prompts * sample.group_size) % (
+        train.batch_size * train.updates_per_epoch
+    ):
+        prompts += 1
+    sample.prompts_per_epoch = prompts
+    train.lora_alpha = train.lora_alpha * 8 // train.lora_rank
+    train.lora_rank = 8
+    return config
+
+
 def get_config(name: str) -> ml_collections.ConfigDict:
-    """Entry point for `config_flags`: `--config=config/grpo.py:<preset>`."""
+    """Entry point for `config_flags`: `--config=config/grpo.py:<preset>` or `<preset>,tiny` (`_shrink_for_cpu`)."""
     presets = {
         key: value
         for key, value in globals().items()
         if callable(value) and not key.startswith("_") and key not in ("get_config",)
         and getattr(value, "__module__", None) == __name__
     }
+    name, _, modifier = name.partition(",")
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(sorted(presets))}")
-    return presets[name]()
+    if modifier not in ("", "tiny"):
+        raise ValueError(f"unknown preset modifier {modifier!r} in {name},{modifier}; the one modifier is 'tiny'")
+    return _shrink_for_cpu(presets[name]()) if modifier else presets[name]()
