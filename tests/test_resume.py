@@ -154,3 +154,56 @@ def test_offline_wandb_run_directory_has_metrics_and_images(tiny_sd3_dir, tmp_pa
     files = [f for _, _, names in os.walk(run_dir / "wandb" / offline_runs[0]) for f in names]
     assert any(name.endswith(".wandb") for name in files)
     assert any(name.endswith(".png") for name in files)  # the logged images
+
+
+def test_resume_applies_the_new_learning_rate_and_continues_the_wandb_run(tiny_sd3_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    changes = dict(report_to="wandb", save_freq=1, **FAST)
+    Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=1, **changes)).train()
+    run_dir = tmp_path / "test"
+    config_before = (run_dir / "config.json").read_text()
+    resumed = Trainer(
+        tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, resume_from=str(run_dir), **{"train.learning_rate": 1e-3}, **changes)
+    )
+    assert [group["lr"] for group in resumed.optimizer.param_groups] == [1e-3]
+    history = resumed.train()
+    assert history[0]["train/learning_rate"] == 1e-3
+    assert (run_dir / "config.json").read_text() == config_before
+    resume = json.loads((run_dir / "resumes.jsonl").read_text())
+    assert resume["overrides"]["train.learning_rate"] == {"was": 3e-2, "now": 1e-3}
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    offline_runs = sorted(d for d in os.listdir(run_dir / "wandb") if d.startswith("offline-run"))
+    assert len(offline_runs) == 2 and all(d.endswith(f"-{run_id}") for d in offline_runs)  # one wandb run, resumed
+
+
+def test_resume_from_an_older_checkpoint_trains_a_branch(tiny_sd3_dir, tmp_path) -> None:
+    Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=3, save_freq=1, keep_checkpoints=0, **FAST)).train()
+    parent = tmp_path / "test"
+    parent_metrics = (parent / "metrics.jsonl").read_text()
+    older = checkpointing.checkpoint_dir(str(parent), 0)
+    Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, save_freq=1, resume_from=older, **FAST)).train()
+    branch = tmp_path / "test-from-epoch_00000"
+    assert [json.loads(line)["epoch"] for line in (branch / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert json.loads((branch / "config.json").read_text())["parent_checkpoint"] == older
+    assert (parent / "metrics.jsonl").read_text() == parent_metrics
+    assert [os.path.basename(p) for p in checkpointing.list_checkpoints(str(parent))] == ["epoch_00000", "epoch_00001", "epoch_00002"]
+
+
+def test_resume_refuses_a_checkpoint_whose_unpickling_would_run_code(tiny_sd3_dir, tmp_path) -> None:
+    import pickle
+
+    from flow_grpo.config_checks import ConfigError
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.makedirs, (str(tmp_path / "code-ran"),))
+
+    checkpoint = checkpointing.checkpoint_dir(str(tmp_path / "test"), 0)
+    os.makedirs(checkpoint)
+    with open(os.path.join(checkpoint, checkpointing.STATE_FILE), "wb") as f:
+        pickle.dump({"epoch": 0, "lora": RunsCode()}, f)
+    config = tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, resume_from=str(tmp_path / "test"), **FAST)
+    with pytest.raises(ConfigError, match=r"state\.pt holds objects other than tensors.*refusing"):
+        Trainer(config)
+    assert not (tmp_path / "code-ran").exists()
