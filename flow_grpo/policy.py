@@ -104,8 +104,9 @@ class WindowBatch:
         )
 
 
-def policy_step(adapter: ModelAdapter, model: torch.nn.Module, batch: WindowBatch, settings: LossSettings) -> StepOutput:
-    """The step distribution at `batch.latents` under `model` and the log-prob (b,) of the recorded next state."""
+def policy_step(adapter: ModelAdapter, model: Callable[..., Any], batch: WindowBatch, settings: LossSettings) -> StepOutput:
+    """The step distribution at `batch.latents` under `model` (module or compiled callable), and the log-prob (b,)
+    of the recorded next state."""
     velocity = adapter.velocity(batch.latents, batch.sigmas, batch.prompts, model)
     return stochastic_step(
         settings.step_kind,
@@ -127,6 +128,7 @@ def training_step(
     advantages: torch.Tensor,
     settings: LossSettings,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    compiled: Any = None,
 ) -> LossOutput:
     """The loss terms of one window step of a micro-batch (no backward).
 
@@ -135,13 +137,17 @@ def training_step(
         unwrapped: the same model unwrapped; its LoRA is disabled for the reference forward.
         advantages: (b,) advantages of the micro-batch at this window step.
         autocast: the autocast region of the forwards (the loss is formed outside it).
+        compiled: `flow_grpo.compile.CompiledPhases` whose `policy` / `reference` callables run
+            instead of `model` / `unwrapped`; None = eager.
     """
+    policy = compiled.policy if compiled is not None else model
+    reference = compiled.reference if compiled is not None else unwrapped
     with autocast():
-        step = policy_step(adapter, model, batch, settings)
+        step = policy_step(adapter, policy, batch, settings)
         reference_mean = None
         if settings.beta > 0:
             with torch.no_grad(), adapters_disabled(unwrapped):
-                reference_mean = policy_step(adapter, unwrapped, batch, settings).mean
+                reference_mean = policy_step(adapter, reference, batch, settings).mean
     return grpo_loss(
         step.log_prob,
         batch.log_probs,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flow_grpo.compile import default_state_buckets, rollout_call_sizes
 from flow_grpo.config_checks import ConfigError, validate_config
 from flow_grpo.models import SD3Adapter
 from flow_grpo.sampling import rollout
 from flow_grpo.trainer import Trainer
-from tests.test_sampling import PROMPTS, _CountingTransformer
+from tests.test_adapters import CallCounter
+from tests.test_sampling import PROMPTS
 from tests.test_trainer import tiny_config
 
 
@@ -24,10 +26,11 @@ KWARGS = dict(num_steps=5, resolution=16, window_start=0, window_size=3, noise_l
 def test_state_buckets_pad_calls_without_changing_the_rollout(adapter) -> None:
     embeds = adapter.encode_prompts(PROMPTS)
     plain = rollout(adapter, embeds, generator=torch.Generator().manual_seed(0), **KWARGS)
-    counter = _CountingTransformer(adapter.transformer)
-    bucketed = rollout(
-        adapter, embeds, generator=torch.Generator().manual_seed(0), state_buckets=(4, 8), transformer=counter, **KWARGS
-    )
+    counter = CallCounter(adapter.transformer)
+    try:
+        bucketed = rollout(adapter, embeds, generator=torch.Generator().manual_seed(0), state_buckets=(4, 8), **KWARGS)
+    finally:
+        counter.remove()
     # Live states per step: 3, 6, 9, 12, 12 -> calls padded to 4, 8, 8+4, 8+4, 8+4 states (x2 for CFG).
     assert counter.batches == [8, 16, 16, 8, 16, 8, 16, 8]
     torch.testing.assert_close(bucketed.completed_images, plain.completed_images, rtol=1e-5, atol=1e-5)
@@ -58,16 +61,27 @@ def test_bad_optimisation_settings_are_rejected(key, value, message, tmp_path) -
         validate_config(config, check_paths=False)
 
 
-def test_compiled_sampling_matches_eager_and_first_ratio_is_one(tiny_sd3_dir, tmp_path) -> None:
-    # One bucket: the lockstep's growing batch (8 ... 24 states) compiles once for sampling.
-    changes = {"sample.prompts_per_epoch": 2, "sample.window_size": 2, "sample.state_buckets": (24,)}
-    eager = Trainer(tiny_config(tiny_sd3_dir, tmp_path / "eager", **changes))
-    compiled = Trainer(tiny_config(tiny_sd3_dir, tmp_path / "compiled", compile=True, **changes))
-    expected, got = eager.sample_epoch(0), compiled.sample_epoch(0)
-    torch.testing.assert_close(got.next_latents, expected.next_latents, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got.log_probs, expected.log_probs, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got.completed_rewards, expected.completed_rewards, rtol=1e-4, atol=1e-3)
-    advantages, _ = compiled.advantages(0, got)
-    metrics = compiled.train_epoch(0, got, advantages)
-    # Sampling and training ran the same compiled code: the importance ratio starts at 1.
-    assert abs(metrics["train/ratio_first"] - 1.0) < 1e-5
+def test_default_buckets_pad_at_most_ten_percent() -> None:
+    # SD3.5-M TP-GRPO preset: 9 per batch, window 9: calls of 9, 18, ..., 90 states (495 in all).
+    buckets = default_state_buckets(9, 9, branches=True)
+    sizes = rollout_call_sizes(9, 9, branches=True)
+    padded = sum(min(b for b in buckets if b >= n) for n in sizes)
+    assert buckets == (18, 36, 54, 72, 90) and (sum(sizes), padded) == (495, 540)
+    assert default_state_buckets(9, 9, branches=False) == (9,)
+    assert default_state_buckets(3, 5, branches=True)[-1] == 18
+
+
+def test_compiled_epochs_count_graphs_and_keep_the_ratio_at_one(tiny_sd3_dir, tmp_path) -> None:
+    # Two epochs with sampling, training with the KL reference, and evaluation, all compiled:
+    # one bucket for sampling and evaluation, one micro-batch shape for policy and reference.
+    changes = {
+        "num_epochs": 2, "eval_freq": 1, "log_images": 0, "train.beta": 0.01, "sample.window_size": 2,
+        "sample.state_buckets": (24,), "sample.eval_batch_size": 4,
+    }
+    trainer = Trainer(tiny_config(tiny_sd3_dir, tmp_path, compile=True, **changes))
+    history = trainer.train()
+    expected = {"rollout": 1, "policy": 1, "reference": 1}
+    assert trainer.compiled.graphs() == expected
+    assert [m["compile/graphs"] for m in history] == [3.0, 3.0]  # nothing recompiled in epoch 2
+    # Sampling and training ran compiled code: the importance ratio starts at 1.
+    assert abs(history[0]["train/ratio_first"] - 1.0) < 1e-5

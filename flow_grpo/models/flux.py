@@ -124,7 +124,7 @@ class FluxAdapter(ModelAdapter):
         (the pipeline passes its 0..1000 timesteps divided by 1000).
         """
         if transformer is None:
-            transformer = self.transformer
+            transformer = self.inference_forward or self.transformer
         batch, device = latents.shape[0], latents.device
         side = self._grid_side(latents)
         image_ids = self.pipeline._prepare_latent_image_ids(batch, side, side, device, self.dtype)

@@ -86,7 +86,7 @@ class SD3Adapter(ModelAdapter):
         prompts: PromptEmbeds,
         transformer: torch.nn.Module | None = None,
     ) -> torch.Tensor:
-        transformer = transformer or self.transformer
+        transformer = transformer or self.inference_forward or self.transformer
         batch = latents.shape[0]
         hidden = latents.to(self.dtype)
         timestep = sigmas.to(device=latents.device, dtype=torch.float32) * self.pipeline.scheduler.config.num_train_timesteps
