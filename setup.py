@@ -1,4 +1,5 @@
-"""Installs the `flow_grpo` package only; configs, scripts and entry points stay in the repository."""
+"""Installs the `flow_grpo` package and its console commands; presets, datasets and launch scripts stay in
+the repository (an editable install, `pip install -e .`, keeps the commands pointing at the checkout)."""
 
 from pathlib import Path
 
@@ -17,11 +18,22 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tested on 3.11
+    classifiers=["Programming Language :: Python :: 3", "Programming Language :: Python :: 3.11"],
     packages=find_packages(include=["flow_grpo", "flow_grpo.*"]),
     install_requires=_requirements(),
     extras_require={
         "rewards": ["open_clip_torch>=2.29", "ftfy>=6.1"],
+        "tensorboard": ["tensorboard>=2.14"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "flow-grpo-train=flow_grpo.train:main",
+            "flow-grpo-evaluate=flow_grpo.commands.evaluate:main",
+            "flow-grpo-generate=flow_grpo.commands.generate:main",
+            "flow-grpo-memory=flow_grpo.bench.memory:main",
+            "flow-grpo-reward-server-benchmark=flow_grpo.reward_server.benchmark:main",
+        ],
     },
 )

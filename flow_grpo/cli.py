@@ -104,7 +104,7 @@ class SamplingFlags:
 def define_sampling_flags(out_help: str) -> SamplingFlags:
     """Define the preset, LoRA, output and prompt flags of a sampling tool; `out_help` describes `--out`."""
     return SamplingFlags(
-        config=config_flags.DEFINE_config_file("config", "config/grpo.py:pickscore_sd3", "Preset: file:function."),
+        config=config_flags.DEFINE_config_file("config", f"{PRESET_FILE}:pickscore_sd3", "Preset: file:function."),
         lora=flags.DEFINE_string("lora", "", "LoRA checkpoint directory (.../checkpoints/epoch_XXXXX/lora); empty = base model."),
         lora_scale=flags.DEFINE_float("lora_scale", 1.0, "Adapter weight of the LoRA (multiplies its effect); 1 = as saved."),
         out=flags.DEFINE_string("out", None, out_help, required=True),

@@ -12,43 +12,12 @@ them with `--config.KEY=VALUE`. Writes `<out>/summary.json` (mean/std/min/max pe
 settings) and `<out>/scores.csv` (one row per image).
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
-from absl import app, flags
-from accelerate import PartialState
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without installing
 
-from flow_grpo.cli import define_sampling_flags, parse_reward_weights, setup_logging  # noqa: E402
-from flow_grpo.evaluation import run_evaluation  # noqa: E402
-from flow_grpo.trainer import use_cpu  # noqa: E402
-
-_FLAGS = define_sampling_flags("Output directory for summary.json and scores.csv.")
-_REWARDS = flags.DEFINE_string("rewards", "", "Rewards as name:weight,... (e.g. pickscore:1,aesthetic:1); empty = config.eval_reward_fn.")
-_SAVE_IMAGES = flags.DEFINE_bool("save_images", False, "Also write every image to <out>/images/.")
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    setup_logging()
-    state = PartialState(cpu=use_cpu())
-    summary = run_evaluation(
-        _FLAGS.config.value,
-        _FLAGS.out.value,
-        rewards=parse_reward_weights(_REWARDS.value),
-        save_images=_SAVE_IMAGES.value,
-        **_FLAGS.tool_arguments(),
-    )
-    if state.is_main_process:
-        for name, stats in summary["rewards"].items():
-            print(f"{name}: {stats['mean']:.4f} +- {stats['std']:.4f} over {summary['count']} images")
-        print(f"summary: {os.path.join(_FLAGS.out.value, 'summary.json')}")
-        print(f"scores: {os.path.join(_FLAGS.out.value, 'scores.csv')}")
-
+from flow_grpo.commands.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

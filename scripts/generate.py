@@ -11,33 +11,12 @@ Writes `<out>/images/<prompt>_<sample>.png`, `<out>/index.jsonl` (one line per i
 seed, metadata) and `<out>/settings.json`. Runs under `accelerate launch` to split the prompts.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
-from absl import app
-from accelerate import PartialState
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without installing
 
-from flow_grpo.cli import define_sampling_flags, setup_logging  # noqa: E402
-from flow_grpo.generation import run_generation  # noqa: E402
-from flow_grpo.trainer import use_cpu  # noqa: E402
-
-_FLAGS = define_sampling_flags("Output directory for images/, index.jsonl and settings.json.")
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    setup_logging()
-    state = PartialState(cpu=use_cpu())
-    index = run_generation(_FLAGS.config.value, _FLAGS.out.value, **_FLAGS.tool_arguments())
-    if state.is_main_process:
-        print(f"images: {len(index)} in {os.path.join(_FLAGS.out.value, 'images')}")
-        print(f"index: {os.path.join(_FLAGS.out.value, 'index.jsonl')}")
-
+from flow_grpo.commands.generate import main  # noqa: E402
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -1,0 +1,50 @@
+"""Generate images from a LoRA checkpoint (or the base model) for a list of prompts.
+
+    python scripts/generate.py --config=config/grpo.py:pickscore_sd3 \
+        --lora=logs/<run>/checkpoints/epoch_00299/lora --out=samples/epoch299 --num_images=4
+    python scripts/generate.py --config=config/grpo.py:pickscore_sd3 --out=samples/base \
+        --prompt="a red bicycle leaning on a wall" --prompt="a bowl of ramen"
+
+Model, resolution, steps (`sample.eval_num_steps`), guidance, batch size per process
+(`sample.eval_batch_size`) and seed come from the preset; change them with `--config.KEY=VALUE`.
+Writes `<out>/images/<prompt>_<sample>.png`, `<out>/index.jsonl` (one line per image: file, prompt,
+seed, metadata) and `<out>/settings.json`. Runs under `accelerate launch` to split the prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from accelerate import PartialState
+
+from flow_grpo.cli import define_sampling_flags, setup_logging
+from flow_grpo.generation import run_generation
+from flow_grpo.paths import resolve_config_argument, resolve_config_paths
+from flow_grpo.trainer import use_cpu
+
+_FLAGS = define_sampling_flags("Output directory for images/, index.jsonl and settings.json.")
+
+
+def run(argv: list[str]) -> None:
+    """Run the command under absl (`argv`: the arguments absl did not parse)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup_logging()
+    state = PartialState(cpu=use_cpu())
+    resolve_config_paths(_FLAGS.config.value)
+    index = run_generation(_FLAGS.config.value, _FLAGS.out.value, **_FLAGS.tool_arguments())
+    if state.is_main_process:
+        print(f"images: {len(index)} in {os.path.join(_FLAGS.out.value, 'images')}")
+        print(f"index: {os.path.join(_FLAGS.out.value, 'index.jsonl')}")
+
+
+def main() -> None:
+    """Console entry point: parse the flags from `sys.argv` (a relative `--config` file may be under the repository) and run."""
+    sys.argv = resolve_config_argument(sys.argv)
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()
