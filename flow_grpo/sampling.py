@@ -29,8 +29,6 @@ class Rollout:
         log_probs: (B, W) float32 log-probabilities of `next_latents` under the sampling policy.
         sigmas: (B, W) float32 `sigma_k` of each window step.
         next_sigmas: (B, W) float32 `sigma_{k+1}` of each window step.
-        timesteps: (B, W) int64 grid indices `k` of the window steps.
-        window_start: first window step `s`.
         completed_images: (B, W+1, 3, H, W_img) images whose rewards are `R_0 ... R_W`
             (`R_W` is the final image), or None for a plain window rollout.
     """
@@ -41,8 +39,6 @@ class Rollout:
     log_probs: torch.Tensor
     sigmas: torch.Tensor
     next_sigmas: torch.Tensor
-    timesteps: torch.Tensor
-    window_start: int
     completed_images: torch.Tensor | None = None
 
 
@@ -59,7 +55,6 @@ def _chunked_velocity(
     sigmas: torch.Tensor,
     prompts: PromptEmbeds,
     max_states_per_call: int,
-    transformer: torch.nn.Module | None,
     state_buckets: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """Velocity of all states (B, ...), in calls of bounded size and, optionally, bucketed shapes.
@@ -71,13 +66,13 @@ def _chunked_velocity(
     total = latents.shape[0]
     size = max(state_buckets) if state_buckets else (max_states_per_call or total)
     if size >= total and not state_buckets:
-        return adapter.velocity(latents, sigmas, prompts, transformer)
+        return adapter.velocity(latents, sigmas, prompts)
     parts = []
     for start in range(0, total, size):
         count = min(size, total - start)
         padded = min((b for b in state_buckets if b >= count), default=count)
         rows = torch.arange(start, start + padded, device=latents.device).clamp(max=start + count - 1)
-        velocity = adapter.velocity(latents[rows], sigmas[rows], prompts.select(rows), transformer)
+        velocity = adapter.velocity(latents[rows], sigmas[rows], prompts.select(rows))
         parts.append(velocity[:count])
     return torch.cat(parts)
 
@@ -114,7 +109,6 @@ def rollout(
     initial_latents: torch.Tensor | None = None,
     max_states_per_call: int = 0,
     state_buckets: tuple[int, ...] = (),
-    transformer: torch.nn.Module | None = None,
     decode_chunk: int = 0,
     uint8_images: bool = False,
 ) -> Rollout:
@@ -133,7 +127,6 @@ def rollout(
         initial_latents: (B, ...) noise at sigma 1, overriding the generator's draw.
         max_states_per_call: bound on states per transformer call; 0 = no bound.
         state_buckets: pad transformer calls to these state counts (see `_chunked_velocity`).
-        transformer: overrides the adapter's transformer (e.g. a compiled one).
         decode_chunk: images per VAE decode call; 0 = all in one call.
         uint8_images: return `images` and `completed_images` as uint8 (see `decode_chunked`).
     """
@@ -157,7 +150,7 @@ def rollout(
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         states = torch.cat([x, branch_states])
         velocity = _chunked_velocity(
-            adapter, states, sigma.expand(states.shape[0]), live_prompts, max_states_per_call, transformer, state_buckets
+            adapter, states, sigma.expand(states.shape[0]), live_prompts, max_states_per_call, state_buckets
         )
         main_velocity = velocity[:batch]
         branch_states = euler_step(velocity[batch:], branch_states, sigma, sigma_next)
@@ -193,8 +186,6 @@ def rollout(
         log_probs=torch.stack(recorded["log_probs"], dim=1) if window_size else x.new_zeros(batch, 0),
         sigmas=sigmas[steps].expand(batch, -1).clone(),
         next_sigmas=sigmas[steps + 1].expand(batch, -1).clone(),
-        timesteps=steps.expand(batch, -1).clone(),
-        window_start=window_start,
         completed_images=completed,
     )
 

@@ -11,6 +11,7 @@ import torch
 
 from flow_grpo.models import SD3Adapter
 from flow_grpo.sampling import draw_window_start, rollout
+from tests.test_adapters import CallCounter
 
 PROMPTS = ["a red bicycle", "Two cats on a sofa", "a lighthouse at dusk"]
 
@@ -40,28 +41,17 @@ def test_seeds_reproduce(adapter) -> None:
     assert not torch.allclose(first.next_latents, other.next_latents)
 
 
-class _CountingTransformer(torch.nn.Module):
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.batches: list[int] = []
-
-    def forward(self, **kwargs):
-        self.batches.append(kwargs["hidden_states"].shape[0])
-        return self.inner(**kwargs)
-
-
 def test_chunked_calls_give_same_rollout(adapter) -> None:
     embeds = adapter.encode_prompts(PROMPTS)
     kwargs = dict(
         num_steps=5, resolution=16, window_start=0, window_size=3, noise_level=0.7, step_kind="cps", branches=True,
     )
     whole = rollout(adapter, embeds, generator=torch.Generator().manual_seed(0), **kwargs)
-    counter = _CountingTransformer(adapter.transformer)
-    chunked = rollout(
-        adapter, embeds, generator=torch.Generator().manual_seed(0), max_states_per_call=4,
-        transformer=counter, **kwargs,
-    )
+    counter = CallCounter(adapter.transformer)
+    try:
+        chunked = rollout(adapter, embeds, generator=torch.Generator().manual_seed(0), max_states_per_call=4, **kwargs)
+    finally:
+        counter.remove()
     assert max(counter.batches) <= 2 * 4 and len(counter.batches) > 5
     torch.testing.assert_close(chunked.completed_images, whole.completed_images, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked.log_probs, whole.log_probs, rtol=1e-5, atol=1e-6)
