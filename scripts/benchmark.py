@@ -4,6 +4,7 @@
     python scripts/benchmark.py --size sd3 --json sd3.json       # SD3.5-Medium size, one GPU, bf16
     python scripts/benchmark.py --size sd3 --compile --buckets 18,36,90,180
     python scripts/benchmark.py --size flux --count_only         # FLOPs only (meta device), any machine
+    python scripts/benchmark.py --memory --preset pickscore_flux --num_processes 8   # memory preflight, any machine
 
 Each flag left out keeps the size's preset (`flow_grpo.bench.settings.default_settings`). The table of
 seconds, true FLOPs and FLOP/s, fraction of the measured matrix-product ceiling and peak memory per
@@ -19,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without installing
 
+from flow_grpo.bench import memory
 from flow_grpo.bench.report import format_report, run_benchmark
 from flow_grpo.bench.settings import DTYPE_FLAGS, PHASES, default_settings
 from flow_grpo.testing.architectures import SIZES
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--memory" in args:  # the memory preflight: --memory --preset NAME --num_processes N [--device_gb G]
+        return memory.main(args)
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = {key: value for key, value in vars(args).items() if key not in ("size", "json") and value is not None}
