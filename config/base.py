@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # ---- run ----
-    config.run_name = ""  # name of the run directory and tracker run; empty = preset name + timestamp
+    config.run_name = ""  # name of the run directory and tracker run; empty = "run-YYYYmmdd-HHMMSS" (start time, unused in logdir)
     config.logdir = "logs"  # parent directory of run directories (checkpoints, config.json, tracker files)
     config.seed = 42  # seed of prompt order, initial noise, SDE noise and window positions
     config.algorithm = "tp_grpo"  # "flow_grpo" (final-image reward at every step) or "tp_grpo" (step-wise rewards)
