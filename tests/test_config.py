@@ -160,6 +160,13 @@ CASES = [
     ("train.ema_decay", 1.5, r"config\.train\.ema_decay: must be in \(0, 1\)"),
     ("report_to", "no_such_tracker", r"config\.report_to: unknown tracker"),
     ("eval_before_training", True, r"config\.eval_before_training: is True but config\.eval_freq is 0"),
+    ("num_epochs", 0, r"config\.num_epochs: must be a positive integer, got 0"),
+    ("eval_freq", -1, r"config\.eval_freq: must be 0 or more"),
+    ("save_freq", -1, r"config\.keep_checkpoints / save_freq / log_images: must be 0 or more"),
+    ("reward_fn.jpeg_compressibility", float("nan"), r"config\.reward_fn\.jpeg_compressibility: weight nan is not a finite"),
+    ("eval_reward_fn.jpeg_compressibility", float("inf"), r"config\.eval_reward_fn\.jpeg_compressibility: weight inf"),
+    ("reward_fn.jpeg_compressibility", 0.0, r"config\.reward_fn: every weight is 0"),
+    ("reward_fn.jpeg_compressibility", -1.0, r"config\.reward_fn: negative weights .*allow_negative_reward_weights=True"),
 ]
 
 
@@ -201,3 +208,54 @@ def test_missing_model_directory_and_dataset() -> None:
     config.dataset = "dataset/missing"
     with pytest.raises(ConfigError, match=r"config\.dataset: directory 'dataset/missing' does not exist"):
         validate_config(config)
+
+
+def test_negative_reward_weights_need_the_opt_in(tiny_sd3_real_dir) -> None:
+    config = tiny()
+    config.pretrained.model = tiny_sd3_real_dir
+    config.reward_fn.jpeg_compressibility = -1.0
+    config.allow_negative_reward_weights = True
+    validate_config(config)
+
+
+def test_empty_model_directory_is_rejected(tmp_path) -> None:
+    config = tiny()
+    config.pretrained.model = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"pretrained\.model: directory .* is empty"):
+        validate_config(config)
+
+
+def test_test_split_is_required_only_when_evaluating(tmp_path, tiny_sd3_real_dir) -> None:
+    (tmp_path / "train.txt").write_text("a red bicycle\na quiet harbour\n")
+    config = tiny()
+    config.pretrained.model = tiny_sd3_real_dir
+    config.dataset = str(tmp_path)
+    config.eval_freq = 0
+    validate_config(config)  # trains without a test split
+    config.eval_freq = 1
+    with pytest.raises(ConfigError, match=r"config\.dataset: No prompt file for split 'test'.*eval_freq=0"):
+        validate_config(config)
+
+
+def _train_entry(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flow_grpo.train", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"},
+    )
+
+
+def test_config_errors_print_the_message_and_exit_2(tmp_path) -> None:
+    preset = "--config=config/grpo.py:tiny_tp_grpo"
+    typo = _train_entry(preset, "--config.sample.noise_levle=0.5")
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert 'Did you mean "noise_level"' in typo.stderr
+    from flow_grpo.train import unknown_key_message
+
+    with pytest.raises(AttributeError) as caught:
+        tiny().reward_fn.get_type("pickscore")  # what ml_collections raises for --config.reward_fn.pickscore
+    message = unknown_key_message(["train", preset, "--config.reward_fn.pickscore=1.0"], caught.value)
+    assert """--config.reward_fn='{"pickscore": 1.0}'""" in message
+    # The suggested form works: the flags parse and the config is validated.
+    invalid = _train_entry(preset, '--config.reward_fn={"jpeg_compressibility": 0.0}', f"--config.logdir={tmp_path}")
+    assert invalid.returncode == 2 and "Traceback" not in invalid.stderr
+    assert "config.reward_fn: every weight is 0" in invalid.stderr
