@@ -207,3 +207,17 @@ def test_resume_refuses_a_checkpoint_whose_unpickling_would_run_code(tiny_sd3_di
     with pytest.raises(ConfigError, match=r"state\.pt holds objects other than tensors.*refusing"):
         Trainer(config)
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_nonfinite_eval_scores_are_counted_not_averaged(monkeypatch) -> None:
+    from flow_grpo import evaluation
+    from flow_grpo.generation import ImageJob
+    from flow_grpo.rewards.registry import MultiReward
+
+    jobs = [ImageJob(i, 0, f"prompt {i}", seed=i) for i in range(4)]
+    monkeypatch.setattr(evaluation, "config_batches", lambda adapter, own, sample, **kw: [(own, torch.zeros(len(own), 3, 8, 8))])
+    scores = torch.tensor([1.0, float("nan"), 3.0, float("inf")])
+    reward = MultiReward({"flaky": lambda images, prompts, metadata: scores.clone()}, {"flaky": 1.0})
+    result = evaluation.evaluate(None, reward, jobs, ml_collections.ConfigDict())
+    assert result.means["flaky"] == 2.0 and result.means["avg"] == 2.0
+    assert result.nonfinite == {"flaky": 2, "avg": 2} and result.count == 4
