@@ -25,7 +25,7 @@ $(TINY_FLUX)/model_index.json: | $(STAMP)
 tiny-model: $(TINY_MODEL)/model_index.json $(TINY_FLUX)/model_index.json
 
 demo: $(STAMP) $(TINY_MODEL)/model_index.json
-	OMP_NUM_THREADS=1 $(PYTHON) train_sd3.py --config=config/grpo.py:tiny_tp_grpo --config.run_name=demo
+	OMP_NUM_THREADS=1 $(PYTHON) train_sd3.py --config=config/grpo.py:tiny_tp_grpo --config.run_name=demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
