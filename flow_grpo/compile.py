@@ -77,14 +77,17 @@ def default_state_buckets(batch_size: int, window_size: int, branches: bool, max
 class _GraphCounter:
     """A dynamo backend that counts the graphs it compiles (one per cache entry), then compiles with inductor."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str = "inductor") -> None:
         self.graphs = 0
+        self.backend = backend
 
     def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        from torch._inductor.compile_fx import compile_fx
-
         self.graphs += 1
-        return compile_fx(graph, example_inputs)
+        if self.backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(graph, example_inputs)
+        return torch._dynamo.lookup_backend(self.backend)(graph, example_inputs)
 
 
 def _phase_callable(phase: str, module: Callable[..., Any], counter: _GraphCounter, rows: int) -> Callable[..., Any]:
@@ -128,13 +131,19 @@ class CompiledPhases:
             the training phases pad to it.
         budget: phase -> the most graphs the configuration needs; the recompile limit is raised to
             the largest, and exceeding it raises.
+        backend: dynamo backend; "eager" only traces (CPU dry runs of the GPU check).
     """
 
     def __init__(
-        self, transformer: torch.nn.Module, model: Callable[..., Any], training_rows: int, budget: dict[str, int]
+        self,
+        transformer: torch.nn.Module,
+        model: Callable[..., Any],
+        training_rows: int,
+        budget: dict[str, int],
+        backend: str = "inductor",
     ) -> None:
         self.budget = dict(budget)
-        self.counters = {phase: _GraphCounter() for phase in PHASES}
+        self.counters = {phase: _GraphCounter(backend) for phase in PHASES}
         # Mode flags are guarded: LoRA modules are created in training mode; the rollout runs in eval mode.
         transformer.eval()
         self.rollout = _phase_callable("rollout", transformer, self.counters["rollout"], 0)

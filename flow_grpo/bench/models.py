@@ -20,6 +20,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
+from flow_grpo.compile import CompiledPhases
 from flow_grpo.bench.settings import BenchmarkSettings, resolve_device
 from flow_grpo.models import ModelAdapter
 from flow_grpo.policy import LossSettings, UpdateStep, add_lora
@@ -135,6 +136,7 @@ class BenchmarkModels:
         optimizer: AdamW over `trainable`, prepared.
         update_step: backward, clipping and the optimizer step (`policy.UpdateStep`).
         loss_settings: the step kind, noise, sigma_max, clip range and KL weight of the update.
+        compiled: the compiled phases (`settings.compile`), or None.
     """
 
     adapter: ModelAdapter
@@ -145,6 +147,7 @@ class BenchmarkModels:
     optimizer: torch.optim.Optimizer
     update_step: UpdateStep
     loss_settings: LossSettings
+    compiled: CompiledPhases | None = None
 
     @property
     def device(self) -> torch.device:
@@ -176,14 +179,19 @@ def build_models(
             transformer.enable_gradient_checkpointing()
         if settings.attention_backend:
             transformer.set_attention_backend(settings.attention_backend)
-        if settings.compile:
-            transformer.compile()  # in place: rollouts and the update run the same compiled code
     reward = build_reward(spec, device, batch_size=settings.scored_images)
     micro_batches = math.ceil(settings.prompts / settings.micro_batch)
     accelerator = benchmark_accelerator(
         mixed_precision, resolve_device(settings), accumulation=micro_batches * settings.window_size
     )
     model, optimizer = accelerator.prepare(transformer, torch.optim.AdamW(trainable, lr=1e-4))
+    compiled = None
+    if optimized and settings.compile:  # the trainer's phases: rollouts, policy and reference forward
+        rollout_graphs = len(settings.state_buckets) or settings.window_size + 1
+        budget = {"rollout": rollout_graphs, "policy": 1, "reference": 1 if settings.beta > 0 else 0}
+        rows = settings.micro_batch * (2 if adapter.uses_cfg else 1)
+        compiled = CompiledPhases(transformer, model, rows, budget, backend=settings.compile_backend)
+        adapter.inference_forward = compiled.rollout
     loss_settings = LossSettings(
         step_kind=settings.step_kind,
         noise_level=settings.noise_level,
@@ -192,4 +200,4 @@ def build_models(
         beta=settings.beta,
     )
     update_step = UpdateStep(accelerator, optimizer, trainable, max_grad_norm=settings.max_grad_norm)
-    return BenchmarkModels(adapter, reward, trainable, accelerator, model, optimizer, update_step, loss_settings)
+    return BenchmarkModels(adapter, reward, trainable, accelerator, model, optimizer, update_step, loss_settings, compiled)

@@ -103,7 +103,8 @@ def update_phase(
             with accelerator.accumulate(model):
                 batch = WindowBatch.select(samples, prompts, rows, j)
                 out = training_step(
-                    models.adapter, model, unwrapped, batch, advantages[rows, j], models.loss_settings, models.autocast
+                    models.adapter, model, unwrapped, batch, advantages[rows, j], models.loss_settings, models.autocast,
+                    compiled=models.compiled,
                 )
                 models.update_step.backward(out.loss)
     model.eval()

@@ -54,7 +54,8 @@ class BenchmarkSettings:
         gradient_checkpointing: recompute activations in the update's backward (timed models only).
         max_states_per_call: bound on states per transformer / VAE call in rollouts; 0 = none.
         state_buckets: pad each rollout transformer call to one of these state counts (timed only).
-        compile: `torch.compile` the transformer in place (timed models only, as the trainer does).
+        compile: compile the transformer per phase as the trainer does (`flow_grpo.compile`; timed models only).
+        compile_backend: dynamo backend of `compile`; "eager" only traces (CPU dry runs).
         attention_backend: diffusers attention backend of the timed transformer; "" = default.
         device: "cuda", "cpu", ...; "" = CUDA when available, else CPU.
         dtype: transformer dtype and autocast dtype: "bf16", "fp16", "fp32"; "auto" = bf16 on
@@ -86,6 +87,7 @@ class BenchmarkSettings:
     max_states_per_call: int = 0
     state_buckets: tuple[int, ...] = ()
     compile: bool = False
+    compile_backend: str = "inductor"
     attention_backend: str = ""
     device: str = ""
     dtype: str = "auto"
