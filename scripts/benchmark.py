@@ -2,13 +2,13 @@
 
     python scripts/benchmark.py --size tiny                      # CPU, seconds
     python scripts/benchmark.py --size sd3 --json sd3.json       # SD3.5-Medium size, one GPU, bf16
-    python scripts/benchmark.py --size sd3 --compile --buckets 18,36,90,180
+    python scripts/benchmark.py --size sd3 --compile --state_buckets 18,36,54,72,90
     python scripts/benchmark.py --size flux --count_only         # FLOPs only (meta device), any machine
     python scripts/benchmark.py --memory --preset pickscore_flux --num_processes 8   # memory preflight, any machine
 
 Each flag left out keeps the size's preset (`flow_grpo.bench.settings.default_settings`). The table of
 seconds, true FLOPs and FLOP/s, fraction of the measured matrix-product ceiling and peak memory per
-phase is printed last; `--json` also writes every number.
+phase is printed last (`--reward_server ...` runs the reward server benchmark instead); `--json` also writes every number.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_batch_size", type=int, help="trajectories per training micro-batch; 0 = all")
     add("--gradient_checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward")
     add("--max_states_per_call", type=int, help="bound on states per transformer / VAE call; 0 = none")
-    add("--buckets", dest="state_buckets", type=_ints, help="state buckets, e.g. 18,36,90 (rollout calls padded up)")
-    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the transformer in place")
+    add("--state_buckets", "--buckets", dest="state_buckets", type=_ints, help="state buckets, e.g. 18,36,54,72,90 (calls padded up)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="compile the transformer per phase, as the trainer")
+    add("--compile_backend", help="dynamo backend of --compile; eager only traces")
     add("--attention_backend", help="diffusers attention backend, e.g. flash, _native_cudnn; '' = default")
     add("--device", help="device; default CUDA when available, else CPU")
     add("--dtype", choices=("auto", *DTYPE_FLAGS), help="compute dtype; auto = bf16 on CUDA, fp32 on CPU")
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if "--memory" in args:  # the memory preflight: --memory --preset NAME --num_processes N [--device_gb G]
         return memory.main(args)
+    if "--reward_server" in args:  # reward server throughput: flow_grpo.reward_server.benchmark's own flags
+        from flow_grpo.reward_server.benchmark import main as reward_server_main
+
+        reward_server_main([arg for arg in args if arg != "--reward_server"])
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = {key: value for key, value in vars(args).items() if key not in ("size", "json") and value is not None}
