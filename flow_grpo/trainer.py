@@ -130,7 +130,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         if config.report_to != "none":
             kwargs = trackers.init_kwargs(config, run_name, self.run_dir)
-            if accelerator.is_main_process:  # only the main process runs a tracker
+            if accelerator.is_main_process and config.report_to == "wandb":  # only the main process runs a tracker
                 kwargs["wandb"] |= {"id": wandb_id(self.plan), "resume": "allow"}
             accelerator.init_trackers(config.project_name, config=trackers.tracker_config(config), init_kwargs=kwargs)
         return accelerator
