@@ -192,7 +192,7 @@ class PhaseResult:
     """
 
     name: str
-    flops: int
+    flops: int | None
     seconds: float | None = None
     times: list[float] = field(default_factory=list)
     warmup_times: list[float] = field(default_factory=list)
@@ -204,7 +204,7 @@ class PhaseResult:
     @property
     def flops_per_second(self) -> float | None:
         """True FLOP/s: counted FLOPs over the median time."""
-        return self.flops / self.seconds if self.seconds else None
+        return self.flops / self.seconds if self.seconds and self.flops is not None else None
 
     @property
     def fraction_of_ceiling(self) -> float | None:

@@ -135,10 +135,13 @@ def run_benchmark(settings: BenchmarkSettings) -> BenchmarkReport:
     mixed_precision = resolve_mixed_precision(settings, device)
     dtype = mixed_precision_dtype(mixed_precision)
     spec = model_spec(settings.size)
-    meta = build_models(spec, settings, torch.device("meta"), "no", optimized=False)
-    components = component_flops(meta, settings)
-    flops = count_phase_flops(meta, settings)
-    del meta
+    components: dict[str, int] = {}
+    flops: dict[str, int | None] = dict.fromkeys(settings.phases)
+    if settings.count_flops or settings.count_only:
+        meta = build_models(spec, settings, torch.device("meta"), "no", optimized=False)
+        components = component_flops(meta, settings)
+        flops = count_phase_flops(meta, settings)
+        del meta
     ceiling = None
     if settings.count_only:
         phases = {name: PhaseResult(name=name, flops=flops[name]) for name in settings.phases}
@@ -205,12 +208,13 @@ def format_report(report: BenchmarkReport) -> str:
             f"state_buckets={tuple(s.state_buckets)} max_states_per_call={s.max_states_per_call} "
             f"gradient_checkpointing={s.gradient_checkpointing}; median of {s.repeats} after {s.warmup} warm-up"
         ),
-        (
+    ]
+    if components:
+        lines.append(
             f"FLOPs per call: transformer forward {_si(components['transformer_forward_per_row'])} per row, "
             f"VAE decode {_si(components['vae_decode_per_image'])} per image, "
             f"reward {_si(components['reward_per_image'])} per image"
-        ),
-    ]
+        )
     if report.ceiling is not None:
         c = report.ceiling
         lines.append(f"matmul ceiling: {c.size}^3 {c.dtype} at {_si(c.flops_per_second, 'FLOP/s')}")

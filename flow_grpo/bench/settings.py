@@ -65,6 +65,8 @@ class BenchmarkSettings:
         matmul_size: side of the square matrix product of the ceiling; 0 = 8192 on CUDA, 1024 on CPU.
         phases: which of `PHASES` to measure.
         count_only: only count FLOPs (meta device), no timing; real sizes then run on any machine.
+        count_flops: count true FLOPs on the meta device (off: times only, no rates; saves about a
+            minute of CPU at real size when another run already counted the same work).
         seed: seeds the LoRA initialisation, prompt embeddings, noise and advantages.
     """
 
@@ -97,6 +99,7 @@ class BenchmarkSettings:
     matmul_size: int = 0
     phases: tuple[str, ...] = PHASES
     count_only: bool = False
+    count_flops: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
