@@ -8,6 +8,7 @@ import socket
 import pytest
 import torch
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -29,6 +30,19 @@ def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError(f"network access blocked in tests: {address!r}")
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(autouse=True)
+def float32_accelerator_state():
+    """After a test that set up accelerate in fp16/bf16 (the benchmark does), drop that process-wide state.
+
+    accelerate keeps one state per process and refuses an Accelerator of another precision; a real
+    run and a benchmark each own their process, the test suite shares one.
+    """
+    yield
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, "no"):
+        AcceleratorState._reset_state()
 
 
 @pytest.fixture(scope="session")
