@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for name in PARTS:
         results[name] = _run_isolated(name, args, args.limit_s or LIMITS_S[name])
-        print(f"{name}: {json.dumps(results[name])}", flush=True)
+        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
         if out:  # after every part, so a run cut off from outside still leaves what it measured
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "gpu_check.json"), "w") as f:
