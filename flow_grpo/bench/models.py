@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from diffusers import (
 
 from flow_grpo.compile import CompiledPhases
 from flow_grpo.bench.settings import BenchmarkSettings, resolve_device
+from flow_grpo.bench.tracing import default_dtype
 from flow_grpo.models import ModelAdapter
 from flow_grpo.policy import LossSettings, UpdateStep, add_lora
 from flow_grpo.precision import mixed_precision_dtype
@@ -33,20 +34,9 @@ from flow_grpo.testing.architectures import ModelSpec, RandomTextFluxAdapter, Ra
 __all__ = ["BenchmarkModels", "benchmark_accelerator", "build_adapter", "build_models", "build_reward"]
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Create floating tensors in `dtype` for the duration of the block (no float32 copy of a large model)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _build(model_class: type[torch.nn.Module], config: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """A frozen, eval-mode `model_class` from its config with random weights, created on `device` in `dtype`."""
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):  # no float32 copy of a large model
         model = model_class.from_config(dict(config))
     # Buffers the model creates in float32 explicitly follow `dtype`, as after `from_pretrained(dtype=...)`
     # (torch's own `to`: diffusers' override only adds a warning about keeping modules in float32).
