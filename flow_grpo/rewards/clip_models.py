@@ -128,18 +128,11 @@ class EmbeddingEncoder:
 class ClipEncoder(EmbeddingEncoder):
     """A transformers ``CLIPModel`` (PickScore, CLIPScore, the aesthetic predictor's backbone)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        preprocess: ImagePreprocess,
-        device: torch.device,
-        dtype: torch.dtype,
-        batch_size: int,
-    ) -> None:
-        super().__init__(model, tokenizer, preprocess, device, dtype, batch_size)
-        text_positions = model.config.text_config.max_position_embeddings
-        self.max_length = min(int(getattr(tokenizer, "model_max_length", text_positions)), text_positions)
+    @property
+    def max_length(self) -> int:
+        """Prompt tokens kept: the tokenizer's limit, at most the text model's position embeddings."""
+        text_positions = self.model.config.text_config.max_position_embeddings
+        return min(int(getattr(self.tokenizer, "model_max_length", text_positions)), text_positions)
 
     @classmethod
     def load(
