@@ -1,4 +1,36 @@
 """Console commands installed by `pip install .` (see setup.py); `scripts/*.py` are thin wrappers over them.
 
-Each command module defines its absl flags at import, so each lives in its own module.
+Each command module defines its absl flags at import, so each lives in its own module; the start and
+the entry point they share are here.
 """
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import ml_collections
+from absl import app
+from accelerate import PartialState
+
+from flow_grpo.cli import setup_logging
+from flow_grpo.paths import resolve_config_argument, resolve_config_paths
+from flow_grpo.trainer import use_cpu
+
+__all__ = ["run_command", "start_command"]
+
+
+def start_command(argv: list[str], config: ml_collections.ConfigDict) -> PartialState:
+    """Refuse stray arguments (`argv`: what absl did not parse), set up logging and the processes, resolve `config`'s paths."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup_logging()
+    state = PartialState(cpu=use_cpu())
+    resolve_config_paths(config)
+    return state
+
+
+def run_command(run: Callable[[list[str]], None]) -> None:
+    """Console entry point: parse the flags from `sys.argv` (a relative `--config` file may be under the repository) and `run`."""
+    sys.argv = resolve_config_argument(sys.argv)
+    app.run(run)

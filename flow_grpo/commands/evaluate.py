@@ -15,15 +15,12 @@ settings) and `<out>/scores.csv` (one row per image).
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags
-from accelerate import PartialState
+from absl import flags
 
-from flow_grpo.cli import define_sampling_flags, parse_reward_weights, setup_logging
+from flow_grpo.cli import define_sampling_flags, parse_reward_weights
+from flow_grpo.commands import run_command, start_command
 from flow_grpo.evaluation import run_evaluation
-from flow_grpo.paths import resolve_config_argument, resolve_config_paths
-from flow_grpo.trainer import use_cpu
 
 _FLAGS = define_sampling_flags("Output directory for summary.json and scores.csv.")
 _REWARDS = flags.DEFINE_string("rewards", "", "Rewards as name:weight,... (e.g. pickscore:1,aesthetic:1); empty = config.eval_reward_fn.")
@@ -32,11 +29,7 @@ _SAVE_IMAGES = flags.DEFINE_bool("save_images", False, "Also write every image t
 
 def run(argv: list[str]) -> None:
     """Run the command under absl (`argv`: the arguments absl did not parse)."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    setup_logging()
-    state = PartialState(cpu=use_cpu())
-    resolve_config_paths(_FLAGS.config.value)
+    state = start_command(argv, _FLAGS.config.value)
     summary = run_evaluation(
         _FLAGS.config.value,
         _FLAGS.out.value,
@@ -52,9 +45,8 @@ def run(argv: list[str]) -> None:
 
 
 def main() -> None:
-    """Console entry point: parse the flags from `sys.argv` (a relative `--config` file may be under the repository) and run."""
-    sys.argv = resolve_config_argument(sys.argv)
-    app.run(run)
+    """Console entry point (see `run_command`)."""
+    run_command(run)
 
 
 if __name__ == "__main__":

@@ -14,26 +14,17 @@ seed, metadata) and `<out>/settings.json`. Runs under `accelerate launch` to spl
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app
-from accelerate import PartialState
-
-from flow_grpo.cli import define_sampling_flags, setup_logging
+from flow_grpo.cli import define_sampling_flags
+from flow_grpo.commands import run_command, start_command
 from flow_grpo.generation import run_generation
-from flow_grpo.paths import resolve_config_argument, resolve_config_paths
-from flow_grpo.trainer import use_cpu
 
 _FLAGS = define_sampling_flags("Output directory for images/, index.jsonl and settings.json.")
 
 
 def run(argv: list[str]) -> None:
     """Run the command under absl (`argv`: the arguments absl did not parse)."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    setup_logging()
-    state = PartialState(cpu=use_cpu())
-    resolve_config_paths(_FLAGS.config.value)
+    state = start_command(argv, _FLAGS.config.value)
     index = run_generation(_FLAGS.config.value, _FLAGS.out.value, **_FLAGS.tool_arguments())
     if state.is_main_process:
         print(f"images: {len(index)} in {os.path.join(_FLAGS.out.value, 'images')}")
@@ -41,9 +32,8 @@ def run(argv: list[str]) -> None:
 
 
 def main() -> None:
-    """Console entry point: parse the flags from `sys.argv` (a relative `--config` file may be under the repository) and run."""
-    sys.argv = resolve_config_argument(sys.argv)
-    app.run(run)
+    """Console entry point (see `run_command`)."""
+    run_command(run)
 
 
 if __name__ == "__main__":
