@@ -15,7 +15,7 @@ from flow_grpo.bench.memory import GIB, InsufficientMemoryError, preflight
 from flow_grpo.epoch import encode_epoch_prompts
 from flow_grpo.rewards import build_reward
 from flow_grpo.rewards.images import to_uint8
-from flow_grpo.rewards.remote import encode_images
+from flow_grpo.rewards.transport import encode_images
 from flow_grpo.testing.rewards import save_tiny_aesthetic_head, save_tiny_clip, save_tiny_open_clip
 from flow_grpo.trainer import Trainer
 

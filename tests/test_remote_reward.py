@@ -43,7 +43,7 @@ from flow_grpo.reward_server.geneval import (
     relative_position,
 )
 from flow_grpo.reward_server.ocr import OcrScorer, edit_distance, ocr_accuracy, target_text
-from flow_grpo.rewards.remote import decode_images, encode_images
+from flow_grpo.rewards.transport import decode_images, encode_images
 from flow_grpo.reward_server.server import RewardServer, ScorerInputError, ServerLimits, build_scorers
 from flow_grpo.testing.rewards import save_tiny_clip, save_tiny_detector
 from flow_grpo.reward_server.vlm_judge import UNIFIEDREWARD_SERVER_DEFAULTS, VlmJudge

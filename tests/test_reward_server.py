@@ -25,7 +25,7 @@ from flow_grpo.rewards import (
     RemoteRewardTimeoutError,
     jpeg_compressibility,
 )
-from flow_grpo.rewards.remote import encode_images
+from flow_grpo.rewards.transport import encode_images
 
 
 def _images(num: int, size: int = 16, seed: int = 0) -> torch.Tensor:

@@ -119,7 +119,7 @@ def _client(
 
 def measure_transport(resolution: int, num_images: int = 4) -> dict[str, float]:
     """Milliseconds per image to encode (client) and decode (server) each image format."""
-    from flow_grpo.rewards.remote import decode_images, encode_images
+    from flow_grpo.rewards.transport import decode_images, encode_images
 
     images = _client_images(0, 0, num_images, resolution)
     costs: dict[str, float] = {}

@@ -22,7 +22,7 @@ from typing import Any
 
 from accelerate.logging import get_logger
 
-__all__ = ["ServerLimits", "default_max_request_bytes", "make_handler"]
+__all__ = ["Endpoints", "RequestHandler", "ServerLimits", "default_max_request_bytes", "make_handler"]
 
 logger = get_logger(__name__)
 
@@ -86,118 +86,135 @@ class ServerLimits:
 Answer = tuple[int, dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Endpoints:
+    """What a :class:`RequestHandler` serves: the limits, the ``/health`` answer and the scorer."""
+
+    limits: ServerLimits
+    health: Callable[[], dict[str, Any]]
+    """Returns the ``/health`` answer."""
+    score: Callable[[Mapping[str, Any]], Answer]
+    """Takes a decoded ``/score`` request and returns ``(status, answer)``."""
+    slots: threading.BoundedSemaphore
+    """One per request read and scored at once (``limits.max_concurrent``)."""
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """Serves ``GET /health`` and ``POST /score`` within ``endpoints.limits``; subclass it with :func:`make_handler`."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "flow-grpo-reward-server"
+    endpoints: Endpoints
+    """Set on the subclass :func:`make_handler` builds."""
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/health":
+            self._answer(HTTPStatus.OK, self.endpoints.health())
+        else:
+            self._answer(HTTPStatus.NOT_FOUND, {"error": f"Unknown path {self.path!r}; use /health or /score."})
+
+    def do_POST(self) -> None:
+        limits = self.endpoints.limits
+        if self.path.rstrip("/") != "/score":
+            unknown = {"error": f"Unknown path {self.path!r}; POST to /score."}
+            self._answer(HTTPStatus.NOT_FOUND, unknown, close=True)
+            return
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._answer(HTTPStatus.LENGTH_REQUIRED, {"error": "A Content-Length header is required."}, close=True)
+            return
+        if int(length) > limits.max_request_bytes:
+            self._answer(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                {
+                    "error": f"Request of {length} bytes exceeds {limits.max_request_bytes}; send smaller "
+                    "batches (the limits are on /health)."
+                },
+                close=True,
+            )
+            return
+        if not self.endpoints.slots.acquire(timeout=limits.read_timeout_s):
+            self._answer(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"error": f"The server is busy ({limits.max_concurrent} requests in progress); retry later."},
+                close=True,
+                retry_after=True,
+            )
+            return
+        try:
+            self._score(int(length))
+        finally:
+            self.endpoints.slots.release()
+
+    def _score(self, length: int) -> None:
+        body = self._read_body(length)
+        if body is None:
+            self._answer(
+                HTTPStatus.REQUEST_TIMEOUT,
+                {"error": f"The request body did not arrive within {self.endpoints.limits.read_timeout_s:g}s."},
+                close=True,
+            )
+            return
+        try:
+            payload = json.loads(body.decode("utf-8"))
+        except RecursionError:
+            self._answer(HTTPStatus.BAD_REQUEST, {"error": "The request body is JSON nested too deeply."})
+            return
+        except (UnicodeDecodeError, ValueError) as error:
+            self._answer(HTTPStatus.BAD_REQUEST, {"error": f"The request body is not valid JSON: {error}"})
+            return
+        self._answer(*self.endpoints.score(payload))
+
+    def _read_body(self, length: int) -> bytes | None:
+        """Read ``length`` bytes within ``read_timeout_s`` in total; ``None`` when too slow."""
+        read_timeout_s = self.endpoints.limits.read_timeout_s
+        deadline = time.monotonic() + read_timeout_s
+        parts: list[bytes] = []
+        received = 0
+        try:
+            while received < length:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.connection.settimeout(remaining)
+                chunk = self.rfile.read1(min(length - received, 1 << 20))
+                if not chunk:
+                    return None
+                parts.append(chunk)
+                received += len(chunk)
+        except (TimeoutError, socket.timeout, ConnectionError):
+            return None
+        finally:
+            self.connection.settimeout(read_timeout_s)
+        return b"".join(parts)
+
+    def _answer(self, status: int, answer: dict[str, Any], close: bool = False, retry_after: bool = False) -> None:
+        data = json.dumps(answer).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if retry_after:
+                self.send_header("Retry-After", "1")
+            if close:
+                # The unread body (if any) would be taken for the next request on this connection.
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            # The client gave up (e.g. its deadline passed); nothing is left to answer.
+            self.close_connection = True
+            logger.debug("Client %s went away before the answer", self.address_string())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s - %s", self.address_string(), format % args)
+
+
 def make_handler(
     limits: ServerLimits, health: Callable[[], dict[str, Any]], score: Callable[[Mapping[str, Any]], Answer]
-) -> type[BaseHTTPRequestHandler]:
-    """A request handler class serving ``GET /health`` and ``POST /score`` within ``limits``."""
-    slots = threading.BoundedSemaphore(limits.max_concurrent)
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "flow-grpo-reward-server"
-        timeout = limits.read_timeout_s  # idle keep-alive connections and stalled header lines
-
-        def do_GET(self) -> None:
-            if self.path.rstrip("/") == "/health":
-                self._answer(HTTPStatus.OK, health())
-            else:
-                self._answer(HTTPStatus.NOT_FOUND, {"error": f"Unknown path {self.path!r}; use /health or /score."})
-
-        def do_POST(self) -> None:
-            if self.path.rstrip("/") != "/score":
-                unknown = {"error": f"Unknown path {self.path!r}; POST to /score."}
-                self._answer(HTTPStatus.NOT_FOUND, unknown, close=True)
-                return
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self._answer(HTTPStatus.LENGTH_REQUIRED, {"error": "A Content-Length header is required."}, close=True)
-                return
-            if int(length) > limits.max_request_bytes:
-                self._answer(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    {
-                        "error": f"Request of {length} bytes exceeds {limits.max_request_bytes}; send smaller "
-                        "batches (the limits are on /health)."
-                    },
-                    close=True,
-                )
-                return
-            if not slots.acquire(timeout=limits.read_timeout_s):
-                self._answer(
-                    HTTPStatus.SERVICE_UNAVAILABLE,
-                    {"error": f"The server is busy ({limits.max_concurrent} requests in progress); retry later."},
-                    close=True,
-                    retry_after=True,
-                )
-                return
-            try:
-                self._score(int(length))
-            finally:
-                slots.release()
-
-        def _score(self, length: int) -> None:
-            body = self._read_body(length)
-            if body is None:
-                self._answer(
-                    HTTPStatus.REQUEST_TIMEOUT,
-                    {"error": f"The request body did not arrive within {limits.read_timeout_s:g}s."},
-                    close=True,
-                )
-                return
-            try:
-                payload = json.loads(body.decode("utf-8"))
-            except RecursionError:
-                self._answer(HTTPStatus.BAD_REQUEST, {"error": "The request body is JSON nested too deeply."})
-                return
-            except (UnicodeDecodeError, ValueError) as error:
-                self._answer(HTTPStatus.BAD_REQUEST, {"error": f"The request body is not valid JSON: {error}"})
-                return
-            self._answer(*score(payload))
-
-        def _read_body(self, length: int) -> bytes | None:
-            """Read ``length`` bytes within ``read_timeout_s`` in total; ``None`` when too slow."""
-            deadline = time.monotonic() + limits.read_timeout_s
-            parts: list[bytes] = []
-            received = 0
-            try:
-                while received < length:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return None
-                    self.connection.settimeout(remaining)
-                    chunk = self.rfile.read1(min(length - received, 1 << 20))
-                    if not chunk:
-                        return None
-                    parts.append(chunk)
-                    received += len(chunk)
-            except (TimeoutError, socket.timeout, ConnectionError):
-                return None
-            finally:
-                self.connection.settimeout(limits.read_timeout_s)
-            return b"".join(parts)
-
-        def _answer(
-            self, status: int, answer: dict[str, Any], close: bool = False, retry_after: bool = False
-        ) -> None:
-            data = json.dumps(answer).encode("utf-8")
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if retry_after:
-                    self.send_header("Retry-After", "1")
-                if close:
-                    # The unread body (if any) would be taken for the next request on this connection.
-                    self.send_header("Connection", "close")
-                    self.close_connection = True
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                # The client gave up (e.g. its deadline passed); nothing is left to answer.
-                self.close_connection = True
-                logger.debug("Client %s went away before the answer", self.address_string())
-
-        def log_message(self, format: str, *args: Any) -> None:
-            logger.debug("%s - %s", self.address_string(), format % args)
-
-    return Handler
+) -> type[RequestHandler]:
+    """A :class:`RequestHandler` subclass serving ``GET /health`` and ``POST /score`` within ``limits``."""
+    endpoints = Endpoints(limits, health, score, threading.BoundedSemaphore(limits.max_concurrent))
+    # ``timeout`` bounds idle keep-alive connections and stalled header lines.
+    return type("Handler", (RequestHandler,), {"endpoints": endpoints, "timeout": limits.read_timeout_s})

@@ -135,7 +135,7 @@ class OcrScorer:
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
         """``(N, 3, H, W)`` in [0, 1] -> float32 ``(N,)`` CPU accuracy in [0, 1]."""
-        from flow_grpo.rewards.remote import images_to_uint8
+        from flow_grpo.rewards.transport import images_to_uint8
 
         targets = [target_text(prompt, meta) for prompt, meta in zip(prompts, metadata, strict=True)]
         texts = self.read(images_to_uint8(images))

@@ -29,7 +29,7 @@ from accelerate.logging import get_logger
 
 from flow_grpo.rewards import registry
 from flow_grpo.rewards.registry import RewardFn
-from flow_grpo.rewards.remote import PROTOCOL_VERSION, decode_images
+from flow_grpo.rewards.transport import PROTOCOL_VERSION, decode_images
 from flow_grpo.reward_server.batching import BatchingScorer, ScoreTimeoutError
 from flow_grpo.reward_server.frontend import ServerLimits, make_handler
 

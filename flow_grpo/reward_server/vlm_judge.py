@@ -79,7 +79,7 @@ class VlmJudge:
             raise ValueError("unifiedreward: score_pattern needs a capture group around the number.")
         self.endpoint = self.options["base_url"].rstrip("/") + "/chat/completions"
         self.api_key = os.environ.get(self.options["api_key_env"], "") if self.options["api_key_env"] else ""
-        from flow_grpo.rewards.remote import is_loopback_host
+        from flow_grpo.rewards.transport import is_loopback_host
 
         host = urllib.parse.urlsplit(self.endpoint).hostname or ""
         # A judge on this machine must not be routed through the environment's proxies.
@@ -91,7 +91,7 @@ class VlmJudge:
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
     ) -> torch.Tensor:
         """``(N, 3, H, W)`` in [0, 1] -> float32 ``(N,)`` CPU judge scores."""
-        from flow_grpo.rewards.remote import images_to_uint8
+        from flow_grpo.rewards.transport import images_to_uint8
 
         pixels = images_to_uint8(images)
         workers = min(self.options["max_workers"], len(prompts))

@@ -36,34 +36,25 @@ timeouts and statuses 429/500/502/503/504 are retried ``max_retries`` times, wai
 
 from __future__ import annotations
 
-import base64
 import http.client
-import io
-import ipaddress
 import json
 import math
-import socket
-import threading
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.logging import get_logger
-from PIL import Image
 
-from flow_grpo.rewards.images import to_uint8
+from flow_grpo.rewards.http_exchange import MAX_REPLY_BYTES, exchange
 from flow_grpo.rewards.options import chunk_slices, parse_options
 from flow_grpo.rewards.registry import RewardFn, register_reward
+from flow_grpo.rewards.transport import IMAGE_FORMATS, PROTOCOL_VERSION, encode_images, is_loopback_host
 
 __all__ = [
     "CLIENT_IMAGE_FORMATS",
-    "IMAGE_FORMATS",
     "NAMED_REMOTE_REWARDS",
-    "PROTOCOL_VERSION",
     "REMOTE_DEFAULTS",
     "RemoteReward",
     "RemoteRewardBadReplyError",
@@ -71,20 +62,10 @@ __all__ = [
     "RemoteRewardHTTPError",
     "RemoteRewardTimeoutError",
     "RemoteRewardUnreachableError",
-    "decode_images",
-    "encode_images",
-    "images_to_uint8",
-    "is_loopback_host",
     "make_remote_reward",
 ]
 
 logger = get_logger(__name__)
-
-PROTOCOL_VERSION = 1
-"""Version of the JSON protocol; the server reports it on ``/health``."""
-
-IMAGE_FORMATS = ("png", "raw")
-"""Image encodings of a ``/score`` request."""
 
 CLIENT_IMAGE_FORMATS = ("auto", *IMAGE_FORMATS)
 """Values of the ``image_format`` option: ``"auto"`` = raw for a loopback server, PNG otherwise."""
@@ -105,7 +86,6 @@ REMOTE_DEFAULTS: dict[str, Any] = {
 """Options of every remote reward (mirrored in ``config/base.py``)."""
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 
 class RemoteRewardError(RuntimeError):
@@ -130,96 +110,6 @@ class RemoteRewardHTTPError(RemoteRewardError):
 
 class RemoteRewardBadReplyError(RemoteRewardError):
     """The server answered 200 with a body that is not a valid score list for the batch."""
-
-
-def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float ``(N, 3, H, W)`` in [0, 1] (rounded with `to_uint8`) or uint8 -> uint8 ``(N, H, W, 3)`` numpy."""
-    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def encode_images(images: torch.Tensor, image_format: str) -> dict[str, Any]:
-    """Encode a batch for a ``/score`` request.
-
-    Args:
-        images: float ``(N, 3, H, W)`` in ``[0, 1]`` or uint8.
-        image_format: ``"png"`` or ``"raw"``.
-
-    Returns:
-        ``{"image_format", "height", "width", "images": [base64 str] * N}``.
-    """
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}.")
-    pixels = images_to_uint8(images)
-    encoded = []
-    for pixel_array in pixels:
-        if image_format == "png":
-            buffer = io.BytesIO()
-            # Level 1: PNG is lossless at any level; higher levels only cost encoding time.
-            Image.fromarray(pixel_array).save(buffer, format="PNG", compress_level=1)
-            data = buffer.getvalue()
-        else:
-            data = np.ascontiguousarray(pixel_array).tobytes()
-        encoded.append(base64.b64encode(data).decode("ascii"))
-    return {
-        "image_format": image_format,
-        "height": int(images.shape[2]),
-        "width": int(images.shape[3]),
-        "images": encoded,
-    }
-
-
-def decode_images(payload: Mapping[str, Any], max_pixels: int = 4096 * 4096) -> torch.Tensor:
-    """Decode the images of a ``/score`` request (the inverse of :func:`encode_images`).
-
-    Args:
-        payload: the request dict.
-        max_pixels: largest accepted ``height * width`` (protects the server's memory).
-
-    Returns:
-        float32 ``(N, 3, H, W)`` in ``[0, 1]`` on the CPU.
-
-    Raises:
-        ValueError: on a missing field, bad base64, a non-PNG image or a size mismatch.
-    """
-    image_format = payload.get("image_format")
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"'image_format' must be one of {list(IMAGE_FORMATS)}, got {image_format!r}.")
-    height, width = payload.get("height"), payload.get("width")
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"'{name}' must be a positive integer, got {value!r}.")
-    if height * width > max_pixels:
-        raise ValueError(f"Images of {height}x{width} exceed the server limit of {max_pixels} pixels.")
-    images = payload.get("images")
-    if not isinstance(images, list) or not images:
-        raise ValueError("'images' must be a non-empty list of base64 strings.")
-    arrays = []
-    for i, item in enumerate(images):
-        if not isinstance(item, str):
-            raise ValueError(f"images[{i}] is not a base64 string.")
-        try:
-            data = base64.b64decode(item, validate=True)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"images[{i}] is not valid base64: {error}") from None
-        if image_format == "raw":
-            if len(data) != height * width * 3:
-                raise ValueError(
-                    f"images[{i}] has {len(data)} bytes; {height}x{width}x3 = {height * width * 3} expected."
-                )
-            arrays.append(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3))
-        else:
-            try:
-                image = Image.open(io.BytesIO(data), formats=["PNG"])
-            except Exception as error:  # PIL raises several types for undecodable data
-                raise ValueError(f"images[{i}] is not a PNG image: {error}") from None
-            if image.size != (width, height):
-                raise ValueError(f"images[{i}] is {image.size[0]}x{image.size[1]} (WxH); {width}x{height} declared.")
-            try:
-                arrays.append(np.asarray(image.convert("RGB")))
-            except Exception as error:
-                raise ValueError(f"images[{i}] could not be decoded: {error}") from None
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return batch.float().div_(255.0)
 
 
 class RemoteReward:
@@ -269,7 +159,6 @@ class RemoteReward:
         self.reward_name = reward_name
         self.max_request_bytes: int | None = None
         """The server's body limit, once :meth:`check` has read it from ``/health``."""
-        self._parsed = parsed
 
     def __repr__(self) -> str:
         return f"RemoteReward(url={self.url!r}, scorer={self.scorer!r})"
@@ -393,68 +282,6 @@ class RemoteReward:
             )
         return reply
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, str]:
-        """A connection to the server (through the environment's proxy for remote hosts) and the request target."""
-        parsed = self._parsed
-        https = parsed.scheme == "https"
-        port = parsed.port or (443 if https else 80)
-        base = parsed.path.rstrip("/")
-        proxy = None if self.loopback else urllib.request.getproxies().get(parsed.scheme)
-        if proxy and urllib.request.proxy_bypass(parsed.hostname):
-            proxy = None
-        connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
-        if not proxy:
-            return connection_class(parsed.hostname, port, timeout=self.timeout), base
-        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        proxy_port = proxy_url.port or 80
-        if https:
-            connection = http.client.HTTPSConnection(proxy_url.hostname, proxy_port, timeout=self.timeout)
-            connection.set_tunnel(parsed.hostname, port)
-            return connection, base
-        # A plain-HTTP proxy takes the absolute URL as the request target.
-        return http.client.HTTPConnection(proxy_url.hostname, proxy_port, timeout=self.timeout), self.url
-
-    def _exchange(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
-        """One HTTP exchange that completes within ``timeout`` seconds in total, or raises ``TimeoutError``.
-
-        A watchdog shuts the socket down at the deadline, so neither a slow connect, a server that does
-        not read the body nor one that trickles its answer can stretch the wait.
-        """
-        connection, base = self._connection()
-        expired = threading.Event()
-
-        def abort() -> None:
-            expired.set()
-            sock = connection.sock
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        watchdog = threading.Timer(self.timeout, abort)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            connection.connect()
-            if expired.is_set():
-                raise TimeoutError("connect")
-            headers = {"Content-Type": "application/json", "Connection": "close"}
-            connection.request(method, base + path, body=body, headers=headers)
-            response = connection.getresponse()
-            data = response.read(_MAX_REPLY_BYTES + 1)
-            status = response.status
-        except (OSError, http.client.HTTPException) as error:
-            if expired.is_set():
-                raise TimeoutError(f"no complete answer within {self.timeout:g}s") from error
-            raise
-        finally:
-            watchdog.cancel()
-            connection.close()
-        if expired.is_set():
-            raise TimeoutError(f"no complete answer within {self.timeout:g}s")
-        return status, data
-
     def _request(self, method: str, path: str, body: bytes | None) -> bytes:
         """One HTTP exchange with bounded retries; returns the body of a 200 answer."""
         attempts = self.max_retries + 1
@@ -469,7 +296,7 @@ class RemoteReward:
                 )
                 time.sleep(delay)
             try:
-                status, data = self._exchange(method, path, body)
+                status, data = exchange(self.url, method, path, body, timeout=self.timeout, direct=self.loopback)
             except TimeoutError as error:
                 last_error = self._timeout_error(path, error)
                 continue
@@ -487,9 +314,9 @@ class RemoteReward:
                 last_error = self._unreachable_error(path, error)
                 continue
             if status == 200:
-                if len(data) > _MAX_REPLY_BYTES:
+                if len(data) > MAX_REPLY_BYTES:
                     raise RemoteRewardBadReplyError(
-                        f"Reward server at {self.url} sent a reply over {_MAX_REPLY_BYTES} bytes."
+                        f"Reward server at {self.url} sent a reply over {MAX_REPLY_BYTES} bytes."
                     )
                 return data
             last_error = RemoteRewardHTTPError(
@@ -535,16 +362,6 @@ def _error_message(status: int, body: bytes) -> str:
 def _preview(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 200 else text[:200] + "..."
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for "localhost" and loopback IP addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def make_remote_reward(reward_name: str, device: torch.device, options: Mapping[str, Any]) -> RewardFn:
