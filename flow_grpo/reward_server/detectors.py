@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,28 +39,36 @@ Detector = Callable[[torch.Tensor], list[list[Detection]]]
 """``detector(images (N, 3, H, W) in [0, 1]) -> N lists of detections``."""
 
 
-def _to_device_uint8(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Float ``(N, 3, H, W)`` in [0, 1] -> uint8 ``(N, 3, H, W)`` on ``device`` (rounded, clamped)."""
-    images = images.detach().to(device, non_blocking=True)
-    return images.float().mul(255.0).nan_to_num_(0.0).round_().clamp_(0, 255).to(torch.uint8)
+class _TransformersModel:
+    """A transformers vision model and its image processor, loaded on ``device`` in ``dtype`` (eval mode)."""
+
+    def __init__(self, model_class: Any, model: str, device: torch.device, dtype: torch.dtype, min_score: float) -> None:
+        from transformers import AutoImageProcessor
+
+        self.processor = AutoImageProcessor.from_pretrained(model)
+        self.model = model_class.from_pretrained(model).to(device=device, dtype=dtype).eval()
+        self.device, self.dtype, self.min_score = torch.device(device), dtype, min_score
+        self.labels = {int(k): str(v).lower() for k, v in self.model.config.id2label.items()}
+
+    def _inputs(self, images: torch.Tensor) -> Any:
+        """The processor's model inputs on the device for float ``(N, 3, H, W)`` in [0, 1] (as rounded, clamped uint8)."""
+        images = images.detach().to(self.device, non_blocking=True)
+        pixels = images.float().mul(255.0).nan_to_num_(0.0).round_().clamp_(0, 255).to(torch.uint8)
+        return self.processor(images=pixels, return_tensors="pt", device=self.device).to(self.device)
 
 
-class TransformersDetector:
+class TransformersDetector(_TransformersModel):
     """A box-only object detector from transformers (``AutoModelForObjectDetection``, e.g. DETR on COCO)."""
 
     def __init__(self, model: str, device: torch.device, dtype: torch.dtype, min_score: float) -> None:
-        from transformers import AutoImageProcessor, AutoModelForObjectDetection
+        from transformers import AutoModelForObjectDetection
 
-        self.processor = AutoImageProcessor.from_pretrained(model)
-        self.model = AutoModelForObjectDetection.from_pretrained(model).to(device=device, dtype=dtype).eval()
-        self.device, self.dtype, self.min_score = torch.device(device), dtype, min_score
-        self.labels = {int(k): str(v).lower() for k, v in self.model.config.id2label.items()}
+        super().__init__(AutoModelForObjectDetection, model, device, dtype, min_score)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> list[list[Detection]]:
         """``(N, 3, H, W)`` in [0, 1] -> N lists of detections above ``min_score`` (no masks)."""
-        pixels = _to_device_uint8(images, self.device)
-        inputs = self.processor(images=pixels, return_tensors="pt", device=self.device).to(self.device)
+        inputs = self._inputs(images)
         inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         outputs = self.model(**inputs)
         sizes = [tuple(images.shape[-2:])] * images.shape[0]
@@ -75,7 +84,7 @@ class TransformersDetector:
         ]
 
 
-class Mask2FormerDetector:
+class Mask2FormerDetector(_TransformersModel):
     """A transformers Mask2Former instance-segmentation model (COCO): boxes, scores and masks.
 
     Post-processing is ``Mask2FormerImageProcessor.post_process_instance_segmentation`` with
@@ -87,20 +96,14 @@ class Mask2FormerDetector:
     MASK_SIZE = (384, 384)
 
     def __init__(self, model: str, device: torch.device, dtype: torch.dtype, min_score: float) -> None:
-        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+        from transformers import Mask2FormerForUniversalSegmentation
 
-        self.processor = AutoImageProcessor.from_pretrained(model)
-        self.model = (
-            Mask2FormerForUniversalSegmentation.from_pretrained(model).to(device=device, dtype=dtype).eval()
-        )
-        self.device, self.dtype, self.min_score = torch.device(device), dtype, min_score
-        self.labels = {int(k): str(v).lower() for k, v in self.model.config.id2label.items()}
+        super().__init__(Mask2FormerForUniversalSegmentation, model, device, dtype, min_score)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> list[list[Detection]]:
         """``(N, 3, H, W)`` in [0, 1] -> N lists of detections above ``min_score``, with full-image masks."""
-        pixels = _to_device_uint8(images, self.device)
-        inputs = self.processor(images=pixels, return_tensors="pt", device=self.device).to(self.device)
+        inputs = self._inputs(images)
         outputs = self.model(pixel_values=inputs["pixel_values"].to(self.dtype), pixel_mask=inputs.get("pixel_mask"))
         return self.postprocess(outputs.class_queries_logits, outputs.masks_queries_logits, tuple(images.shape[-2:]))
 
