@@ -13,6 +13,22 @@ import torch
 __all__ = ["group_advantages", "broadcast_to_steps", "informative_rows"]
 
 
+def _check_group_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, adv_clip_max: float) -> None:
+    """Shapes and dtypes of `group_advantages`' inputs; ValueError naming the problem."""
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must have shape (B,) or (B, W), got {tuple(rewards.shape)}")
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a floating-point tensor, got dtype {rewards.dtype}")
+    if group_ids.dim() != 1 or group_ids.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"group_ids must have shape ({rewards.shape[0]},), got {tuple(group_ids.shape)}"
+        )
+    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
+    if adv_clip_max <= 0:
+        raise ValueError(f"adv_clip_max must be positive, got {adv_clip_max}")
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
@@ -44,19 +60,7 @@ def group_advantages(
     Raises:
         ValueError: on wrong shapes or dtypes.
     """
-    if rewards.dim() not in (1, 2):
-        raise ValueError(f"rewards must have shape (B,) or (B, W), got {tuple(rewards.shape)}")
-    if not rewards.is_floating_point():
-        raise ValueError(f"rewards must be a floating-point tensor, got dtype {rewards.dtype}")
-    if group_ids.dim() != 1 or group_ids.shape[0] != rewards.shape[0]:
-        raise ValueError(
-            f"group_ids must have shape ({rewards.shape[0]},), got {tuple(group_ids.shape)}"
-        )
-    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
-        raise ValueError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
-    if adv_clip_max <= 0:
-        raise ValueError(f"adv_clip_max must be positive, got {adv_clip_max}")
-
+    _check_group_inputs(rewards, group_ids, adv_clip_max)
     dtype = torch.promote_types(rewards.dtype, torch.float32)
     values = rewards.to(dtype)
     was_1d = values.dim() == 1

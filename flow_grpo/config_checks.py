@@ -138,6 +138,19 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
         world_size: number of processes of the job.
         check_paths: also check that a local model directory and the dataset exist.
     """
+    _check_run(config)
+    _check_sample(config)
+    _check_window(config)
+    check_model_and_resolution(config, check_path=check_paths)
+    if check_paths:
+        _check_dataset(config)
+    _check_train(config)
+    _check_rewards(config)
+    return derive_layout(config, world_size)
+
+
+def _check_run(config: ml_collections.ConfigDict) -> None:
+    """Top-level keys: algorithm, precision, failure policy, epochs, evaluation, saving, resume, tracker."""
     if config.algorithm not in ALGORITHMS:
         _fail("algorithm", f"unknown algorithm {config.algorithm!r}", f"Use one of {ALGORITHMS}.")
     if config.mixed_precision not in MIXED_PRECISION:
@@ -161,10 +174,19 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
     _positive_int(config, "num_epochs")
     if config.eval_freq < 0:
         _fail("eval_freq", f"must be 0 or more, got {config.eval_freq}", "Use 0 to disable evaluation.")
-    _check_reward_weights(config)
     from flow_grpo.trackers import check_report_to  # imported here: trackers imports ConfigError from this module
 
     check_report_to(config.report_to)
+    if config.attention_backend:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        names = sorted(b.value for b in AttentionBackendName)
+        if config.attention_backend not in names:
+            _fail("attention_backend", f"unknown backend {config.attention_backend!r}", f"Use '' or one of {names}.")
+
+
+def _check_sample(config: ml_collections.ConfigDict) -> None:
+    """`config.sample`: step kind, noise, guidance, call bounds and buckets, batch and image sizes."""
     sample = config.sample
     if sample.step_kind not in STEP_KINDS:
         _fail("sample.step_kind", f"unknown step kind {sample.step_kind!r}", f"Use one of {STEP_KINDS}.")
@@ -187,18 +209,12 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
             "and sample.max_states_per_call are both set",
             "With buckets the largest bucket bounds a call; set max_states_per_call=0.",
         )
-    if config.attention_backend:
-        from diffusers.models.attention_dispatch import AttentionBackendName
-
-        names = sorted(b.value for b in AttentionBackendName)
-        if config.attention_backend not in names:
-            _fail("attention_backend", f"unknown backend {config.attention_backend!r}", f"Use '' or one of {names}.")
     _positive_int(config, "sample.eval_batch_size")
     _positive_int(config, "sample.resolution")
-    _check_window(config)
-    check_model_and_resolution(config, check_path=check_paths)
-    if check_paths:
-        _check_dataset(config)
+
+
+def _check_train(config: ml_collections.ConfigDict) -> None:
+    """`config.train`: loss clips, KL weight, learning rate, LoRA rank, EMA."""
     train = config.train
     if train.clip_range <= 0:
         _fail("train.clip_range", f"must be positive, got {train.clip_range}", "Use e.g. 1e-5 (published).")
@@ -213,8 +229,13 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
         if not 0.0 < train.ema_decay < 1.0:
             _fail("train.ema_decay", f"must be in (0, 1), got {train.ema_decay}", "Use e.g. 0.9.")
         _positive_int(config, "train.ema_every")
+
+
+def _check_rewards(config: ml_collections.ConfigDict) -> None:
+    """Training and evaluation rewards: present, registered, with usable weights."""
     if not config.reward_fn:
         _fail("reward_fn", "is empty", "Give at least one {name: weight}, e.g. {'pickscore': 1.0}.")
+    _check_reward_weights(config)
     from flow_grpo.rewards import check_reward_names
 
     try:
@@ -222,7 +243,6 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
         check_reward_names(list(config.eval_reward_fn.keys()))
     except ValueError as error:
         raise ConfigError(f"config.reward_fn / config.eval_reward_fn: {error}") from None
-    return derive_layout(config, world_size)
 
 
 def _check_reward_weights(config: ml_collections.ConfigDict) -> None:

@@ -94,6 +94,15 @@ def decode_chunked(adapter: ModelAdapter, latents: torch.Tensor, chunk: int = 0,
 
 
 @torch.no_grad()
+def _check_window(num_steps: int, window_start: int, window_size: int) -> None:
+    """The window `[s, s + W)` must end before the last step, whose noise is zero."""
+    if window_size and not 0 <= window_start <= window_start + window_size <= num_steps - 1:
+        raise ValueError(
+            f"window [{window_start}, {window_start + window_size}) must lie within steps 0..{num_steps - 2}: "
+            "the last step has zero noise"
+        )
+
+
 def rollout(
     adapter: ModelAdapter,
     prompts: PromptEmbeds,
@@ -119,8 +128,7 @@ def rollout(
         prompts: encoded prompts, B rows.
         num_steps: grid steps N.
         resolution: image side in pixels.
-        window_start, window_size: `s` and `W`; `s + W <= N - 1` (the last step has no noise).
-            `W = 0` gives plain ODE sampling.
+        window_start, window_size: `s` and `W`, `s + W <= N - 1`; `W = 0` gives plain ODE sampling.
         noise_level, step_kind: the stochastic step (see `flow_grpo.sde`).
         branches: also compute the TP-GRPO completions (lockstep) and return `completed_images`.
         generator: drives the initial noise (unless `initial_latents` is given) and the step noise.
@@ -131,11 +139,7 @@ def rollout(
         uint8_images: return `images` and `completed_images` as uint8 (see `decode_chunked`).
     """
     batch = len(prompts)
-    if window_size and not 0 <= window_start <= window_start + window_size <= num_steps - 1:
-        raise ValueError(
-            f"window [{window_start}, {window_start + window_size}) must lie within steps 0..{num_steps - 2}: "
-            "the last step has zero noise"
-        )
+    _check_window(num_steps, window_start, window_size)
     grid = adapter.sigmas(num_steps, resolution)
     sigma_max = float(grid[1])  # read on the host once, not per step
     sigmas = grid.to(adapter.device)
@@ -170,24 +174,31 @@ def rollout(
             x = step.next_latents
         else:
             x = euler_step(main_velocity, x, sigma, sigma_next)
-    final = x
-    if branches:
-        decoded = decode_chunked(adapter, torch.cat([branch_states, final]), decode_chunk, uint8_images)
-        completed = decoded.view(window_size + 1, batch, *decoded.shape[1:]).transpose(0, 1)
-        images = completed[:, -1]
-    else:
-        completed = None
-        images = decode_chunked(adapter, final, decode_chunk, uint8_images)
     steps = torch.arange(window_start, window_start + window_size, device=x.device)
     return Rollout(
-        images=images,
+        **_decoded(adapter, x, branch_states if branches else None, decode_chunk, uint8_images),
         latents=_stack(recorded["latents"], x),
         next_latents=_stack(recorded["next"], x),
         log_probs=torch.stack(recorded["log_probs"], dim=1) if window_size else x.new_zeros(batch, 0),
         sigmas=sigmas[steps].expand(batch, -1).clone(),
         next_sigmas=sigmas[steps + 1].expand(batch, -1).clone(),
-        completed_images=completed,
     )
+
+
+def _decoded(
+    adapter: ModelAdapter, final: torch.Tensor, branch_states: torch.Tensor | None, decode_chunk: int, uint8_images: bool
+) -> dict[str, torch.Tensor | None]:
+    """`images` (B, 3, H, W) of the final latents and, with branches, `completed_images` (B, W + 1, 3, H, W).
+
+    The branch states (W B rows, branch-major) and the final latents are decoded together; the
+    final image is the last completion of each trajectory.
+    """
+    if branch_states is None:
+        return {"images": decode_chunked(adapter, final, decode_chunk, uint8_images), "completed_images": None}
+    batch = final.shape[0]
+    decoded = decode_chunked(adapter, torch.cat([branch_states, final]), decode_chunk, uint8_images)
+    completed = decoded.view(-1, batch, *decoded.shape[1:]).transpose(0, 1)
+    return {"images": completed[:, -1], "completed_images": completed}
 
 
 def _stack(states: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
