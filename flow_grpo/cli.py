@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import ml_collections
 from absl import flags
@@ -22,6 +22,9 @@ from ml_collections import config_flags
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flow_grpo.paths import REPO_ROOT
+
+if TYPE_CHECKING:
+    from flow_grpo.generation import SamplingRequest
 
 __all__ = [
     "SamplingFlags",
@@ -88,17 +91,19 @@ class SamplingFlags:
     num_images: flags.FlagHolder
     max_prompts: flags.FlagHolder
 
-    def tool_arguments(self) -> dict[str, Any]:
-        """Keyword arguments of `run_evaluation` / `run_generation` after the config and output directory."""
-        return {
-            "lora": self.lora.value or None,
-            "lora_scale": self.lora_scale.value,
-            "prompts": self.prompts.value,
-            "texts": self.prompt.value,
-            "split": self.split.value,
-            "images_per_prompt": self.num_images.value,
-            "max_prompts": self.max_prompts.value,
-        }
+    def request(self) -> SamplingRequest:
+        """What `run_evaluation` / `run_generation` sample, from the flags."""
+        from flow_grpo.generation import SamplingRequest  # torch and diffusers only for the sampling tools
+
+        return SamplingRequest(
+            lora=self.lora.value or None,
+            lora_scale=self.lora_scale.value,
+            prompts=self.prompts.value,
+            texts=self.prompt.value,
+            split=self.split.value,
+            images_per_prompt=self.num_images.value,
+            max_prompts=self.max_prompts.value,
+        )
 
 
 def define_sampling_flags(out_help: str) -> SamplingFlags:

@@ -22,6 +22,7 @@ from accelerate.utils import gather_object, reduce
 from flow_grpo.generation import (
     AutocastFactory,
     ImageJob,
+    SamplingRequest,
     config_batches,
     image_filename,
     load_model,
@@ -133,15 +134,9 @@ def evaluate(
 def run_evaluation(
     config: ml_collections.ConfigDict,
     out_dir: str | os.PathLike[str],
+    request: SamplingRequest = SamplingRequest(),
     *,
-    lora: str | None = None,
-    lora_scale: float = 1.0,
-    prompts: str = "",
-    texts: Sequence[str] = (),
-    split: str = "test",
     rewards: Mapping[str, float] | None = None,
-    images_per_prompt: int = 1,
-    max_prompts: int = 0,
     save_images: bool = False,
 ) -> dict[str, Any]:
     """Sample the prompts with the ODE sampler, score every image, write `summary.json` and `scores.csv`.
@@ -153,12 +148,8 @@ def run_evaluation(
     Args:
         config: a training config (preset plus overrides).
         out_dir: directory for `summary.json`, `scores.csv` (and `images/` with `save_images`).
-        lora: LoRA checkpoint directory; None evaluates the base model.
-        lora_scale: adapter weight of the LoRA (multiplies its effect); 1.0 = as saved.
-        prompts, texts, split, max_prompts: see `flow_grpo.data.resolve_prompts` (default: the
-            config's test split).
+        request: the LoRA (None: the base model) and the prompts (default: the config's test split).
         rewards: reward name -> weight; None or empty uses `config.eval_reward_fn`.
-        images_per_prompt: samples per prompt, each with its own seed.
         save_images: also write every image as a PNG.
 
     Returns:
@@ -167,8 +158,8 @@ def run_evaluation(
     state = PartialState()
     weights = dict(rewards) if rewards else dict(config.eval_reward_fn)
     check_reward_names(weights)  # before any model is loaded
-    plan = plan_sampling(config, prompts=prompts, texts=texts, split=split, images_per_prompt=images_per_prompt, max_prompts=max_prompts)
-    loaded = load_model(config, state.device, lora, lora_scale)
+    plan = plan_sampling(config, request)
+    loaded = load_model(config, state.device, request.lora, request.lora_scale)
     reward = build_reward(weights, state.device, config.reward_options.to_dict())
     out = Path(out_dir)
     image_dir = out / "images"

@@ -42,6 +42,7 @@ __all__ = [
     "ImageJob",
     "LoadedModel",
     "SamplingPlan",
+    "SamplingRequest",
     "check_sampling_config",
     "config_batches",
     "compute_dtype",
@@ -119,17 +120,30 @@ class SamplingPlan:
     images_per_prompt: int
 
 
-def plan_sampling(
-    config: ml_collections.ConfigDict,
-    *,
-    prompts: str = "",
-    texts: Sequence[str] = (),
-    split: str = "test",
-    images_per_prompt: int = 1,
-    max_prompts: int = 0,
-) -> SamplingPlan:
-    """Resolve the prompts (see `flow_grpo.data.resolve_prompts`) and plan every image with its seed."""
-    prompt_list, origin = resolve_prompts(prompts, dataset=config.dataset, split=split, texts=texts, max_prompts=max_prompts)
+@dataclass(frozen=True)
+class SamplingRequest:
+    """What a sampling tool draws (`scripts/generate.py`, `scripts/evaluate.py`): LoRA and prompts.
+
+    `prompts`, `texts`, `split` and `max_prompts` as in `flow_grpo.data.resolve_prompts` (default: the
+    config's test split); `lora` None samples the base model; `lora_scale` multiplies the LoRA's
+    effect (1.0 = as saved); every one of the `images_per_prompt` samples has its own seed.
+    """
+
+    lora: str | None = None
+    lora_scale: float = 1.0
+    prompts: str = ""
+    texts: Sequence[str] = ()
+    split: str = "test"
+    images_per_prompt: int = 1
+    max_prompts: int = 0
+
+
+def plan_sampling(config: ml_collections.ConfigDict, request: SamplingRequest) -> SamplingPlan:
+    """Resolve the request's prompts (see `flow_grpo.data.resolve_prompts`) and plan every image with its seed."""
+    images_per_prompt = request.images_per_prompt
+    prompt_list, origin = resolve_prompts(
+        request.prompts, dataset=config.dataset, split=request.split, texts=request.texts, max_prompts=request.max_prompts
+    )
     return SamplingPlan(plan_jobs(prompt_list, images_per_prompt, config.seed), origin, len(prompt_list), images_per_prompt)
 
 
@@ -303,26 +317,17 @@ def sort_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_generation(
-    config: ml_collections.ConfigDict,
-    out_dir: str | os.PathLike[str],
-    *,
-    lora: str | None = None,
-    lora_scale: float = 1.0,
-    prompts: str = "",
-    texts: Sequence[str] = (),
-    split: str = "test",
-    images_per_prompt: int = 1,
-    max_prompts: int = 0,
+    config: ml_collections.ConfigDict, out_dir: str | os.PathLike[str], request: SamplingRequest = SamplingRequest()
 ) -> list[dict[str, Any]]:
     """Sample the prompts and write `images/<prompt>_<sample>.png`, `index.jsonl` and `settings.json`.
 
     `index.jsonl` has one line per image (file, prompt index, sample index, seed, prompt, metadata),
-    ordered by prompt then sample. Work is split over the processes of `PartialState()`; prompt
-    arguments as in `plan_sampling`. Returns the index rows.
+    ordered by prompt then sample. Work is split over the processes of `PartialState()`. Returns the
+    index rows.
     """
     state = PartialState()
-    plan = plan_sampling(config, prompts=prompts, texts=texts, split=split, images_per_prompt=images_per_prompt, max_prompts=max_prompts)
-    loaded = load_model(config, state.device, lora, lora_scale)
+    plan = plan_sampling(config, request)
+    loaded = load_model(config, state.device, request.lora, request.lora_scale)
     out = Path(out_dir)
     image_dir = out / "images"
     if state.is_main_process:

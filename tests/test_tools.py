@@ -20,7 +20,14 @@ from PIL import Image
 from flow_grpo.data import Prompt, load_prompts
 from flow_grpo.cli import parse_reward_weights
 from flow_grpo.evaluation import run_evaluation
-from flow_grpo.generation import find_lora_dir, generate_batches, load_model, plan_jobs, run_generation
+from flow_grpo.generation import (
+    SamplingRequest,
+    find_lora_dir,
+    generate_batches,
+    load_model,
+    plan_jobs,
+    run_generation,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +113,9 @@ def test_find_lora_dir_accepts_epoch_dir_and_names_what_is_missing(tmp_path) -> 
 
 def test_evaluate_base_model_writes_summary_and_csv(tiny_sd3_dir, tmp_path) -> None:
     rewards = {"jpeg_compressibility": 1.0, "jpeg_incompressibility": 0.5}
-    summary = run_evaluation(tiny_config(tiny_sd3_dir), tmp_path, rewards=rewards, images_per_prompt=2, max_prompts=3)
+    summary = run_evaluation(
+        tiny_config(tiny_sd3_dir), tmp_path, SamplingRequest(images_per_prompt=2, max_prompts=3), rewards=rewards
+    )
 
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["count"] == 6
@@ -152,8 +161,8 @@ def test_lora_changes_images_and_trained_scale_is_restored(tiny_sd3_dir, tmp_pat
     lora = save_lora(tiny_sd3_dir, tmp_path / "run" / "checkpoints" / "epoch_00000" / "lora", rank=4, alpha=8)
     config = tiny_config(tiny_sd3_dir)
     texts = ["a lighthouse at dusk", "a bowl of fruit"]
-    run_generation(config, tmp_path / "base", texts=texts)
-    index = run_generation(config, tmp_path / "lora_out", texts=texts, lora=str(lora.parent))
+    run_generation(config, tmp_path / "base", SamplingRequest(texts=texts))
+    index = run_generation(config, tmp_path / "lora_out", SamplingRequest(lora=str(lora.parent), texts=texts))
 
     settings = json.loads((tmp_path / "lora_out" / "settings.json").read_text())
     assert settings["lora"] == str(lora) and settings["lora_scale"] == 1.0

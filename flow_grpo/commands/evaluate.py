@@ -33,9 +33,9 @@ def run(argv: list[str]) -> None:
     summary = run_evaluation(
         _FLAGS.config.value,
         _FLAGS.out.value,
+        _FLAGS.request(),
         rewards=parse_reward_weights(_REWARDS.value),
         save_images=_SAVE_IMAGES.value,
-        **_FLAGS.tool_arguments(),
     )
     if state.is_main_process:
         for name, stats in summary["rewards"].items():
