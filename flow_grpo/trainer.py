@@ -31,7 +31,7 @@ from flow_grpo.data import GroupSampler, PromptDataset, dataset_paths
 from flow_grpo.ema import ParameterEMA
 from flow_grpo.distributed import check_supported_backend
 from flow_grpo.epoch import EpochSamples, sample_epoch
-from flow_grpo.evaluation import evaluate
+from flow_grpo.evaluation import EvalResult, evaluate
 from flow_grpo.generation import plan_jobs
 from flow_grpo.models import load_adapter
 from flow_grpo.policy import LossSettings, UpdateStep, add_lora, training_step
@@ -303,15 +303,7 @@ class Trainer:
         """
         config, accelerator = self.config, self.accelerator
         with self._ema_weights():
-            result = evaluate(
-                self.adapter,
-                self.eval_reward,
-                plan_jobs(self.test_dataset.prompts, 1, config.seed),
-                config.sample,
-                batch_seed=lambda batch: derived_seed(config.seed, batch[0].prompt_index),
-                autocast=accelerator.autocast,
-                keep_images=config.log_images,
-            )
+            result = self.score_test_prompts(config.log_images)
         if accelerator.is_main_process and result.images:
             images, prompts, scores = torch.stack([kept[0] for kept in result.images]), *zip(*[kept[1:] for kept in result.images])
             captions = [f"{prompt} | {score:.4f}" for prompt, score in zip(prompts, scores)]
@@ -320,6 +312,23 @@ class Trainer:
         metrics = {f"eval/{name}": value for name, value in result.means.items()}
         self.last_eval = (epoch, dict(result.means))
         return metrics | {f"eval/{name}_nonfinite": float(n) for name, n in result.nonfinite.items() if n}
+
+    @torch.no_grad()
+    def score_test_prompts(self, keep_images: int) -> EvalResult:
+        """ODE-sample every test prompt once with the current weights and score it with the eval rewards.
+
+        Each batch's seed derives from `config.seed` and its first prompt; keeps the first `keep_images` images.
+        """
+        config = self.config
+        return evaluate(
+            self.adapter,
+            self.eval_reward,
+            plan_jobs(self.test_dataset.prompts, 1, config.seed),
+            config.sample,
+            batch_seed=lambda batch: derived_seed(config.seed, batch[0].prompt_index),
+            autocast=self.accelerator.autocast,
+            keep_images=keep_images,
+        )
 
     def _log_image(self, epoch: int, name: str, image, captions: list[str] | None = None) -> None:
         """Save a PIL image to `<run>/images/<name>_epoch_XXXXX.png` and send it to the tracker.

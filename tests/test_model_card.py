@@ -8,10 +8,7 @@ import diffusers
 import pytest
 import torch
 
-from flow_grpo.evaluation import evaluate
-from flow_grpo.generation import plan_jobs
 from flow_grpo.model_card import read_card_settings
-from flow_grpo.seeding import derived_seed
 from flow_grpo.testing import save_tiny_pipeline
 from flow_grpo.trainer import Trainer
 from tests.test_trainer import tiny_config
@@ -24,15 +21,7 @@ def tiny_flux_card_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _trainer_eval_images(trainer: Trainer) -> torch.Tensor:
     """The trainer's evaluation images of its first eval batch (as `Trainer.evaluate` samples them)."""
-    config = trainer.config
-    result = evaluate(
-        trainer.adapter,
-        trainer.eval_reward,
-        plan_jobs(trainer.test_dataset.prompts, 1, config.seed),
-        config.sample,
-        batch_seed=lambda batch: derived_seed(config.seed, batch[0].prompt_index),
-        keep_images=config.sample.eval_batch_size,
-    )
+    result = trainer.score_test_prompts(keep_images=trainer.config.sample.eval_batch_size)
     return torch.stack([image for image, _, _ in result.images])
 
 
