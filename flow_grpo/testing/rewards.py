@@ -22,7 +22,9 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -196,6 +198,21 @@ def save_tiny_aesthetic_head(path: str | os.PathLike, input_dim: int = TINY_CLIP
     return str(file)
 
 
+def _label_maps(labels: tuple[str, ...]) -> dict[str, dict]:
+    """A model config's `id2label` and `label2id` for `labels` (class i is labels[i])."""
+    return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+
+
+def _save_with_processor(path: str | os.PathLike, seed: int, build: Callable[[], torch.nn.Module], processor: Any) -> str:
+    """Build a model with random weights from `seed` and save it in eval mode with its `processor` to `path`."""
+    torch.manual_seed(seed)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build().eval().save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
 def save_tiny_detector(path: str | os.PathLike, labels: tuple[str, ...] = ("dog", "cat"), seed: int = 0) -> str:
     """Save a tiny DETR object detector (ResNet backbone built in code) and its processor to ``path``."""
     from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
@@ -214,15 +231,10 @@ def save_tiny_detector(path: str | os.PathLike, labels: tuple[str, ...] = ("dog"
         encoder_ffn_dim=16,
         decoder_ffn_dim=16,
         num_queries=5,
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
+        **_label_maps(labels),
     )
-    torch.manual_seed(seed)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    DetrForObjectDetection(config).eval().save_pretrained(path)
-    DetrImageProcessor(size={"shortest_edge": 32, "longest_edge": 64}).save_pretrained(path)
-    return str(path)
+    processor = DetrImageProcessor(size={"shortest_edge": 32, "longest_edge": 64})
+    return _save_with_processor(path, seed, lambda: DetrForObjectDetection(config), processor)
 
 
 def save_tiny_mask2former(
@@ -263,12 +275,7 @@ def save_tiny_mask2former(
         decoder_layers=2,
         num_attention_heads=2,
         num_queries=num_queries,
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
+        **_label_maps(labels),
     )
-    torch.manual_seed(seed)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    Mask2FormerForUniversalSegmentation(config).eval().save_pretrained(path)
-    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32).save_pretrained(path)
-    return str(path)
+    processor = Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32)
+    return _save_with_processor(path, seed, lambda: Mask2FormerForUniversalSegmentation(config), processor)
