@@ -93,7 +93,6 @@ def decode_chunked(adapter: ModelAdapter, latents: torch.Tensor, chunk: int = 0,
     return torch.cat(parts)
 
 
-@torch.no_grad()
 def _check_window(num_steps: int, window_start: int, window_size: int) -> None:
     """The window `[s, s + W)` must end before the last step, whose noise is zero."""
     if window_size and not 0 <= window_start <= window_start + window_size <= num_steps - 1:
@@ -103,6 +102,7 @@ def _check_window(num_steps: int, window_start: int, window_size: int) -> None:
         )
 
 
+@torch.no_grad()
 def rollout(
     adapter: ModelAdapter,
     prompts: PromptEmbeds,
