@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,16 +14,8 @@ from flow_grpo.bench.report import format_report, run_benchmark
 from flow_grpo.bench.settings import PHASES, BenchmarkSettings, default_settings
 from flow_grpo.testing.architectures import model_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 META = torch.device("meta")
 CPU = torch.device("cpu")
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +91,9 @@ def test_transformer_flops_on_meta_match_the_real_tiny_model() -> None:
 
 def test_script_writes_json_and_prints_the_table_last(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out" / "tiny.json"
-    script = _load_script()
-    argv = ["--size", "tiny", "--prompts", "2", "--steps", "3", "--window", "2", "--repeats", "1", "--json", str(out)]
+    from flow_grpo.commands import benchmark as script
+
+    argv = ["--size", "tiny", "--prompts", "2", "--num_steps", "3", "--window_size=2", "--repeats", "1", "--json", str(out)]
     assert script.main(argv + ["--phases", "tp_grpo_rollout,update"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("| GRPO update") and printed[-2].startswith("| TP-GRPO rollout")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import io
+import json
 import logging
 import os
 import re
@@ -116,13 +117,62 @@ def test_progress_line_extrapolates_the_epochs_of_this_run() -> None:
     assert progress_line(9, 0, 10, 60.0).endswith("ETA 0:00:00")
 
 
-def test_console_entry_points_are_declared_and_define_main() -> None:
+_IMPORT_ENTRY_POINTS = """
+import importlib, json, os, sys
+import flow_grpo.trainer  # the heavy imports once; each entry point is then imported in its own fork
+failures = {}
+for name, target in json.loads(sys.argv[1]).items():
+    module, function = target.split(":")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a fresh flag registry per command: evaluate and generate define the same absl flags
+        try:
+            ok = callable(getattr(importlib.import_module(module), function))
+            message = "" if ok else f"{target} is not callable"
+        except Exception as error:
+            message = f"{target}: {type(error).__name__}: {error}"
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    message = os.read(read, 65536).decode()
+    os.waitpid(pid, 0)
+    if message:
+        failures[name] = message
+print(json.dumps(failures))
+"""
+
+
+def test_console_entry_points_are_declared_and_import() -> None:
     source = (ROOT / "setup.py").read_text()
     declared = dict(re.findall(r'"(flow-grpo-[\w-]+)=([\w.:]+)"', source))
-    assert {"flow-grpo-train", "flow-grpo-evaluate", "flow-grpo-generate"} <= set(declared)
+    commands = {"train", "evaluate", "generate", "benchmark", "memory", "reward-server", "reward-server-benchmark", "prepare-data"}
+    assert {f"flow-grpo-{command}" for command in commands} <= set(declared)
     assert 'python_requires=">=3.11"' in source
-    for name, target in declared.items():
-        module, function = target.split(":")
-        origin = importlib.util.find_spec(module).origin
-        functions = {node.name for node in ast.parse(Path(origin).read_text()).body if isinstance(node, ast.FunctionDef)}
-        assert function in functions, f"{name}: {module} has no {function}()"
+    done = _run(["-c", _IMPORT_ENTRY_POINTS, json.dumps(declared)], ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {}
+
+
+def _listed_flags(help_text: str) -> set[str]:
+    return set(re.findall(r"^\s*--(?:\[no\])?(\w+):", help_text, flags=re.M))
+
+
+def test_commands_take_absl_flags_and_scripts_wrap_them(capsys: pytest.CaptureFixture) -> None:
+    """`--help` lists each command's absl flags; a script is a thin wrapper that runs from any directory."""
+    from flow_grpo.commands import benchmark, reward_server
+
+    expected = {
+        benchmark: {"state_buckets", "buckets", "max_states_per_call", "num_steps", "count_only", "memory", "reward_server"},
+        reward_server: {"scorers", "devices", "device", "max_batch", "max_wait_ms", "max_request_mb"},
+    }
+    for command, names in expected.items():
+        with pytest.raises(SystemExit) as exit_info:
+            command.main(["--help"])
+        assert exit_info.value.code == 0 and names <= _listed_flags(capsys.readouterr().out)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--size", "tiny", "--state_buckets", "3,x"])
+    assert exit_info.value.code == 2 and "--state_buckets takes comma-separated integers" in capsys.readouterr().err
+    for script in ("benchmark", "reward_server", "prepare_data"):
+        assert len((ROOT / "scripts" / f"{script}.py").read_text().splitlines()) <= 12
+    done = _run([str(ROOT / "scripts" / "prepare_data.py"), "--help"], ROOT.parent)
+    assert done.returncode == 0 and {"source", "seed", "test_size", "overwrite"} <= _listed_flags(done.stdout), done.stderr

@@ -6,7 +6,6 @@ Servers run on 127.0.0.1 with a free port (``conftest.py`` blocks every other ad
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import pickle
 import re
@@ -572,9 +571,8 @@ def test_reward_server_script_serves_until_stopped(tmp_path):
 
 
 def test_reward_server_script_reports_bad_scorers():
-    spec = importlib.util.spec_from_file_location("reward_server_script", ROOT / "scripts" / "reward_server.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from flow_grpo.commands import reward_server as script
+
     with pytest.raises(SystemExit, match="remote client reward"):
         script.main(["--scorers", "remote", "--port", "0", "--device", "cpu"])
     with pytest.raises(SystemExit, match="JSON"):

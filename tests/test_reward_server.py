@@ -399,10 +399,10 @@ def test_ocr_batch_engine_and_worker_pool_give_the_per_image_scores():
 
 
 def test_throughput_benchmark_short_mode(capsys):
-    from flow_grpo.reward_server.benchmark import main
+    from flow_grpo.reward_server.benchmark import parse_options, run
 
     argv = ["--scorer", "tiny_clip", "--clients", "2", "--requests", "2", "--batch_size", "2", "--resolution", "64"]
-    result = main(argv)
+    result = run(parse_options(argv))
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"server/in-process throughput ratio: {result['ratio']:.2f}"
     assert result["served"] > 0 and result["in_process"] > 0 and 0 < result["p50"] <= result["p95"]

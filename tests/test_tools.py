@@ -19,6 +19,7 @@ from PIL import Image
 
 from flow_grpo.data import Prompt, load_prompts
 from flow_grpo.cli import parse_reward_weights
+from flow_grpo.commands import prepare_data
 from flow_grpo.evaluation import run_evaluation
 from flow_grpo.generation import (
     SamplingRequest,
@@ -40,7 +41,6 @@ def _load(name: str, path: Path):
 
 
 presets = _load("presets_for_tools", ROOT / "config" / "grpo.py")
-prepare_data = _load("prepare_data_for_tools", ROOT / "scripts" / "prepare_data.py")
 
 DEMO_TEST_PROMPTS = [line.strip() for line in (ROOT / "dataset" / "demo" / "test.txt").read_text().splitlines() if line.strip()]
 

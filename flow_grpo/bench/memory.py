@@ -28,7 +28,6 @@ saved plus about 6.6 GiB of weights, i.e. about 21 % over the saved bytes). Size
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -39,10 +38,12 @@ from dataclasses import dataclass, field
 
 import ml_collections
 import torch
+from absl import flags
 from accelerate.logging import get_logger
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flow_grpo.bench import tracing
+from flow_grpo.command_flags import parse_flags
 from flow_grpo.config_checks import Layout, derive_layout
 from flow_grpo.losses import grpo_loss
 from flow_grpo.models import ModelAdapter, PromptEmbeds
@@ -471,14 +472,16 @@ def load_preset(name: str) -> ml_collections.ConfigDict:
     return module.get_config(name)
 
 
+_FLAGS = flags.FlagValues()
+flags.DEFINE_bool("memory", False, "Accepted for `flow-grpo-benchmark --memory`.", flag_values=_FLAGS)
+flags.DEFINE_string("preset", None, "Preset name in config/grpo.py.", required=True, flag_values=_FLAGS)
+flags.DEFINE_integer("num_processes", 8, "World size.", lower_bound=1, flag_values=_FLAGS)
+flags.DEFINE_float("device_gb", 0.0, "Check against this many GB (2^30 bytes); 0 = no check.", flag_values=_FLAGS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`--memory --preset NAME --num_processes N [--device_gb G]`: print the table; 1 if it does not fit."""
-    parser = argparse.ArgumentParser(description="Predict per-process peak device memory of a preset.")
-    parser.add_argument("--memory", action="store_true", help="accepted for `scripts/benchmark.py --memory`")
-    parser.add_argument("--preset", required=True, help="preset name in config/grpo.py")
-    parser.add_argument("--num_processes", type=int, default=8, help="world size")
-    parser.add_argument("--device_gb", type=float, default=0.0, help="check against this many GB (2^30 bytes); 0 = no check")
-    args = parser.parse_args(argv)
+    """`flow-grpo-memory --preset NAME --num_processes N [--device_gb G]`: print the table; 1 if it does not fit."""
+    args = parse_flags(_FLAGS, argv, "Predict the per-process peak device memory of a preset.", "flow-grpo-memory")
     report = predict_memory(load_preset(args.preset), args.num_processes)
     status = 0
     if args.device_gb > 0:

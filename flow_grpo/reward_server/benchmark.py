@@ -1,4 +1,4 @@
-"""Throughput of the reward server against scoring in-process: ``main(argv)``.
+"""Throughput of the reward server against scoring in-process: ``main(argv)`` (``flow-grpo-reward-server-benchmark``).
 
 Starts a reward server in this process (one replica per ``--devices`` entry) and ``--clients``
 client processes; each client sends ``--requests`` batches of ``--batch_size`` random 8-bit images
@@ -16,20 +16,22 @@ of a real CLIP reward; ``tiny_clip`` is the 32-wide test model and any registere
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import multiprocessing
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from absl import flags
 
+from flow_grpo.command_flags import parse_flags
 from flow_grpo.rewards.registry import RewardFn
 
-__all__ = ["build_benchmark_scorer", "main", "measure_transport", "parse_args"]
+__all__ = ["ThroughputOptions", "build_benchmark_scorer", "main", "measure_transport", "parse_options", "run"]
 
 BENCHMARK_SCORERS = ("clip_vit_b16", "tiny_clip")
 """Scorers built in code; any registered local reward name is accepted as well."""
@@ -96,7 +98,7 @@ def _prompts(batch_size: int) -> list[str]:
 
 
 def _client(
-    index: int, url: str, args: argparse.Namespace, barrier: Any, results: Any
+    index: int, url: str, args: ThroughputOptions, barrier: Any, results: Any
 ) -> None:  # runs in a client process
     torch.set_num_threads(1)
     from accelerate import PartialState
@@ -135,32 +137,62 @@ def measure_transport(resolution: int, num_images: int = 4) -> dict[str, float]:
     return costs
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments of the benchmark."""
-    parser = argparse.ArgumentParser(description="Reward server throughput against in-process scoring.")
-    parser.add_argument("--scorer", default="clip_vit_b16", help=f"{' or '.join(BENCHMARK_SCORERS)} or a local reward")
-    parser.add_argument("--clients", type=int, default=8, help="client processes (one per training process)")
-    parser.add_argument("--requests", type=int, default=1, help="batches each client sends")
-    parser.add_argument("--preset", default="geneval_sd3", help="config/grpo.py preset giving batch size and resolution")
-    parser.add_argument("--batch_size", type=int, default=0, help="images per request; 0 = preset's sample.batch_size")
-    parser.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the preset's")
-    parser.add_argument("--devices", default="cpu", help="comma-separated devices, one scorer replica each")
-    parser.add_argument("--max_batch", type=int, default=64, help="server: most images per scorer call")
-    parser.add_argument("--max_wait_ms", type=float, default=20.0, help="server: longest wait to fill a batch")
-    parser.add_argument("--image_format", default="auto", choices=["auto", "raw", "png"], help="client image encoding")
-    args = parser.parse_args(argv)
-    if args.clients < 1 or args.requests < 1:
-        parser.error("--clients and --requests must be positive.")
-    if not args.batch_size or not args.resolution:
-        batch_size, resolution = _preset_batch(args.preset)
-        args.batch_size = args.batch_size or batch_size
-        args.resolution = args.resolution or resolution
-    return args
+@dataclass(frozen=True)
+class ThroughputOptions:
+    """What `run` measures (the flags of `main`; also sent to the client processes)."""
+
+    scorer: str = "clip_vit_b16"
+    clients: int = 8
+    requests: int = 1
+    batch_size: int = 8
+    resolution: int = 512
+    devices: str = "cpu"
+    max_batch: int = 64
+    max_wait_ms: float = 20.0
+    image_format: str = "auto"
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+_FLAGS = flags.FlagValues()
+flags.DEFINE_string("scorer", "clip_vit_b16", f"{' or '.join(BENCHMARK_SCORERS)} or a local reward.", flag_values=_FLAGS)
+flags.DEFINE_integer("clients", 8, "Client processes (one per training process).", lower_bound=1, flag_values=_FLAGS)
+flags.DEFINE_integer("requests", 1, "Batches each client sends.", lower_bound=1, flag_values=_FLAGS)
+flags.DEFINE_string("preset", "geneval_sd3", "config/grpo.py preset giving batch size and resolution.", flag_values=_FLAGS)
+flags.DEFINE_integer("batch_size", 0, "Images per request; 0 = the preset's sample.batch_size.", lower_bound=0, flag_values=_FLAGS)
+flags.DEFINE_integer("resolution", 0, "Image side in pixels; 0 = the preset's.", lower_bound=0, flag_values=_FLAGS)
+flags.DEFINE_string("devices", "cpu", "Comma-separated devices, one scorer replica each.", flag_values=_FLAGS)
+flags.DEFINE_integer("max_batch", 64, "Server: most images per scorer call.", lower_bound=1, flag_values=_FLAGS)
+flags.DEFINE_float("max_wait_ms", 20.0, "Server: longest wait to fill a batch.", flag_values=_FLAGS)
+flags.DEFINE_enum("image_format", "auto", ["auto", "raw", "png"], "Client image encoding.", flag_values=_FLAGS)
+
+
+def parse_options(argv: list[str] | None = None) -> ThroughputOptions:
+    """The options of `argv` (the flags, default `sys.argv[1:]`); sizes left at 0 come from `--preset`."""
+    args = parse_flags(_FLAGS, argv, __doc__, "flow-grpo-reward-server-benchmark")
+    batch_size, resolution = args.batch_size, args.resolution
+    if not batch_size or not resolution:
+        preset_batch_size, preset_resolution = _preset_batch(args.preset)
+        batch_size, resolution = batch_size or preset_batch_size, resolution or preset_resolution
+    return ThroughputOptions(
+        scorer=args.scorer,
+        clients=args.clients,
+        requests=args.requests,
+        batch_size=batch_size,
+        resolution=resolution,
+        devices=args.devices,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        image_format=args.image_format,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `flow-grpo-reward-server-benchmark` command: run the benchmark of the flags, print its table."""
+    run(parse_options(argv))
+    return 0
+
+
+def run(args: ThroughputOptions) -> dict[str, float]:
     """Run the benchmark, print its table and return its numbers."""
-    args = parse_args(argv)
     from accelerate import PartialState
 
     from flow_grpo.reward_server.server import RewardServer, ServerLimits
