@@ -99,7 +99,7 @@ def load_options(text: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Build the scorers and serve until interrupted (`argv`: the flags, default `sys.argv[1:]`)."""
     args = parse_flags(_FLAGS, argv, __doc__, "flow-grpo-reward-server")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     import torch
     from accelerate import PartialState
 
