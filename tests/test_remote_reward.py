@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import queue
 import re
 import socket
 import subprocess
@@ -551,15 +552,20 @@ def test_reward_server_script_serves_until_stopped(tmp_path):
     ]
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        url = None
-        deadline = time.monotonic() + 60
-        while url is None and time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if not line:
-                break
-            match = re.search(r"Serving .* on (http://127\.0\.0\.1:\d+)", line)
-            url = match.group(1) if match else None
-        assert url, "the server did not report its address"
+        found: queue.Queue[str] = queue.Queue()
+
+        def read_address() -> None:  # in a thread, so a silent server cannot block the test past its deadline
+            for line in process.stderr:
+                match = re.search(r"Serving .* on (http://127\.0\.0\.1:\d+)", line)
+                if match:
+                    found.put(match.group(1))
+                    return
+
+        threading.Thread(target=read_address, daemon=True).start()
+        try:
+            url = found.get(timeout=60)
+        except queue.Empty:
+            pytest.fail("the server did not report its address within 60 s")
         images = _images(2, seed=3)
         reward = build_reward({"remote": 1.0}, "cpu", {"remote": _client_options(url, scorer="jpeg_incompressibility")})
         torch.testing.assert_close(
