@@ -17,15 +17,18 @@ One table is printed last; with `$OUT` set, the table and a JSON land there too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from absl import flags
+
+from flow_grpo.command_flags import int_list, parse_flags
 
 PARTS: tuple[str, ...] = ("eager", "memory", "compiled", "ratio")
 """In running order: the cheap, sure parts first, so a cut-off run still reports them."""
@@ -37,7 +40,7 @@ reuses the eager part's FLOP counts); `ratio` compiles the same graphs again, mo
 GB = 1024**3
 
 
-def _settings(args: argparse.Namespace, compiled: bool) -> Any:
+def _settings(args: GpuCheckOptions, compiled: bool) -> Any:
     from flow_grpo.bench.settings import default_settings
 
     size = "tiny" if args.dry_run else "sd3"
@@ -50,7 +53,7 @@ def _settings(args: argparse.Namespace, compiled: bool) -> Any:
     return default_settings(size, **options)
 
 
-def _benchmark(args: argparse.Namespace, compiled: bool) -> dict[str, Any]:
+def _benchmark(args: GpuCheckOptions, compiled: bool) -> dict[str, Any]:
     from flow_grpo.bench.report import run_benchmark
 
     report = run_benchmark(_settings(args, compiled))
@@ -63,7 +66,7 @@ def _benchmark(args: argparse.Namespace, compiled: bool) -> dict[str, Any]:
     return result
 
 
-def _ratio(args: argparse.Namespace) -> dict[str, Any]:
+def _ratio(args: GpuCheckOptions) -> dict[str, Any]:
     from flow_grpo.bench.models import build_models
     from flow_grpo.bench.phases import benchmark_texts, rollout_phase
     from flow_grpo.bench.settings import resolve_device, resolve_mixed_precision
@@ -87,7 +90,7 @@ def _ratio(args: argparse.Namespace) -> dict[str, Any]:
     return {"ratio_first": ratio, "ok": abs(ratio - 1.0) < RATIO_TOLERANCE, "graphs": models.compiled.graphs()}
 
 
-def _memory(args: argparse.Namespace) -> dict[str, Any]:
+def _memory(args: GpuCheckOptions) -> dict[str, Any]:
     from flow_grpo.bench.memory import load_preset, predict_memory
 
     settings = _settings(args, compiled=False)
@@ -104,7 +107,7 @@ def _memory(args: argparse.Namespace) -> dict[str, Any]:
     return {phase.name: phase.total / GB for phase in report.phases}
 
 
-def run_part(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_part(name: str, args: GpuCheckOptions) -> dict[str, Any]:
     """Run one part in this process; returns its JSON-able result."""
     if name in ("eager", "compiled"):
         return _benchmark(args, compiled=name == "compiled")
@@ -113,7 +116,7 @@ def run_part(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return _memory(args)
 
 
-def _run_isolated(name: str, args: argparse.Namespace, limit: float) -> dict[str, Any]:
+def _run_isolated(name: str, args: GpuCheckOptions, limit: float) -> dict[str, Any]:
     """Run part `name` in a child process with `limit` seconds; a timeout or failure is recorded, not raised."""
     command = [sys.executable, "-m", "flow_grpo.bench.gpu_check", "--part", name, "--repeats", str(args.repeats),
                "--buckets", ",".join(map(str, args.buckets))] + (["--dry-run"] if args.dry_run else [])
@@ -157,18 +160,32 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_FLAGS = flags.FlagValues()
+flags.DEFINE_bool("dry-run", False, "Tiny sizes on the CPU (seconds); compile only traces.", flag_values=_FLAGS)
+flags.DEFINE_enum("part", None, list(PARTS), "Run one part in this process and print its JSON (internal).", flag_values=_FLAGS)
+flags.DEFINE_integer("repeats", 2, "Timed runs per phase (median reported).", lower_bound=1, flag_values=_FLAGS)
+flags.DEFINE_list("buckets", ["45", "90"], "State buckets of the compiled rollout (one graph each).", flag_values=_FLAGS)
+flags.DEFINE_float("limit_s", 0.0, "Time limit of every part, seconds; 0 = LIMITS_S.", lower_bound=0.0, flag_values=_FLAGS)
+
+
+@dataclass(frozen=True)
+class GpuCheckOptions:
+    """The flags of `main`, also passed on to the part processes."""
+
+    dry_run: bool
+    part: str | None
+    repeats: int
+    buckets: tuple[int, ...]
+    limit_s: float
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the parts (or one with `--part`), print the table last; 1 when a part failed or the ratio is off."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (seconds); compile only traces")
-    parser.add_argument("--part", choices=PARTS, help="run one part in this process and print its JSON (internal)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per phase (median reported)")
-    parser.add_argument("--buckets", type=lambda t: tuple(int(p) for p in t.split(",")), default=(45, 90),
-                        help="state buckets of the compiled rollout (one graph each)")
-    parser.add_argument("--limit_s", type=float, default=0.0, help="time limit of every part, seconds; 0 = LIMITS_S")
-    args = parser.parse_args(argv)
-    if args.dry_run and args.buckets == (45, 90):
-        args.buckets = (6, 12)  # the tiny preset: 3 prompts, window 3
+    parsed = parse_flags(_FLAGS, argv, __doc__ or "", "scripts/gpu_check.sh")
+    buckets = int_list(parsed.buckets, "buckets") or ()
+    if parsed["dry-run"].value and buckets == (45, 90):
+        buckets = (6, 12)  # the tiny preset: 3 prompts, window 3
+    args = GpuCheckOptions(parsed["dry-run"].value, parsed.part, parsed.repeats, buckets, parsed.limit_s)
     if args.part:
         print(json.dumps(run_part(args.part, args)), flush=True)
         return 0
