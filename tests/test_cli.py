@@ -74,14 +74,16 @@ def test_relative_preset_paths_resolve_from_any_directory(tmp_path, monkeypatch)
     assert argv == ["prog", f"--config={ROOT}/config/grpo.py:tiny_tp_grpo", "--config", f"{ROOT}/config/grpo.py:x"]
 
 
-def test_hub_ids_stay_and_missing_local_models_fail(tmp_path, monkeypatch) -> None:
+def test_hub_ids_stay_and_missing_local_models_fail(tmp_path, monkeypatch, tiny_sd3_dir) -> None:
     monkeypatch.chdir(tmp_path)
     spec = importlib.util.spec_from_file_location("presets_for_cli", ROOT / "config" / "grpo.py")
     presets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(presets)
-    config = paths.resolve_config_paths(presets.tiny_tp_grpo())
-    assert config.dataset == str(ROOT / "dataset" / "demo")
-    assert config.pretrained.model == str(ROOT / ".cache" / "tiny-sd3") or not (ROOT / ".cache" / "tiny-sd3").exists()
+    config = presets.tiny_tp_grpo()
+    config.pretrained.model = tiny_sd3_dir  # an existing absolute directory stays as it is
+    config = paths.resolve_config_paths(config)
+    assert config.dataset == str(ROOT / "dataset" / "demo")  # relative: found in the repository
+    assert config.pretrained.model == tiny_sd3_dir
     hub = presets.pickscore_sd3()
     hub.dataset = "dataset/demo"
     assert paths.resolve_config_paths(hub).pretrained.model == "stabilityai/stable-diffusion-3.5-medium"

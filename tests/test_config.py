@@ -244,7 +244,7 @@ def _train_entry(*flags: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_config_errors_print_the_message_and_exit_2(tmp_path) -> None:
+def test_config_errors_print_the_message_and_exit_2(tmp_path, tiny_sd3_dir) -> None:
     preset = "--config=config/grpo.py:tiny_tp_grpo"
     typo = _train_entry(preset, "--config.sample.noise_levle=0.5")
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
@@ -256,6 +256,11 @@ def test_config_errors_print_the_message_and_exit_2(tmp_path) -> None:
     message = unknown_key_message(["train", preset, "--config.reward_fn.pickscore=1.0"], caught.value)
     assert """--config.reward_fn='{"pickscore": 1.0}'""" in message
     # The suggested form works: the flags parse and the config is validated.
-    invalid = _train_entry(preset, '--config.reward_fn={"jpeg_compressibility": 0.0}', f"--config.logdir={tmp_path}")
+    invalid = _train_entry(
+        preset,
+        '--config.reward_fn={"jpeg_compressibility": 0.0}',
+        f"--config.logdir={tmp_path}",
+        f"--config.pretrained.model={tiny_sd3_dir}",
+    )
     assert invalid.returncode == 2 and "Traceback" not in invalid.stderr
     assert "config.reward_fn: every weight is 0" in invalid.stderr
