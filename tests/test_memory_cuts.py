@@ -18,35 +18,21 @@ from flow_grpo.rewards.images import to_uint8
 from flow_grpo.rewards.transport import encode_images
 from flow_grpo.testing.rewards import save_tiny_aesthetic_head, save_tiny_clip, save_tiny_open_clip
 from flow_grpo.trainer import Trainer
+from tests.test_trainer import ROOT, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("presets_for_memory_cuts", ROOT / "config" / "grpo.py")
 presets = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(presets)
 
 
-def tiny_config(model_dir: str, logdir: Path, **changes):
-    """One TP-GRPO epoch of the tiny preset on 2 prompts (16 trajectories, 2 sampling batches)."""
-    config = presets.tiny_tp_grpo()
-    config.pretrained.model = model_dir
-    config.logdir = str(logdir)
-    config.run_name = "test"
-    config.dataset = str(ROOT / "dataset" / "demo")
-    config.num_epochs = 1
-    config.sample.prompts_per_epoch = 2
-    config.sample.decode_chunk = 0
-    for key, value in changes.items():
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        setattr(node, last, value)
-    return config
+def _config(model_dir: str, logdir: Path, **changes):
+    """One TP-GRPO epoch of the tiny preset on 2 prompts (16 trajectories, 2 sampling batches), decoded in one call."""
+    return tiny_config(model_dir, logdir, **{"sample.decode_chunk": 0, **changes})
 
 
 def _one_epoch(model_dir: str, logdir: Path, **changes) -> tuple[Trainer, dict[str, torch.Tensor], list[torch.Tensor]]:
     """Sample, score and train one epoch; returns the trainer, the rewards and the trained LoRA."""
-    trainer = Trainer(tiny_config(model_dir, logdir, **changes))
+    trainer = Trainer(_config(model_dir, logdir, **changes))
     samples = trainer.sample_epoch(0)
     advantages, _ = trainer.advantages(0, samples)
     trainer.train_epoch(0, samples, advantages)
@@ -78,7 +64,7 @@ def test_epoch_options_change_no_result(baseline, tiny_sd3_real_dir, tmp_path, c
 
 def test_offload_moves_text_encoders_to_cpu_and_back(tiny_sd3_real_dir, tmp_path, monkeypatch) -> None:
     """Each text encoder goes to the CPU after the epoch's encoding and back to the device for the next one."""
-    trainer = Trainer(tiny_config(tiny_sd3_real_dir, tmp_path, offload_text_encoders=True))
+    trainer = Trainer(_config(tiny_sd3_real_dir, tmp_path, offload_text_encoders=True))
     adapter = trainer.adapter
     moves: list[str] = []
     for module in adapter.text_encoders():
@@ -194,10 +180,10 @@ def test_trainer_stops_before_loading_the_model_when_cuda_memory_is_short(tiny_s
     monkeypatch.setattr(trainer_module, "load_adapter", no_loading)
     monkeypatch.setattr(memory.torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=GIB // 64))
     with pytest.raises(InsufficientMemoryError, match="predicted peak per process .* Change:"):
-        Trainer(tiny_config(tiny_sd3_real_dir, tmp_path))
+        Trainer(_config(tiny_sd3_real_dir, tmp_path))
     assert not (tmp_path / "test").exists()  # stopped before the run directory was written
     with pytest.raises(AssertionError, match="the model was loaded"):  # memory_check=False skips the check
-        Trainer(tiny_config(tiny_sd3_real_dir, tmp_path, memory_check=False))
+        Trainer(_config(tiny_sd3_real_dir, tmp_path, memory_check=False))
 
 
 def test_preflight_runs_only_on_cuda(tiny_sd3_dir) -> None:
