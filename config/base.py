@@ -2,7 +2,7 @@
 
 The config is locked: a preset or a command-line override that names a key not defined here fails.
 Quantities marked "global" are for the whole job; the per-process split is derived at run time
-from the world size (`flow_grpo.config_checks.derive_layout`).
+from the world size (`flow_grpo.run.config_checks.derive_layout`).
 """
 
 import ml_collections

@@ -20,11 +20,11 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 from ml_collections import config_flags
 
-from flow_grpo.cli import format_config, log_lines_apart, setup_logging, training_help
-from flow_grpo.config_checks import ConfigError
-from flow_grpo.distributed import check_supported_backend
-from flow_grpo.paths import check_model_source, resolve_config_argument, resolve_config_paths
-from flow_grpo.trainer import Trainer, use_cpu
+from flow_grpo.commands.options import format_config, log_lines_apart, setup_logging, training_help
+from flow_grpo.run.config_checks import ConfigError
+from flow_grpo.training.distributed import check_supported_backend
+from flow_grpo.run.paths import check_model_source, resolve_config_argument, resolve_config_paths
+from flow_grpo.training.trainer import Trainer, use_cpu
 
 __all__ = ["main", "run_training"]
 

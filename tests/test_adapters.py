@@ -18,8 +18,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from flow_grpo.models import ADAPTERS, ModelAdapter, adapter_class, load_adapter, register_adapter
-from flow_grpo.sampling import rollout, sample_ode
-from flow_grpo.sde import euler_step, stochastic_step
+from flow_grpo.sampling.rollouts import rollout, sample_ode
+from flow_grpo.algorithm.sde import euler_step, stochastic_step
 from flow_grpo.testing import BUILDERS
 
 PROMPTS = ["a red bicycle", "Two cats on a sofa", "a lighthouse at dusk"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flow_grpo.advantages import broadcast_to_steps, group_advantages
+from flow_grpo.algorithm.advantages import broadcast_to_steps, group_advantages
 
 
 def _f64(values: list) -> torch.Tensor:
@@ -160,7 +160,7 @@ def test_broadcast_to_steps() -> None:
 
 # ----------------------------------------------------------------- dropping uninformative rows
 def test_informative_rows_drop_a_tied_group_and_pad_to_the_micro_batch_count():
-    from flow_grpo.advantages import informative_rows
+    from flow_grpo.algorithm.advantages import informative_rows
 
     rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0, 0.0, 1.0, 0.0, 1.0])  # group 1 tied
     group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
@@ -174,14 +174,14 @@ def test_informative_rows_drop_a_tied_group_and_pad_to_the_micro_batch_count():
 
 
 def test_informative_rows_keep_one_row_per_micro_batch_when_everything_is_tied():
-    from flow_grpo.advantages import informative_rows
+    from flow_grpo.algorithm.advantages import informative_rows
 
     kept = informative_rows(torch.zeros(8, 2), 2, torch.Generator().manual_seed(1))
     assert len(kept) == 2 and len(set(kept.tolist())) == 2
 
 
 def test_informative_rows_reject_rows_that_do_not_split():
-    from flow_grpo.advantages import informative_rows
+    from flow_grpo.algorithm.advantages import informative_rows
 
     with pytest.raises(ValueError, match="micro-batches"):
         informative_rows(torch.ones(5, 2), 2, torch.Generator())

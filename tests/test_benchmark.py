@@ -135,3 +135,40 @@ def test_presets_match_the_documented_anchor() -> None:
         transformer = models.adapter.transformer
         base = sum(p.numel() for name, p in transformer.named_parameters() if "lora_" not in name)
         assert base / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+@pytest.mark.parametrize("preset", ["tiny_tp_grpo", "tiny_flow_grpo"])
+def test_the_benchmark_rollout_is_the_training_rollout(preset: str) -> None:
+    """The benchmark times the trainer's own rollout: an epoch's sampling batch and the benchmark's rollout with the
+    same settings make the same transformer calls and decode in the same chunks (here 3 images per VAE call)."""
+    import config.grpo as presets
+    from flow_grpo.bench.phases import benchmark_texts, rollout_phase
+    from flow_grpo.training.epoch import _rollout_batch
+
+    config = getattr(presets, preset)()
+    sample = config.sample
+    sample.decode_chunk, sample.max_states_per_call = 3, 5
+    sample.window_range = (1, 1 + sample.window_size)  # the epoch's window draw has one outcome: start 1
+    settings = default_settings(
+        "tiny", prompts=sample.batch_size, resolution=sample.resolution, num_steps=sample.num_steps,
+        window_size=sample.window_size, window_start=1, step_kind=sample.step_kind, noise_level=sample.noise_level,
+        decode_chunk=sample.decode_chunk, max_states_per_call=sample.max_states_per_call,
+    )
+    models = build_models(model_spec("tiny"), settings, CPU, "no", optimized=True)
+    adapter = models.adapter
+    prompts = adapter.encode_prompts(benchmark_texts(settings.prompts))
+    calls: list[tuple[str, int]] = []
+    velocity, decode = adapter.velocity, adapter.decode
+    adapter.velocity = lambda latents, *args, **kwargs: calls.append(("velocity", len(latents))) or velocity(latents, *args, **kwargs)
+    adapter.decode = lambda latents: calls.append(("decode", len(latents))) or decode(latents)
+    branches = preset == "tiny_tp_grpo"
+
+    trained = _rollout_batch(config, models.accelerator, adapter, prompts, seed=0)
+    training_calls, calls[:] = list(calls), []
+    benchmarked = rollout_phase(models, settings, prompts, branches=branches)
+    assert calls == training_calls
+    images = settings.prompts * (settings.window_size + 1 if branches else 1)
+    assert [size for kind, size in calls if kind == "decode"] == [3] * (images // 3) + [images % 3] * (images % 3 > 0)
+    assert max(size for kind, size in calls if kind == "velocity") <= 5
+    assert benchmarked.images.dtype == trained.images.dtype == torch.uint8
+    assert (benchmarked.completed_images is not None) == (trained.completed_images is not None) == branches

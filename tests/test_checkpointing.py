@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from flow_grpo import checkpointing
-from flow_grpo.checkpointing import CheckpointError
+from flow_grpo.run import checkpoint_files
+from flow_grpo.run.checkpoint_files import CheckpointError
 
 
 class _RunsCode:
@@ -26,18 +26,18 @@ class _RunsCode:
 
 
 def _checkpoint(run_dir, epoch: int, state: dict | None = None) -> str:
-    path = checkpointing.checkpoint_dir(str(run_dir), epoch)
+    path = checkpoint_files.checkpoint_dir(str(run_dir), epoch)
     os.makedirs(path)
-    checkpointing.save_file(state if state is not None else {"epoch": epoch}, os.path.join(path, checkpointing.STATE_FILE))
+    checkpoint_files.save_file(state if state is not None else {"epoch": epoch}, os.path.join(path, checkpoint_files.STATE_FILE))
     return path
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     random.random(), np.random.rand(), torch.rand(1)
     path = str(tmp_path / "rng.pt")
-    checkpointing.save_file(checkpointing.rng_state(), path)
+    checkpoint_files.save_file(checkpoint_files.rng_state(), path)
     expected = (random.random(), float(np.random.rand()), torch.rand(3))
-    checkpointing.set_rng_state(torch.load(path, weights_only=True))
+    checkpoint_files.set_rng_state(torch.load(path, weights_only=True))
     got = (random.random(), float(np.random.rand()), torch.rand(3))
     assert expected[:2] == got[:2]
     torch.testing.assert_close(expected[2], got[2])
@@ -49,7 +49,7 @@ def test_a_file_whose_unpickling_would_run_code_is_refused(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"epoch": 3, "payload": _RunsCode(str(marker))}, f)
     with pytest.raises(CheckpointError, match="refusing to load") as caught:
-        checkpointing.load_file(str(path))
+        checkpoint_files.load_file(str(path))
     assert str(path) in str(caught.value)
     assert not marker.exists()
 
@@ -64,25 +64,25 @@ def test_empty_garbage_and_truncated_files_name_the_file(tmp_path, content):
     else:
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match="state.pt"):
-        checkpointing.load_file(str(path))
+        checkpoint_files.load_file(str(path))
 
 
 def test_resume_from_a_run_falls_back_to_the_previous_complete_checkpoint(tmp_path):
     good = _checkpoint(tmp_path, 1)
     broken = _checkpoint(tmp_path, 2)
-    with open(os.path.join(broken, checkpointing.STATE_FILE), "wb") as f:
+    with open(os.path.join(broken, checkpoint_files.STATE_FILE), "wb") as f:
         f.write(b"\x00" * 10)
-    path, state = checkpointing.newest_loadable(str(tmp_path))
+    path, state = checkpoint_files.newest_loadable(str(tmp_path))
     assert path == good and state == {"epoch": 1}
-    with open(os.path.join(good, checkpointing.STATE_FILE), "wb"):
+    with open(os.path.join(good, checkpoint_files.STATE_FILE), "wb"):
         pass
     with pytest.raises(FileNotFoundError, match="no loadable checkpoint"):
-        checkpointing.newest_loadable(str(tmp_path))
+        checkpoint_files.newest_loadable(str(tmp_path))
 
 
 def test_a_full_disk_says_no_space_left_and_keeps_the_previous_file(tmp_path, monkeypatch):
     path = str(tmp_path / "state.pt")
-    checkpointing.save_file({"epoch": 1}, path)
+    checkpoint_files.save_file({"epoch": 1}, path)
 
     def full_disk(value, target):
         with open(target, "wb") as f:
@@ -91,6 +91,6 @@ def test_a_full_disk_says_no_space_left_and_keeps_the_previous_file(tmp_path, mo
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="no space left on device while writing .*state.pt"):
-        checkpointing.save_file({"epoch": 2}, path)
-    assert checkpointing.load_file(path) == {"epoch": 1}
+        checkpoint_files.save_file({"epoch": 2}, path)
+    assert checkpoint_files.load_file(path) == {"epoch": 1}
     assert not os.path.exists(path + ".part")

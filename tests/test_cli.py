@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
-from flow_grpo import cli, paths
-from flow_grpo.config_checks import ConfigError
-from flow_grpo.trackers import progress_line
+from flow_grpo.commands import options
+
+from flow_grpo.run import paths
+from flow_grpo.run.config_checks import ConfigError
+from flow_grpo.run.trackers import progress_line
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -32,7 +34,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_help_lists_every_preset_with_one_line_from_another_directory(tmp_path) -> None:
     done = _run([str(ROOT / "train_sd3.py"), "--help"], tmp_path)
     assert done.returncode == 0, done.stderr
-    summaries = cli.preset_summaries()
+    summaries = options.preset_summaries()
     assert {name for name, _ in summaries} >= {"pickscore_sd3", "tiny_tp_grpo", "tiny_flux", "geneval_flux"}
     for name, line in summaries:
         assert re.search(rf"^  {name} +{re.escape(line)}$", done.stdout, re.MULTILINE), name
@@ -51,7 +53,7 @@ def test_every_config_key_has_a_comment() -> None:
     spec = importlib.util.spec_from_file_location("base_for_cli", ROOT / "config" / "base.py")
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
-    lines = cli.format_config(base.get_config()).splitlines()
+    lines = options.format_config(base.get_config()).splitlines()
     assert lines and all("  # " in line for line in lines), [line for line in lines if "  # " not in line]
 
 
@@ -98,8 +100,8 @@ def test_hub_ids_stay_and_missing_local_models_fail(tmp_path, monkeypatch, tiny_
 def test_log_lines_never_share_a_line_with_a_progress_bar(monkeypatch) -> None:
     captured = io.StringIO()
     monkeypatch.setattr(sys, "stderr", captured)
-    cli.setup_logging()
-    with cli.log_lines_apart():
+    options.setup_logging()
+    with options.log_lines_apart():
         bar = tqdm(total=4, desc="sampling", leave=False, mininterval=0)
         bar.update(2)
         logging.getLogger("flow_grpo.test").info("epoch 0 | reward -1.5")
@@ -121,7 +123,7 @@ def test_progress_line_extrapolates_the_epochs_of_this_run() -> None:
 
 _IMPORT_ENTRY_POINTS = """
 import importlib, json, os, sys
-import flow_grpo.trainer  # the heavy imports once; each entry point is then imported in its own fork
+import flow_grpo.training.trainer  # the heavy imports once; each entry point is then imported in its own fork
 failures = {}
 for name, target in json.loads(sys.argv[1]).items():
     module, function = target.split(":")

@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from flow_grpo.config_checks import ConfigError, derive_layout, validate_config
+from flow_grpo.run.config_checks import ConfigError, derive_layout, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
 from accelerate.utils import launch as accelerate_launch
 
-from flow_grpo.distributed import SUPPORTED_CONFIGS, UnsupportedBackendError, check_supported_backend
+from flow_grpo.training.distributed import SUPPORTED_CONFIGS, UnsupportedBackendError, check_supported_backend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_only_ddp_accelerate_configs_ship():
 
 @pytest.mark.parametrize("flag", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
 def test_trainer_refuses_a_sharding_backend_before_any_work(flag, tiny_sd3_dir, tmp_path, monkeypatch):
-    from flow_grpo.trainer import Trainer
+    from flow_grpo.training.trainer import Trainer
     from tests.test_trainer import tiny_config
 
     monkeypatch.setenv(flag, "true")

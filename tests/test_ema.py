@@ -2,7 +2,7 @@
 
 import torch
 
-from flow_grpo.ema import ParameterEMA
+from flow_grpo.training.ema import ParameterEMA
 
 
 def test_decay_and_update_steps_follow_the_formula_over_100_optimizer_steps():

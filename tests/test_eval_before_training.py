@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flow_grpo.trainer import Trainer
+from flow_grpo.training.trainer import Trainer
 from tests.test_trainer import tiny_config
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flow_grpo.testing import save_tiny_pipeline
-from flow_grpo.trainer import Trainer
+from flow_grpo.training.trainer import Trainer
 from tests.test_trainer import tiny_config
 
 

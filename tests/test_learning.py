@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_trainer import tiny_config
-from flow_grpo.trainer import Trainer
+from flow_grpo.training.trainer import Trainer
 
 
 @pytest.mark.parametrize("preset", ["tiny_tp_grpo", "tiny_flow_grpo"])

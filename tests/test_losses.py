@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flow_grpo.losses import LossOutput, grpo_loss, kl_to_reference
+from flow_grpo.algorithm.losses import LossOutput, grpo_loss, kl_to_reference
 
 
 def _f64(values: list) -> torch.Tensor:

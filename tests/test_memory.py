@@ -6,9 +6,11 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from flow_grpo.bench import memory, tracing
-from flow_grpo.bench.memory import GIB, InsufficientMemoryError, check_fits, load_preset, predict_memory
+from flow_grpo.commands import memory as memory_command
+from flow_grpo.training import memory, tracing
+from flow_grpo.training.memory import GIB, InsufficientMemoryError, check_fits, load_preset, predict_memory
 from flow_grpo.models import SD3Adapter
+from flow_grpo.training.step import loss_settings
 
 # Fake-tensor traces vs the same calls on real tensors of the tiny model: saved bytes agree to 1 %,
 # live-storage peaks to 5 % (real runs free a few small temporaries at other moments).
@@ -74,18 +76,16 @@ def test_traces_match_real_runs(tiny) -> None:
     sample, train = config.sample, config.train
     generator = torch.Generator().manual_seed(0)
     rows = train.batch_size
-    texts = [f"a prompt {i}" for i in range(rows)]
-    latents = adapter.initial_latents(rows, sample.resolution, generator)
-    sigmas = torch.full((rows,), 0.5)
-    prompts = adapter.encode_prompts(texts)
     adapter.negative_prompt()
-    extra = (torch.randn_like(latents), torch.zeros(rows), torch.randn(rows))
+    batch = memory.update_trace_batch(adapter, rows, sample.resolution, None)
+    batch.next_latents.normal_(generator=generator)
+    advantages = torch.randn(rows, generator=generator)
     model_tensors = tracing.module_tensors(adapter.transformer, adapter.pipeline.vae)
     saved = tracing.SavedBytes(model_tensors)
-    live = tracing.LiveBytes([*model_tensors, latents, sigmas, *prompts.tensors.values(), *extra, *adapter.negative_prompt().tensors.values()])
-    with live:
-        memory.training_step(adapter, latents, sigmas, prompts, *extra, step_kind=sample.step_kind,
-                             noise_level=sample.noise_level, beta=train.beta, dtype=torch.float32, saved=saved)
+    existing = [*model_tensors, batch.latents, batch.next_latents, batch.sigmas, batch.next_sigmas, batch.log_probs,
+                advantages, *batch.prompts.tensors.values(), *adapter.negative_prompt().tensors.values()]
+    with tracing.LiveBytes(existing) as live:
+        memory.traced_update(adapter, batch, advantages, loss_settings(config, sigma_max=0.99), torch.float32, saved)
     for param in trainable:
         param.grad = None
     measured = report.components
@@ -114,7 +114,7 @@ def test_check_fits_gives_advice(tiny) -> None:
 
 def test_published_presets_fit_80gb_at_8_processes(capsys: pytest.CaptureFixture) -> None:
     """Every published preset is predicted to fit an 80 GB device per process on 8 processes."""
-    assert memory.main(["--memory", "--preset", "pickscore_sd3", "--num_processes", "8"]) == 0
+    assert memory_command.main(["--memory", "--preset", "pickscore_sd3", "--num_processes", "8"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("predicted peak per process: ")
     margins = {}
     for name in PUBLISHED:

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flow_grpo.bench import memory
-from flow_grpo.bench.memory import GIB, InsufficientMemoryError, preflight
-from flow_grpo.epoch import encode_epoch_prompts
+from flow_grpo.training import memory
+from flow_grpo.training.memory import GIB, InsufficientMemoryError, preflight
+from flow_grpo.training.epoch import encode_epoch_prompts
 from flow_grpo.rewards import build_reward
 from flow_grpo.rewards.images import to_uint8
 from flow_grpo.rewards.transport import encode_images
 from flow_grpo.testing.rewards import save_tiny_aesthetic_head, save_tiny_clip, save_tiny_open_clip
-from flow_grpo.trainer import Trainer
+from flow_grpo.training.trainer import Trainer
 from tests.test_trainer import ROOT, tiny_config
 
 _spec = importlib.util.spec_from_file_location("presets_for_memory_cuts", ROOT / "config" / "grpo.py")
@@ -158,7 +158,7 @@ def test_decode_chunk_and_offload_in_the_preflight(tiny_sd3_dir) -> None:
 
 def test_trainer_stops_before_loading_the_model_when_cuda_memory_is_short(tiny_sd3_real_dir, tmp_path, monkeypatch) -> None:
     """On a (pretended) 1 GB CUDA device the trainer stops with advice before any weights load."""
-    import flow_grpo.trainer as trainer_module
+    import flow_grpo.training.trainer as trainer_module
 
     real_state = trainer_module.PartialState
 

@@ -8,9 +8,9 @@ import diffusers
 import pytest
 import torch
 
-from flow_grpo.model_card import read_card_settings
+from flow_grpo.run.model_card import read_card_settings
 from flow_grpo.testing import save_tiny_pipeline
-from flow_grpo.trainer import Trainer
+from flow_grpo.training.trainer import Trainer
 from tests.test_trainer import tiny_config
 
 

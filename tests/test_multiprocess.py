@@ -39,7 +39,7 @@ def test_two_process_training_completes_with_groups_across_processes(tiny_sd3_di
     (tmp_path / "inject" / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '0':\n"
-        "    import flow_grpo.trainer as trainer\n"
+        "    import flow_grpo.training.trainer as trainer\n"
         "    original = trainer.Trainer.advantages\n"
         "    def zeroed(self, epoch, samples):\n"
         "        advantages, metrics = original(self, epoch, samples)\n"
@@ -66,7 +66,7 @@ def test_failure_of_one_process_ends_the_job(tiny_sd3_dir, tmp_path) -> None:
     (tmp_path / "inject" / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
-        "    import flow_grpo.trainer as trainer\n"
+        "    import flow_grpo.training.trainer as trainer\n"
         "    original = trainer.Trainer.sample_epoch\n"
         "    def failing(self, epoch):\n"
         "        if epoch == 1:\n"

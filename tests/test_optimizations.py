@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flow_grpo.compile import default_state_buckets, rollout_call_sizes
-from flow_grpo.config_checks import ConfigError, validate_config
+from flow_grpo.training.compile import default_state_buckets, rollout_call_sizes
+from flow_grpo.run.config_checks import ConfigError, validate_config
 from flow_grpo.models import SD3Adapter
-from flow_grpo.sampling import rollout
-from flow_grpo.trainer import Trainer
+from flow_grpo.sampling.rollouts import rollout
+from flow_grpo.training.trainer import Trainer
 from tests.test_adapters import CallCounter
 from tests.test_sampling import PROMPTS
 from tests.test_trainer import tiny_config

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from flow_grpo.bench.models import build_models
 from flow_grpo.bench.phases import rollout_phase, update_phase
 from flow_grpo.bench.settings import default_settings
-from flow_grpo.epoch import EpochSamples
-from flow_grpo.policy import training_step
+from flow_grpo.training.epoch import EpochSamples
+from flow_grpo.training.step import training_step
 from flow_grpo.testing.architectures import model_spec
 
 CPU = torch.device("cpu")
@@ -51,10 +53,10 @@ def test_trainer_step_and_benchmark_update_agree() -> None:
     unwrapped = models.accelerator.unwrap_model(models.model)
     rows = torch.arange(2)
     losses = []
-    for j in range(settings.window_size):
+    for j, batch in enumerate(samples.window_batches(rows)):
         with models.accelerator.accumulate(models.model):
             out = training_step(
-                models.adapter, models.model, unwrapped, samples.window_batch(rows, j), advantages[rows, j],
+                models.adapter, models.model, unwrapped, batch, advantages[rows, j],
                 models.loss_settings, models.accelerator.autocast,
             )
             losses.append(out)
@@ -66,3 +68,25 @@ def test_trainer_step_and_benchmark_update_agree() -> None:
     for bench_grad, trainer_grad in zip(*grads):
         assert torch.equal(bench_grad, trainer_grad)
     assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+def test_window_batches_gather_the_prompts_once_per_micro_batch(monkeypatch):
+    """A micro-batch's conditioning is gathered once for all its window steps, and every step sees those rows."""
+    from flow_grpo.models import PromptEmbeds
+    from flow_grpo.training.step import window_batches
+
+    batch, window = 4, 3
+    prompts = PromptEmbeds({"embeds": torch.arange(batch * 2.0).view(batch, 2)})
+    recorded = types.SimpleNamespace(
+        latents=torch.randn(batch, window, 5), next_latents=torch.randn(batch, window, 5),
+        sigmas=torch.rand(batch, window), next_sigmas=torch.rand(batch, window), log_probs=torch.randn(batch, window),
+    )
+    calls = []
+    select = PromptEmbeds.select
+    monkeypatch.setattr(PromptEmbeds, "select", lambda self, rows: calls.append(rows) or select(self, rows))
+    rows = torch.tensor([3, 1])
+    steps = list(window_batches(recorded, prompts, rows))
+    assert len(steps) == window and len(calls) == 1
+    for j, step in enumerate(steps):
+        assert torch.equal(step.prompts.tensors["embeds"], prompts.tensors["embeds"][rows])
+        assert torch.equal(step.latents, recorded.latents[rows, j]) and torch.equal(step.log_probs, recorded.log_probs[rows, j])

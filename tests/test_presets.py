@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 import pytest
 
-from flow_grpo.config_checks import derive_layout, validate_config
+from flow_grpo.run.config_checks import derive_layout, validate_config
 from flow_grpo.models import ADAPTERS
 
 ROOT = Path(__file__).resolve().parents[1]

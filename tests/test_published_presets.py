@@ -12,11 +12,11 @@ import json
 
 import pytest
 
-from flow_grpo.config_checks import validate_config
+from flow_grpo.run.config_checks import validate_config
 from flow_grpo.reward_server.server import RewardServer, build_scorers
 from flow_grpo.testing import save_tiny_pipeline
 from flow_grpo.testing.rewards import save_tiny_clip, save_tiny_detector
-from flow_grpo.trainer import Trainer
+from flow_grpo.training.trainer import Trainer
 from tests.test_presets import PUBLISHED, presets
 from tests.test_trainer import ROOT
 

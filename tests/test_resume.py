@@ -10,10 +10,10 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from flow_grpo import checkpointing
+from flow_grpo.run import checkpoint_files
 from flow_grpo.rewards import registry
-from flow_grpo.sampling import sample_ode
-from flow_grpo.trainer import NonFiniteError, Trainer
+from flow_grpo.sampling.rollouts import sample_ode
+from flow_grpo.training.trainer import NonFiniteError, Trainer
 from tests.test_trainer import tiny_config
 
 FAST = {"sample.prompts_per_epoch": 2, "train.beta": 0.01, "train.ema": True, "train.ema_every": 1}
@@ -63,7 +63,7 @@ def test_crash_while_writing_keeps_last_good_checkpoint(tiny_sd3_dir, tmp_path, 
     real_save = torch.save
 
     def crashing_save(obj, path, *args, **kwargs):
-        if str(path).endswith(checkpointing.STATE_FILE + ".part"):
+        if str(path).endswith(checkpoint_files.STATE_FILE + ".part"):
             raise OSError("disk full (simulated)")
         return real_save(obj, path, *args, **kwargs)
 
@@ -73,8 +73,8 @@ def test_crash_while_writing_keeps_last_good_checkpoint(tiny_sd3_dir, tmp_path, 
     monkeypatch.setattr(torch, "save", real_save)
 
     run_dir = str(tmp_path / "test")
-    assert os.path.isdir(checkpointing.checkpoint_dir(run_dir, 1) + ".tmp")  # the broken write is left aside
-    assert checkpointing.resolve_checkpoint(run_dir) == good
+    assert os.path.isdir(checkpoint_files.checkpoint_dir(run_dir, 1) + ".tmp")  # the broken write is left aside
+    assert checkpoint_files.resolve_checkpoint(run_dir) == good
     resumed = Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, resume_from=run_dir, **FAST))
     assert resumed.start_epoch == 1
     for name, value in saved_lora.items():
@@ -83,13 +83,13 @@ def test_crash_while_writing_keeps_last_good_checkpoint(tiny_sd3_dir, tmp_path, 
 
 def test_only_newest_checkpoints_are_kept(tiny_sd3_dir, tmp_path) -> None:
     Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=3, save_freq=1, keep_checkpoints=2, **FAST)).train()
-    kept = [os.path.basename(p) for p in checkpointing.list_checkpoints(str(tmp_path / "test"))]
+    kept = [os.path.basename(p) for p in checkpoint_files.list_checkpoints(str(tmp_path / "test"))]
     assert kept == ["epoch_00001", "epoch_00002"]
 
 
 def test_resume_from_nothing_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
-        checkpointing.resolve_checkpoint(str(tmp_path))
+        checkpoint_files.resolve_checkpoint(str(tmp_path))
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_nonfinite_rewards_stop_without_checkpoint(tiny_sd3_dir, tmp_path, nan_r
     config.reward_fn = ml_collections.ConfigDict({"test_nan": 1.0})
     with pytest.raises(NonFiniteError, match="epoch 0: non-finite rewards"):
         Trainer(config).train()
-    assert checkpointing.list_checkpoints(str(tmp_path / "test")) == []
+    assert checkpoint_files.list_checkpoints(str(tmp_path / "test")) == []
 
 
 def test_nonfinite_rewards_can_skip_the_batch(tiny_sd3_dir, tmp_path, nan_reward) -> None:
@@ -181,27 +181,27 @@ def test_resume_from_an_older_checkpoint_trains_a_branch(tiny_sd3_dir, tmp_path)
     Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=3, save_freq=1, keep_checkpoints=0, **FAST)).train()
     parent = tmp_path / "test"
     parent_metrics = (parent / "metrics.jsonl").read_text()
-    older = checkpointing.checkpoint_dir(str(parent), 0)
+    older = checkpoint_files.checkpoint_dir(str(parent), 0)
     Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, save_freq=1, resume_from=older, **FAST)).train()
     branch = tmp_path / "test-from-epoch_00000"
     assert [json.loads(line)["epoch"] for line in (branch / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert json.loads((branch / "config.json").read_text())["parent_checkpoint"] == older
     assert (parent / "metrics.jsonl").read_text() == parent_metrics
-    assert [os.path.basename(p) for p in checkpointing.list_checkpoints(str(parent))] == ["epoch_00000", "epoch_00001", "epoch_00002"]
+    assert [os.path.basename(p) for p in checkpoint_files.list_checkpoints(str(parent))] == ["epoch_00000", "epoch_00001", "epoch_00002"]
 
 
 def test_resume_refuses_a_checkpoint_whose_unpickling_would_run_code(tiny_sd3_dir, tmp_path) -> None:
     import pickle
 
-    from flow_grpo.config_checks import ConfigError
+    from flow_grpo.run.config_checks import ConfigError
 
     class RunsCode:
         def __reduce__(self):
             return (os.makedirs, (str(tmp_path / "code-ran"),))
 
-    checkpoint = checkpointing.checkpoint_dir(str(tmp_path / "test"), 0)
+    checkpoint = checkpoint_files.checkpoint_dir(str(tmp_path / "test"), 0)
     os.makedirs(checkpoint)
-    with open(os.path.join(checkpoint, checkpointing.STATE_FILE), "wb") as f:
+    with open(os.path.join(checkpoint, checkpoint_files.STATE_FILE), "wb") as f:
         pickle.dump({"epoch": 0, "lora": RunsCode()}, f)
     config = tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, resume_from=str(tmp_path / "test"), **FAST)
     with pytest.raises(ConfigError, match=r"state\.pt holds objects other than tensors.*refusing"):
@@ -210,8 +210,8 @@ def test_resume_refuses_a_checkpoint_whose_unpickling_would_run_code(tiny_sd3_di
 
 
 def test_nonfinite_eval_scores_are_counted_not_averaged(monkeypatch) -> None:
-    from flow_grpo import evaluation
-    from flow_grpo.generation import ImageJob
+    from flow_grpo.sampling.rollouts import evaluation
+    from flow_grpo.sampling.generation import ImageJob
     from flow_grpo.rewards.registry import MultiReward
 
     jobs = [ImageJob(i, 0, f"prompt {i}", seed=i) for i in range(4)]

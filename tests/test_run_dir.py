@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flow_grpo import checkpointing, run_dir
-from flow_grpo.config_checks import ConfigError
-from flow_grpo.run_dir import cut_metrics, metrics_line, plan_run, prepare
+from flow_grpo.run import checkpoint_files, directory
+from flow_grpo.run.config_checks import ConfigError
+from flow_grpo.run.directory import cut_metrics, metrics_line, plan_run, prepare
 from tests.test_trainer import tiny_config
 
 
@@ -36,10 +36,10 @@ def _make_run(logdir: Path, name: str, epochs: list[int], **changes) -> str:
     plan = plan_run(config, name)
     prepare(plan, config)
     for epoch in epochs:
-        path = checkpointing.checkpoint_dir(plan.run_dir, epoch)
+        path = checkpoint_files.checkpoint_dir(plan.run_dir, epoch)
         os.makedirs(path)
-        checkpointing.save_file({"epoch": epoch, "weights": torch.ones(2)}, os.path.join(path, checkpointing.STATE_FILE))
-    with open(os.path.join(plan.run_dir, run_dir.METRICS_FILE), "w") as f:
+        checkpoint_files.save_file({"epoch": epoch, "weights": torch.ones(2)}, os.path.join(path, checkpoint_files.STATE_FILE))
+    with open(os.path.join(plan.run_dir, directory.METRICS_FILE), "w") as f:
         f.writelines(metrics_line({"epoch": epoch, "reward/avg": 0.1 * epoch}) for epoch in range(max(epochs) + 1))
     return plan.run_dir
 
@@ -66,7 +66,7 @@ def test_starting_a_run_where_one_exists_fails_and_says_how_to_resume(tmp_path) 
 def test_resume_from_an_older_checkpoint_branches_and_leaves_the_parent_untouched(tmp_path) -> None:
     parent = _make_run(tmp_path, "test", [0, 1, 2])
     before = _digest(parent)
-    older = checkpointing.checkpoint_dir(parent, 1)
+    older = checkpoint_files.checkpoint_dir(parent, 1)
     config = _config(tmp_path, resume_from=older)
     plan = plan_run(config, "test")
     assert not plan.continues and plan.run_dir == str(tmp_path / "test-from-epoch_00001") and plan.epoch == 1
@@ -81,11 +81,11 @@ def test_resume_from_an_older_checkpoint_branches_and_leaves_the_parent_untouche
 
 def test_resume_overwrite_continues_in_place_and_sets_later_records_aside(tmp_path) -> None:
     parent = _make_run(tmp_path, "test", [0, 1, 2])
-    config = _config(tmp_path, resume_from=checkpointing.checkpoint_dir(parent, 0), resume_overwrite=True)
+    config = _config(tmp_path, resume_from=checkpoint_files.checkpoint_dir(parent, 0), resume_overwrite=True)
     plan = plan_run(config, "test")
     assert plan.continues and plan.run_dir == parent and plan.epoch == 0
     prepare(plan, config)
-    assert [os.path.basename(p) for p in checkpointing.list_checkpoints(parent)] == ["epoch_00000"]
+    assert [os.path.basename(p) for p in checkpoint_files.list_checkpoints(parent)] == ["epoch_00000"]
     assert sorted(os.listdir(os.path.join(parent, "checkpoints"))) == ["epoch_00000", "epoch_00001.orphaned", "epoch_00002.orphaned"]
     assert _epochs(os.path.join(parent, "metrics.jsonl")) == [0]
     assert _epochs(os.path.join(parent, "metrics.jsonl.orphaned")) == [1, 2]
@@ -130,14 +130,14 @@ def test_resuming_a_finished_run_says_so(tmp_path) -> None:
 def test_a_code_carrying_checkpoint_is_refused_and_an_older_one_is_used(tmp_path) -> None:
     run = _make_run(tmp_path, "test", [0, 1])
     marker = tmp_path / "code-ran"
-    planted = os.path.join(checkpointing.checkpoint_dir(run, 1), checkpointing.STATE_FILE)
+    planted = os.path.join(checkpoint_files.checkpoint_dir(run, 1), checkpoint_files.STATE_FILE)
     with open(planted, "wb") as f:
         pickle.dump({"epoch": 1, "payload": _RunsCode(str(marker))}, f)
     plan = plan_run(_config(tmp_path, resume_from=run), "test")  # falls back, with a warning
     assert plan.continues and plan.epoch == 0
     with pytest.raises(ConfigError, match=rf"{planted} holds objects other than tensors.*refusing"):
-        plan_run(_config(tmp_path, resume_from=checkpointing.checkpoint_dir(run, 1)), "test")
-    os.remove(os.path.join(checkpointing.checkpoint_dir(run, 0), checkpointing.STATE_FILE))
+        plan_run(_config(tmp_path, resume_from=checkpoint_files.checkpoint_dir(run, 1)), "test")
+    os.remove(os.path.join(checkpoint_files.checkpoint_dir(run, 0), checkpoint_files.STATE_FILE))
     with pytest.raises(ConfigError, match="no loadable checkpoint.*refusing"):
         plan_run(_config(tmp_path, resume_from=run), "test")
     assert not marker.exists()
@@ -161,9 +161,9 @@ def test_default_run_name_is_the_main_process_name(tmp_path, monkeypatch) -> Non
         objects[0] = "run-from-main"
         return objects
 
-    monkeypatch.setattr(run_dir, "broadcast_object_list", from_main)
-    assert run_dir.default_run_name(str(tmp_path)) == "run-from-main"
+    monkeypatch.setattr(directory, "broadcast_object_list", from_main)
+    assert directory.default_run_name(str(tmp_path)) == "run-from-main"
     monkeypatch.undo()
-    name = run_dir.default_run_name(str(tmp_path))
+    name = directory.default_run_name(str(tmp_path))
     os.makedirs(tmp_path / name)
-    assert run_dir.default_run_name(str(tmp_path)) != name  # never an existing directory
+    assert directory.default_run_name(str(tmp_path)) != name  # never an existing directory

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flow_grpo.models import SD3Adapter
-from flow_grpo.sampling import draw_window_start, rollout
+from flow_grpo.sampling.rollouts import draw_window_start, rollout
 from tests.test_adapters import CallCounter
 
 PROMPTS = ["a red bicycle", "Two cats on a sofa", "a lighthouse at dusk"]

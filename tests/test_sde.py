@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flow_grpo.sde import euler_step, stochastic_step
+from flow_grpo.algorithm.sde import euler_step, stochastic_step
 
 SIGMAS = torch.tensor([1.0, 0.9, 0.7, 0.4, 0.0])
 

@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 from flow_grpo.data import Prompt, load_prompts
-from flow_grpo.cli import parse_reward_weights
+from flow_grpo.commands.options import parse_reward_weights
 from flow_grpo.commands import prepare_data
-from flow_grpo.evaluation import run_evaluation
-from flow_grpo.generation import (
+from flow_grpo.sampling.evaluation import run_evaluation
+from flow_grpo.sampling.generation import (
     SamplingRequest,
     find_lora_dir,
     generate_batches,

@@ -8,9 +8,10 @@ import glob
 import pytest
 from accelerate.tracking import get_available_trackers
 
-from flow_grpo.config_checks import ConfigError
-from flow_grpo.trackers import check_report_to, init_kwargs
-from flow_grpo.trainer import Trainer
+from flow_grpo.run.config_checks import ConfigError
+from flow_grpo.run.config_checks import check_report_to
+from flow_grpo.run.trackers import init_kwargs
+from flow_grpo.training.trainer import Trainer
 from tests.test_trainer import tiny_config
 
 

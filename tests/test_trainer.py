@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flow_grpo.losses import kl_to_reference
-from flow_grpo.policy import adapters_disabled, policy_step
-from flow_grpo.trainer import Trainer
+from flow_grpo.algorithm.losses import kl_to_reference
+from flow_grpo.training.step import adapters_disabled, policy_step
+from flow_grpo.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("presets_for_trainer", ROOT / "config" / "grpo.py")
@@ -49,9 +49,9 @@ def test_first_update_ratio_is_one_and_only_lora_changes(preset, tiny_sd3_real_d
     samples = trainer.sample_epoch(0)
     # The LoRA starts at zero (B = 0): policy mean equals the reference mean, so the KL is exactly 0.
     rows = torch.arange(4)
-    step = policy_step(trainer.adapter, trainer.model, samples.window_batch(rows, 0), trainer.loss_settings)
+    step = policy_step(trainer.adapter, trainer.model, next(samples.window_batches(rows)), trainer.loss_settings)
     with adapters_disabled(trainer.adapter.transformer):
-        reference = policy_step(trainer.adapter, trainer.adapter.transformer, samples.window_batch(rows, 0), trainer.loss_settings)
+        reference = policy_step(trainer.adapter, trainer.adapter.transformer, next(samples.window_batches(rows)), trainer.loss_settings)
     assert torch.equal(kl_to_reference(step.mean, reference.mean, step.std), torch.zeros(4))
 
     advantages, metrics = trainer.advantages(0, samples)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from flow_grpo.policy import training_step
-from flow_grpo.trainer import Trainer
+from flow_grpo.training.step import training_step
+from flow_grpo.training.trainer import Trainer
 from tests.test_trainer import tiny_config
 
 
@@ -32,8 +32,8 @@ def test_tied_group_is_dropped_and_the_kept_gradient_is_the_mean_over_kept(tiny_
     assert (advantages[~tied] != 0).any(dim=1).all()
 
     trained: list[torch.Tensor] = []
-    window_batch = samples.window_batch
-    samples.window_batch = lambda rows, j: trained.append(rows.clone()) or window_batch(rows, j)
+    window_batches = samples.window_batches
+    samples.window_batches = lambda rows: trained.append(rows.clone()) or window_batches(rows)
     gradients: list[torch.Tensor] = []
     step = trainer.optimizer.step
 
@@ -47,7 +47,7 @@ def test_tied_group_is_dropped_and_the_kept_gradient_is_the_mean_over_kept(tiny_
 
     # 8 informative rows do not split into 3 micro-batches: one tied row is re-added (9 = 3 x 3).
     window = config.sample.window_size
-    micro_batches = trained[::window]
+    micro_batches = trained
     assert [len(rows) for rows in micro_batches] == [3, 3, 3]
     kept = torch.cat(micro_batches)
     assert len(set(kept.tolist())) == 9
@@ -63,10 +63,8 @@ def test_tied_group_is_dropped_and_the_kept_gradient_is_the_mean_over_kept(tiny_
     trainer.optimizer.zero_grad()
     trainer.model.train()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    for j in range(window):
-        out = training_step(
-            trainer.adapter, trainer.model, unwrapped, window_batch(kept, j), advantages[kept, j], trainer.loss_settings
-        )
+    for j, batch in enumerate(window_batches(kept)):
+        out = training_step(trainer.adapter, trainer.model, unwrapped, batch, advantages[kept, j], trainer.loss_settings)
         (out.loss / window).backward()
     direct = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in trainer.trainable])
     assert direct.norm() > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flow_grpo.turning_points import StepRewards, step_rewards, summarize
+from flow_grpo.algorithm.turning_points import StepRewards, step_rewards, summarize
 
 
 def _rewards(*rows: list[float]) -> torch.Tensor:

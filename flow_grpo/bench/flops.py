@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flow_grpo.bench.models import BenchmarkModels
 from flow_grpo.bench.phases import seeded_generator, benchmark_texts, run_phases
 from flow_grpo.bench.settings import BenchmarkSettings
-from flow_grpo.policy import adapters_disabled
+from flow_grpo.training.step import adapters_disabled
 
 __all__ = ["component_flops", "count_flops", "count_phase_flops"]
 

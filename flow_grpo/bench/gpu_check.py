@@ -9,7 +9,7 @@ Parts, each in its own process with a time limit (a slow part is reported, not w
   with two state buckets (`--buckets`) so that few graphs compile.
 - `ratio`: a compiled TP-GRPO rollout, then the first training step's importance ratio, which
   must be 1 within 1e-5.
-- `memory`: the memory preflight (`flow_grpo.bench.memory.predict_memory`) for the benchmark's
+- `memory`: the memory preflight (`flow_grpo.training.memory.predict_memory`) for the benchmark's
   configuration (one process, one batch per epoch, text encoders offloaded: the benchmark has
   none), set against the eager part's measured peaks.
 One table is printed last; with `$OUT` set, the table and a JSON land there too.
@@ -70,7 +70,7 @@ def _ratio(args: GpuCheckOptions) -> dict[str, Any]:
     from flow_grpo.bench.models import build_models
     from flow_grpo.bench.phases import benchmark_texts, rollout_phase
     from flow_grpo.bench.settings import resolve_device, resolve_mixed_precision
-    from flow_grpo.policy import WindowBatch, training_step
+    from flow_grpo.training.step import training_step, window_batches
     from flow_grpo.testing.architectures import model_spec
 
     settings = _settings(args, compiled=True)
@@ -83,7 +83,7 @@ def _ratio(args: GpuCheckOptions) -> dict[str, Any]:
     advantages = torch.ones(settings.micro_batch, device=device)
     models.model.train()
     out = training_step(
-        models.adapter, models.model, unwrapped, WindowBatch.select(samples, prompts, rows, 0), advantages,
+        models.adapter, models.model, unwrapped, next(window_batches(samples, prompts, rows)), advantages,
         models.loss_settings, models.autocast, compiled=models.compiled,
     )
     ratio = float(out.ratio_mean)
@@ -91,7 +91,7 @@ def _ratio(args: GpuCheckOptions) -> dict[str, Any]:
 
 
 def _memory(args: GpuCheckOptions) -> dict[str, Any]:
-    from flow_grpo.bench.memory import load_preset, predict_memory
+    from flow_grpo.training.memory import load_preset, predict_memory
 
     settings = _settings(args, compiled=False)
     config = load_preset("pickscore_sd3")
@@ -99,7 +99,7 @@ def _memory(args: GpuCheckOptions) -> dict[str, Any]:
     sample.batch_size = sample.group_size = settings.prompts
     sample.prompts_per_epoch = 1
     sample.num_steps, sample.window_size, sample.window_range = settings.num_steps, settings.window_size, (0, settings.window_size)
-    sample.state_buckets, sample.max_states_per_call, sample.decode_chunk = (), 0, 0
+    sample.state_buckets, sample.max_states_per_call, sample.decode_chunk = (), 0, settings.decode_chunk
     config.train.batch_size, config.train.beta, config.train.updates_per_epoch = settings.micro_batch, settings.beta, 1
     config.train.lora_rank, config.train.lora_alpha = settings.lora_rank, settings.lora_alpha
     config.offload_text_encoders = True

@@ -20,11 +20,11 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
-from flow_grpo.compile import CompiledPhases
+from flow_grpo.training.compile import CompiledPhases
 from flow_grpo.bench.settings import BenchmarkSettings, resolve_device
-from flow_grpo.bench.tracing import default_dtype
+from flow_grpo.training.tracing import default_dtype
 from flow_grpo.models import ModelAdapter
-from flow_grpo.policy import LossSettings, UpdateStep, add_lora
+from flow_grpo.training.step import LossSettings, UpdateStep, add_lora
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.rewards.clip_models import PICKSCORE_DIVISOR, ClipEncoder, ClipSimilarityReward
 from flow_grpo.rewards.options import resolve_dtype

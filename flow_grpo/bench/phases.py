@@ -13,10 +13,10 @@ import torch
 
 from flow_grpo.bench.models import BenchmarkModels
 from flow_grpo.bench.settings import PHASE_TITLES, BenchmarkSettings
-from flow_grpo.losses import LossOutput
+from flow_grpo.algorithm.losses import LossOutput
 from flow_grpo.models import PromptEmbeds
-from flow_grpo.policy import WindowBatch, training_step
-from flow_grpo.sampling import Rollout, rollout
+from flow_grpo.training.step import training_step, window_batches
+from flow_grpo.sampling.rollouts import Rollout, training_rollout
 
 __all__ = [
     "Measure",
@@ -50,25 +50,19 @@ def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
 def rollout_phase(
     models: BenchmarkModels, settings: BenchmarkSettings, prompts: PromptEmbeds, *, branches: bool, bucketed: bool = True
 ) -> Rollout:
-    """One rollout of the batch: Flow-GRPO's window rollout, or with `branches` the lockstep TP-GRPO one.
+    """One rollout of the batch, through the trainer's own `training_rollout`: Flow-GRPO's window rollout, or with
+    `branches` the lockstep TP-GRPO one (uint8 images in `settings.decode_chunk` decodes, as in training).
 
     Args:
         bucketed: pad transformer calls to `settings.state_buckets` (off when counting true FLOPs).
     """
     with models.autocast():
-        return rollout(
+        return training_rollout(
             models.adapter,
             prompts,
-            num_steps=settings.num_steps,
-            resolution=settings.resolution,
+            settings.rollout_settings(branches, bucketed),
             window_start=settings.window_start,
-            window_size=settings.window_size,
-            noise_level=settings.noise_level,
-            step_kind=settings.step_kind,
-            branches=branches,
             generator=seeded_generator(models.device, settings.seed),
-            max_states_per_call=settings.max_states_per_call,
-            state_buckets=tuple(settings.state_buckets) if bucketed else (),
         )
 
 
@@ -99,9 +93,8 @@ def update_phase(
     model.train()
     out = None
     for rows in order.split(settings.micro_batch):
-        for j in range(settings.window_size):
+        for j, batch in enumerate(window_batches(samples, prompts, rows)):
             with accelerator.accumulate(model):
-                batch = WindowBatch.select(samples, prompts, rows, j)
                 out = training_step(
                     models.adapter, model, unwrapped, batch, advantages[rows, j], models.loss_settings, models.autocast,
                     compiled=models.compiled,

@@ -206,6 +206,7 @@ def format_report(report: BenchmarkReport) -> str:
         (
             f"options: compile={s.compile} attention_backend={s.attention_backend or 'default'} "
             f"state_buckets={tuple(s.state_buckets)} max_states_per_call={s.max_states_per_call} "
+            f"decode_chunk={s.decode_chunk} "
             f"gradient_checkpointing={s.gradient_checkpointing}; median of {s.repeats} after {s.warmup} warm-up"
         ),
     ]

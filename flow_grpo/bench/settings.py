@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from flow_grpo.config_checks import STEP_KINDS
+from flow_grpo.run.config_checks import STEP_KINDS
 from flow_grpo.precision import mixed_precision_dtype
+from flow_grpo.sampling.rollouts import RolloutSettings
 from flow_grpo.testing.architectures import SIZES
 
 __all__ = [
@@ -54,7 +55,8 @@ class BenchmarkSettings:
         gradient_checkpointing: recompute activations in the update's backward (timed models only).
         max_states_per_call: bound on states per transformer / VAE call in rollouts; 0 = none.
         state_buckets: pad each rollout transformer call to one of these state counts (timed only).
-        compile: compile the transformer per phase as the trainer does (`flow_grpo.compile`; timed models only).
+        decode_chunk: images per VAE decode call of a rollout; 0 = all in one call (the presets' `sample.decode_chunk`).
+        compile: compile the transformer per phase as the trainer does (`flow_grpo.training.compile`; timed models only).
         compile_backend: dynamo backend of `compile`; "eager" only traces (CPU dry runs).
         attention_backend: diffusers attention backend of the timed transformer; "" = default.
         device: "cuda", "cpu", ...; "" = CUDA when available, else CPU.
@@ -88,6 +90,7 @@ class BenchmarkSettings:
     gradient_checkpointing: bool = False
     max_states_per_call: int = 0
     state_buckets: tuple[int, ...] = ()
+    decode_chunk: int = 9
     compile: bool = False
     compile_backend: str = "inductor"
     attention_backend: str = ""
@@ -126,8 +129,24 @@ class BenchmarkSettings:
             raise ValueError(f"step_kind must be one of {STEP_KINDS}, got {self.step_kind!r}")
         if self.warmup < 0 or self.repeats < 1:
             raise ValueError("warmup must be >= 0 and repeats >= 1")
+        if self.decode_chunk < 0:
+            raise ValueError("decode_chunk must be >= 0 (0 = every image of a rollout in one VAE call)")
         if self.train_batch_size < 0:
             raise ValueError("train_batch_size must be >= 0 (0 = all trajectories in one micro-batch)")
+
+    def rollout_settings(self, branches: bool, bucketed: bool = True) -> RolloutSettings:
+        """The training rollout these settings describe (TP-GRPO with `branches`); `bucketed` keeps the state buckets."""
+        return RolloutSettings(
+            num_steps=self.num_steps,
+            resolution=self.resolution,
+            window_size=self.window_size,
+            noise_level=self.noise_level,
+            step_kind=self.step_kind,
+            branches=branches,
+            max_states_per_call=self.max_states_per_call,
+            state_buckets=tuple(self.state_buckets) if bucketed else (),
+            decode_chunk=self.decode_chunk,
+        )
 
     @property
     def micro_batch(self) -> int:

@@ -13,9 +13,9 @@ import ml_collections
 from absl import app
 from accelerate import PartialState
 
-from flow_grpo.cli import setup_logging
-from flow_grpo.paths import resolve_config_argument, resolve_config_paths
-from flow_grpo.trainer import use_cpu
+from flow_grpo.commands.options import setup_logging
+from flow_grpo.run.paths import resolve_config_argument, resolve_config_paths
+from flow_grpo.training.trainer import use_cpu
 
 __all__ = ["run_command", "start_command"]
 

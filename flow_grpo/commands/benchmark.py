@@ -11,7 +11,7 @@ The `flow-grpo-benchmark` command; from a checkout, `python scripts/benchmark.py
 
 Each flag left out keeps the size's preset (`flow_grpo.bench.settings.default_settings`); the flags
 are named like the config keys they mirror (`--num_steps`, `--window_size`, `--guidance_scale`,
-`--state_buckets`, `--max_states_per_call`; `--steps`, `--window`, `--cfg`, `--buckets` are aliases).
+`--state_buckets`, `--max_states_per_call`, `--decode_chunk`; `--steps`, `--window`, `--cfg`, `--buckets` are aliases).
 The table of seconds, true FLOPs and FLOP/s, fraction of the measured matrix-product ceiling and
 peak memory per phase is printed last; `--json` also writes every number. `--memory` runs the memory
 preflight (`flow-grpo-memory`) and `--reward_server` the reward server benchmark
@@ -61,6 +61,7 @@ _setting(flags.DEFINE_float, "beta", "KL weight; 0 skips the reference pass (tra
 _setting(flags.DEFINE_integer, "train_batch_size", "Trajectories per training micro-batch; 0 = all.")
 _setting(flags.DEFINE_bool, "gradient_checkpointing", "Recompute activations in backward.")
 _setting(flags.DEFINE_integer, "max_states_per_call", "Bound on states per transformer / VAE call; 0 = none.")
+_setting(flags.DEFINE_integer, "decode_chunk", "Images per VAE decode call of a rollout (sample.decode_chunk); 0 = one call.")
 _setting(flags.DEFINE_list, "state_buckets", "State buckets, e.g. 18,36,54,72,90 (calls padded up).")
 _setting(flags.DEFINE_bool, "compile", "Compile the transformer per phase, as the trainer.")
 _setting(flags.DEFINE_string, "compile_backend", "Dynamo backend of --compile; eager only traces.")
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark the flags describe and print its table (`argv`: the flags, default `sys.argv[1:]`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "--memory" in args:  # the memory preflight: --memory --preset NAME --num_processes N [--device_gb G]
-        from flow_grpo.bench import memory
+        from flow_grpo.commands import memory
 
         return memory.main(args)
     if "--reward_server" in args:  # reward server throughput: flow_grpo.reward_server.benchmark's own flags

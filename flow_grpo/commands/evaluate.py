@@ -18,9 +18,9 @@ import os
 
 from absl import flags
 
-from flow_grpo.cli import define_sampling_flags, parse_reward_weights
+from flow_grpo.commands.options import define_sampling_flags, parse_reward_weights
 from flow_grpo.commands import run_command, start_command
-from flow_grpo.evaluation import run_evaluation
+from flow_grpo.sampling.evaluation import run_evaluation
 
 _FLAGS = define_sampling_flags("Output directory for summary.json and scores.csv.")
 _REWARDS = flags.DEFINE_string("rewards", "", "Rewards as name:weight,... (e.g. pickscore:1,aesthetic:1); empty = config.eval_reward_fn.")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 
-from flow_grpo.cli import define_sampling_flags
+from flow_grpo.commands.options import define_sampling_flags
 from flow_grpo.commands import run_command, start_command
-from flow_grpo.generation import run_generation
+from flow_grpo.sampling.generation import run_generation
 
 _FLAGS = define_sampling_flags("Output directory for images/, index.jsonl and settings.json.")
 

@@ -71,7 +71,7 @@ class ModelAdapter(abc.ABC):
     lora_target_modules: ClassVar[list[str]]
     # Image sides must be multiples of this for hub models (VAE factor 8 x token patch 2).
     default_resolution_multiple: ClassVar[int] = 16
-    # The transformer `velocity` calls when given none (`flow_grpo.compile` sets a compiled one); None = `transformer`.
+    # The transformer `velocity` calls when given none (`flow_grpo.training.compile` sets a compiled one); None = `transformer`.
     inference_forward: Any = None
 
     @classmethod

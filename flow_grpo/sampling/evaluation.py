@@ -19,7 +19,7 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object, reduce
 
-from flow_grpo.generation import (
+from flow_grpo.sampling.generation import (
     AutocastFactory,
     ImageJob,
     SamplingRequest,
@@ -31,7 +31,7 @@ from flow_grpo.generation import (
     sort_records,
 )
 from flow_grpo.models import ModelAdapter
-from flow_grpo.outputs import save_png, summarize_scores, write_json, write_scores_csv
+from flow_grpo.run.outputs import save_png, summarize_scores, write_json, write_scores_csv
 from flow_grpo.rewards import AVERAGE_KEY, MultiReward, build_reward, check_reward_names
 
 __all__ = ["EvalResult", "evaluate", "run_evaluation"]
@@ -85,10 +85,10 @@ def evaluate(
     Args:
         adapter: the model to sample (with whatever LoRA / EMA weights are active).
         reward: the eval rewards; its scores include `"avg"`, the weighted sum.
-        jobs: every image to sample, with its seed (`flow_grpo.generation.plan_jobs`).
+        jobs: every image to sample, with its seed (`flow_grpo.sampling.generation.plan_jobs`).
         sample: `config.sample` (`eval_num_steps`, `resolution`, `eval_batch_size`,
             `max_states_per_call`, `state_buckets`).
-        batch_seed, autocast: see `flow_grpo.generation.generate_batches`.
+        batch_seed, autocast: see `flow_grpo.sampling.generation.generate_batches`.
         keep_images: keep this process's first this many images (for a logged grid).
         collect_records: gather every image's record from all processes.
         on_batch: called with each batch's jobs, images and scores (e.g. to write PNG files).

@@ -9,13 +9,14 @@ joins the batch at the next grid step. Completed images come out in the order `R
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+import ml_collections
 import torch
 
 from flow_grpo.models.base import ModelAdapter, PromptEmbeds
 from flow_grpo.rewards.images import to_uint8
-from flow_grpo.sde import euler_step, stochastic_step
+from flow_grpo.algorithm.sde import euler_step, stochastic_step
 
 
 @dataclass
@@ -40,6 +41,60 @@ class Rollout:
     sigmas: torch.Tensor
     next_sigmas: torch.Tensor
     completed_images: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How a run's training rollouts sample: one set of settings for the trainer and the benchmark.
+
+    Attributes:
+        num_steps, resolution: grid steps N and image side in pixels.
+        window_size: W stochastic steps per trajectory.
+        noise_level, step_kind: the stochastic step (see `flow_grpo.algorithm.sde`).
+        branches: TP-GRPO's lockstep completions (`completed_images`).
+        max_states_per_call, state_buckets: bounds on the transformer calls (see `_chunked_velocity`).
+        decode_chunk: images per VAE decode call; 0 = all in one call.
+        uint8_images: images come out as uint8 (what the rewards score; see `decode_chunked`).
+    """
+
+    num_steps: int
+    resolution: int
+    window_size: int
+    noise_level: float
+    step_kind: str
+    branches: bool
+    max_states_per_call: int = 0
+    state_buckets: tuple[int, ...] = ()
+    decode_chunk: int = 0
+    uint8_images: bool = True
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> RolloutSettings:
+        """The training rollouts of a training config (`config.sample`, TP-GRPO branches for `tp_grpo`)."""
+        sample = config.sample
+        return cls(
+            num_steps=sample.num_steps,
+            resolution=sample.resolution,
+            window_size=sample.window_size,
+            noise_level=sample.noise_level,
+            step_kind=sample.step_kind,
+            branches=config.algorithm == "tp_grpo",
+            max_states_per_call=sample.max_states_per_call,
+            state_buckets=tuple(sample.state_buckets),
+            decode_chunk=sample.decode_chunk,
+        )
+
+
+def training_rollout(
+    adapter: ModelAdapter,
+    prompts: PromptEmbeds,
+    settings: RolloutSettings,
+    *,
+    window_start: int,
+    generator: torch.Generator | list[torch.Generator] | None,
+) -> Rollout:
+    """One training sampling batch (B = len(prompts) trajectories) with the window starting at `window_start`."""
+    return rollout(adapter, prompts, window_start=window_start, generator=generator, **asdict(settings))
 
 
 def draw_window_start(generator: torch.Generator, window_range: tuple[int, int], window_size: int) -> int:
@@ -129,7 +184,7 @@ def rollout(
         num_steps: grid steps N.
         resolution: image side in pixels.
         window_start, window_size: `s` and `W`, `s + W <= N - 1`; `W = 0` gives plain ODE sampling.
-        noise_level, step_kind: the stochastic step (see `flow_grpo.sde`).
+        noise_level, step_kind: the stochastic step (see `flow_grpo.algorithm.sde`).
         branches: also compute the TP-GRPO completions (lockstep) and return `completed_images`.
         generator: drives the initial noise (unless `initial_latents` is given) and the step noise.
         initial_latents: (B, ...) noise at sigma 1, overriding the generator's draw.

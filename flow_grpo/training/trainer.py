@@ -19,27 +19,28 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from flow_grpo import checkpointing, model_card, tracking, trackers
-from flow_grpo.advantages import broadcast_to_steps, group_advantages, informative_rows
-from flow_grpo.bench.memory import preflight
-from flow_grpo.compile import compile_phases
-from flow_grpo.config_checks import Layout, validate_config
+from flow_grpo.run import pictures, trackers
+from flow_grpo.algorithm.advantages import informative_rows
+from flow_grpo.training.memory import preflight
+from flow_grpo.training.compile import compile_phases
+from flow_grpo.run.config_checks import Layout, validate_config
 from flow_grpo.data import GroupSampler, PromptDataset, dataset_paths
-from flow_grpo.ema import ParameterEMA
-from flow_grpo.distributed import check_supported_backend
-from flow_grpo.epoch import EpochSamples, sample_epoch
-from flow_grpo.evaluation import EvalResult, evaluate
-from flow_grpo.generation import plan_jobs
+from flow_grpo.training.ema import ParameterEMA
+from flow_grpo.training.distributed import check_supported_backend
+from flow_grpo.training.credit import epoch_credit
+from flow_grpo.training.epoch import EpochSamples, sample_epoch
+from flow_grpo.sampling.evaluation import EvalResult, evaluate
+from flow_grpo.sampling.generation import plan_jobs
 from flow_grpo.models import load_adapter
-from flow_grpo.policy import LossSettings, UpdateStep, add_lora, training_step
+from flow_grpo.training.state import restore_state, save_state
+from flow_grpo.training.step import UpdateStep, add_lora, loss_settings, training_step
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.rewards import build_reward
-from flow_grpo.run_dir import default_run_name, metrics_line, plan_run, prepare, wandb_id
+from flow_grpo.run.directory import default_run_name, metrics_line, plan_run, prepare, wandb_id
 from flow_grpo.seeding import derived_seed
-from flow_grpo.turning_points import StepRewards, step_rewards, summarize
+from flow_grpo.algorithm.turning_points import StepRewards
 
 logger = get_logger(__name__)
 
@@ -96,20 +97,15 @@ class Trainer:
         )
         self.reward = built.select(dict(config.reward_fn))
         self.eval_reward = built.select(dict(config.eval_reward_fn))
-        self.loss_settings = LossSettings(
-            step_kind=config.sample.step_kind,
-            noise_level=config.sample.noise_level,
-            sigma_max=float(self.adapter.sigmas(config.sample.num_steps, config.sample.resolution)[1]),
-            clip_range=config.train.clip_range,
-            beta=config.train.beta,
-        )
+        grid = self.adapter.sigmas(config.sample.num_steps, config.sample.resolution)
+        self.loss_settings = loss_settings(config, sigma_max=float(grid[1]))
         self.start_epoch = 0
         self.sampling_seconds = 0.0
         self.last_curves: tuple[torch.Tensor, StepRewards] | None = None  # completed rewards (B, W+1), step rewards
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (epoch, eval means) of the newest evaluation
         self.history: list[dict[str, float]] = []
         if self.plan.checkpoint is not None:
-            self.load_checkpoint(self.plan.checkpoint, self.plan.state)
+            restore_state(self, self.plan.checkpoint, self.plan.state)
             self.plan.state = None  # release the loaded copy
 
     def _setup_accelerator(self, run_name: str) -> Accelerator:
@@ -195,46 +191,16 @@ class Trainer:
         Returns None instead of advantages when the rewards or advantages are not finite and
         `config.nonfinite == "skip"` (every process decides alike: they see the same gathered data).
         """
-        config, accelerator = self.config, self.accelerator
-        group_ids = accelerator.gather(samples.group_ids)
-        metrics = self._group_metrics(group_ids)
-        for name, value in samples.rewards.items():
-            metrics[f"reward/{name}"] = accelerator.gather(value).float().mean().item()
-        clip = dict(adv_clip_max=config.train.adv_clip_max, global_std=config.train.global_std)
-        if self.is_tp:
-            scored = accelerator.gather(samples.completed_rewards)
-            result = step_rewards(
-                scored, consistent=config.tp.consistent, first_step=config.tp.first_step, balance=config.tp.balance
-            )
-            advantages = group_advantages(result.rewards, group_ids, **clip)
-            metrics.update({f"tp/{key}": value for key, value in summarize(result).items()})
-            metrics["reward/baseline_R0"] = scored[:, 0].mean().item()
-            self.last_curves = (scored, result)
-        else:
-            scored = accelerator.gather(samples.rewards["avg"])
-            advantages = broadcast_to_steps(group_advantages(scored, group_ids, **clip), config.sample.window_size)
-        for quantity, value in (("rewards", scored), ("advantages", advantages)):
+        credit = epoch_credit(self.config, self.accelerator, samples)
+        if credit.step_rewards is not None:
+            self.last_curves = (credit.scored, credit.step_rewards)
+        for quantity, value in (("rewards", credit.scored), ("advantages", credit.advantages)):
             if not torch.isfinite(value).all():
                 self._nonfinite(epoch, quantity)
-                return None, metrics
+                return None, credit.metrics
         rows = samples.group_ids.shape[0]
-        start = accelerator.process_index * rows
-        return advantages[start : start + rows], metrics
-
-    def _group_metrics(self, group_ids: torch.Tensor) -> dict[str, float]:
-        """Check that every group of the gathered epoch has `group_size` members; report how many span processes."""
-        accelerator = self.accelerator
-        counts = torch.bincount(group_ids)
-        present = counts[counts > 0]
-        if not torch.all(present == self.config.sample.group_size):
-            raise RuntimeError(f"group sizes {present.tolist()} differ from sample.group_size={self.config.sample.group_size}")
-        ranks = torch.arange(accelerator.num_processes, device=group_ids.device).repeat_interleave(
-            group_ids.shape[0] // accelerator.num_processes
-        )
-        lowest = torch.full_like(counts, accelerator.num_processes).scatter_reduce(0, group_ids, ranks, "amin")
-        highest = torch.full_like(counts, -1).scatter_reduce(0, group_ids, ranks, "amax")
-        spanning = ((highest > lowest) & (counts > 0)).sum()
-        return {"data/groups": float(present.numel()), "data/groups_across_processes": float(spanning)}
+        start = self.accelerator.process_index * rows
+        return credit.advantages[start : start + rows], credit.metrics
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor) -> dict[str, float]:
@@ -266,13 +232,13 @@ class Trainer:
             leave=False,
         )
         for rows in micro_batches:
-            for j in range(config.sample.window_size):
+            for j, batch in enumerate(samples.window_batches(rows)):
                 with accelerator.accumulate(self.model):
                     out = training_step(
                         self.adapter,
                         self.model,
                         unwrapped,
-                        samples.window_batch(rows, j),
+                        batch,
                         advantages[rows, j],
                         self.loss_settings,
                         accelerator.autocast,
@@ -302,12 +268,12 @@ class Trainer:
         prompts and scores to `images/` and to the tracker.
         """
         config, accelerator = self.config, self.accelerator
-        with self._ema_weights():
+        with self.ema_weights():
             result = self.score_test_prompts(config.log_images)
         if accelerator.is_main_process and result.images:
             images, prompts, scores = torch.stack([kept[0] for kept in result.images]), *zip(*[kept[1:] for kept in result.images])
             captions = [f"{prompt} | {score:.4f}" for prompt, score in zip(prompts, scores)]
-            self._log_image(epoch, "eval_images", tracking.image_grid(images, prompts=prompts, scores=scores), captions)
+            self._log_image(epoch, "eval_images", pictures.image_grid(images, prompts=prompts, scores=scores), captions)
             trackers.log_eval_samples(accelerator, config.report_to, images, prompts, scores, max(epoch, 0))
         metrics = {f"eval/{name}": value for name, value in result.means.items()}
         self.last_eval = (epoch, dict(result.means))
@@ -345,77 +311,13 @@ class Trainer:
         caption = " || ".join(captions) if captions else None
         trackers.log_image(self.accelerator, self.config.report_to, name, image, max(epoch, 0), caption)
 
-    def _ema_weights(self) -> contextlib.AbstractContextManager:
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        """The EMA weights swapped into the model for the block (evaluation, export); no-op without EMA."""
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     def save_checkpoint(self, epoch: int) -> str:
-        """Write the checkpoint after `epoch` (see `flow_grpo.checkpointing`); returns its directory.
-
-        Everything goes into a `.tmp` directory that is renamed once complete, so a crash while
-        writing leaves the previous checkpoint intact; the newest `config.keep_checkpoints` stay.
-        """
-        accelerator = self.accelerator
-        target = checkpointing.checkpoint_dir(self.run_dir, epoch)
-        temporary = checkpointing.temporary_dir(target)
-        unwrapped = accelerator.unwrap_model(self.model)
-        if accelerator.is_main_process:
-            os.makedirs(temporary, exist_ok=True)
-            with self._ema_weights():
-                self.adapter.pipeline_class.save_lora_weights(
-                    os.path.join(temporary, "lora"),
-                    transformer_lora_layers=get_peft_model_state_dict(unwrapped),
-                    transformer_lora_adapter_metadata=unwrapped.peft_config["default"].to_dict(),
-                )
-            model_card.write_trainer_card(os.path.join(temporary, "lora"), self, epoch)
-            state = {
-                "epoch": epoch,
-                "optimizer_updates": self.optimizer_updates,
-                "lora": {name: p.detach().cpu() for name, p in zip(self.trainable_names, self.trainable)},
-                "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            }
-            checkpointing.save_file(state, os.path.join(temporary, checkpointing.STATE_FILE))
-        accelerator.wait_for_everyone()
-        checkpointing.save_file(checkpointing.rng_state(), os.path.join(temporary, f"rng_{accelerator.process_index}.pt"))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            checkpointing.publish(target, self.config.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return target
-
-    def load_checkpoint(self, path: str, state: dict | None = None) -> None:
-        """Restore LoRA, optimizer, EMA, scaler, counters and this process's RNG from a checkpoint.
-
-        Every file is read as data only (`checkpointing.load_file`); `state` is `path`'s already
-        loaded `state.pt`. The optimizer keeps its restored moments but takes this config's
-        learning rate, betas, weight decay and epsilon.
-        """
-        state = checkpointing.load_checkpoint_state(path) if state is None else state
-        if list(state["lora"]) != self.trainable_names:
-            raise ValueError(f"checkpoint {path} holds a different LoRA (rank or target modules) than this config")
-        with torch.no_grad():
-            for param, saved in zip(self.trainable, state["lora"].values()):
-                param.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
-        train = self.config.train
-        for group in self.optimizer.param_groups:
-            group.update(
-                lr=train.learning_rate,
-                betas=(train.adam_beta1, train.adam_beta2),
-                weight_decay=train.adam_weight_decay,
-                eps=train.adam_epsilon,
-            )
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        if self.accelerator.scaler is not None and state["scaler"] is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.optimizer_updates = state["optimizer_updates"]
-        self.start_epoch = state["epoch"] + 1
-        rng_file = os.path.join(path, f"rng_{self.accelerator.process_index}.pt")
-        if os.path.isfile(rng_file):
-            checkpointing.set_rng_state(checkpointing.load_file(rng_file))
-        logger.info(f"resumed from {path}: continuing at epoch {self.start_epoch}")
+        """Write the checkpoint after `epoch` (`flow_grpo.training.state.save_state`); returns its directory."""
+        return save_state(self, epoch)
 
     # ---------------------------------------------------------------------- loop
     def train(self) -> list[dict[str, float]]:
@@ -468,30 +370,9 @@ class Trainer:
             if accelerator.is_main_process:
                 with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
                     f.write(metrics_line(metrics))
-            logger.info(_epoch_line(metrics, self.is_tp), main_process_only=True)
+            logger.info(trackers.epoch_line(metrics, self.is_tp), main_process_only=True)
             progress = trackers.progress_line(epoch, self.start_epoch, config.num_epochs, time.perf_counter() - run_started)
             logger.info(progress, main_process_only=True)
         accelerator.end_training()
         return self.history
 
-
-def _epoch_line(metrics: dict[str, float], tp: bool) -> str:
-    parts = [f"epoch {int(metrics['epoch'])}", f"reward {metrics['reward/avg']:.4f}"]
-    if tp:
-        parts.append(f"R0 {metrics['reward/baseline_R0']:.4f}")
-        parts.append(
-            f"turning points {metrics['tp/tp_rate']:.3f} "
-            f"(+{int(metrics['tp/tp_pos_after'])}/-{int(metrics['tp/tp_neg_after'])} kept of "
-            f"+{int(metrics['tp/tp_pos_before'])}/-{int(metrics['tp/tp_neg_before'])})"
-        )
-        parts.append(f"mean d_j {metrics['tp/mean_incremental']:+.4f}")
-    if "train/kl" in metrics:
-        parts.append(f"kl {metrics['train/kl']:.2e}")
-        parts.append(f"clip {metrics['train/clip_fraction']:.2f}")
-        parts.append(f"kept {metrics['train/kept_fraction']:.2f}")
-    else:
-        parts.append("training skipped")
-    if "eval/avg" in metrics:
-        parts.append(f"eval {metrics['eval/avg']:.4f}")
-    parts.append(f"{metrics['time/epoch']:.1f}s")
-    return " | ".join(parts)

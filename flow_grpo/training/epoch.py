@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ml_collections
@@ -12,9 +13,9 @@ from tqdm.auto import tqdm
 
 from flow_grpo.data import EpochPlan, PromptDataset
 from flow_grpo.models import ModelAdapter, PromptEmbeds
-from flow_grpo.policy import WindowBatch
+from flow_grpo.training.step import WindowBatch, window_batches
 from flow_grpo.rewards import AsyncScorer, MultiReward
-from flow_grpo.sampling import Rollout, draw_window_start, rollout
+from flow_grpo.sampling.rollouts import Rollout, RolloutSettings, draw_window_start, training_rollout
 from flow_grpo.seeding import derived_seed
 
 __all__ = ["EpochSamples", "encode_epoch_prompts", "sample_epoch"]
@@ -45,9 +46,9 @@ class EpochSamples:
     completed_rewards: torch.Tensor | None
     sampling_seconds: float = 0.0
 
-    def window_batch(self, rows: torch.Tensor, j: int) -> WindowBatch:
-        """Window step `j` of the trajectories `rows` (b,) as a training micro-batch."""
-        return WindowBatch.select(self, self.prompts, rows, j)
+    def window_batches(self, rows: torch.Tensor) -> Iterator[WindowBatch]:
+        """The window steps of the trajectories `rows` (b,) as training micro-batches, in step order."""
+        return window_batches(self, self.prompts, rows)
 
 
 def _rollout_batch(
@@ -58,22 +59,7 @@ def _rollout_batch(
     generator = torch.Generator(accelerator.device).manual_seed(seed)
     window_start = draw_window_start(generator, tuple(sample.window_range), sample.window_size)
     with accelerator.autocast():
-        return rollout(
-            adapter,
-            embeds,
-            num_steps=sample.num_steps,
-            resolution=sample.resolution,
-            window_start=window_start,
-            window_size=sample.window_size,
-            noise_level=sample.noise_level,
-            step_kind=sample.step_kind,
-            branches=config.algorithm == "tp_grpo",
-            generator=generator,
-            max_states_per_call=sample.max_states_per_call,
-            state_buckets=tuple(sample.state_buckets),
-            decode_chunk=sample.decode_chunk,
-            uint8_images=True,  # rewards score uint8 exactly as the float images (`rewards.images.to_uint8`)
-        )
+        return training_rollout(adapter, embeds, RolloutSettings.from_config(config), window_start=window_start, generator=generator)
 
 
 def encode_epoch_prompts(adapter: ModelAdapter, batches: list[list[str]], chunk: int) -> list[PromptEmbeds]:

@@ -21,10 +21,10 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from flow_grpo.paths import REPO_ROOT
+from flow_grpo.run.paths import REPO_ROOT
 
 if TYPE_CHECKING:
-    from flow_grpo.generation import SamplingRequest
+    from flow_grpo.sampling.generation import SamplingRequest
 
 __all__ = [
     "SamplingFlags",
@@ -93,7 +93,7 @@ class SamplingFlags:
 
     def request(self) -> SamplingRequest:
         """What `run_evaluation` / `run_generation` sample, from the flags."""
-        from flow_grpo.generation import SamplingRequest  # torch and diffusers only for the sampling tools
+        from flow_grpo.sampling.generation import SamplingRequest  # torch and diffusers only for the sampling tools
 
         return SamplingRequest(
             lora=self.lora.value or None,

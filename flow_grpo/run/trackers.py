@@ -1,4 +1,4 @@
-"""Experiment trackers: which `config.report_to` values work, their init arguments, and image logging.
+"""Experiment trackers: their init arguments, and image logging (`config_checks` checks `config.report_to`).
 
 Any tracker accelerate supports can be named when its package is installed (`wandb`, `tensorboard`,
 `mlflow`, `comet_ml`, `aim`, ...); `"none"` logs only to the run directory. wandb reads its entity,
@@ -15,15 +15,13 @@ import ml_collections
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from PIL import Image
 
-from flow_grpo import tracking
-from flow_grpo.config_checks import ConfigError
-from flow_grpo.turning_points import StepRewards
+from flow_grpo.run import pictures
+from flow_grpo.algorithm.turning_points import StepRewards
 
 __all__ = [
-    "check_report_to",
+    "epoch_line",
     "init_kwargs",
     "log_eval_samples",
     "log_histograms",
@@ -32,27 +30,6 @@ __all__ = [
     "reward_curves_image",
     "tracker_config",
 ]
-
-
-def check_report_to(report_to: str) -> None:
-    """Fail unless `report_to` is `"none"` or an accelerate tracker whose package is installed.
-
-    Raises:
-        ConfigError: naming the supported and the installed trackers.
-    """
-    if report_to == "none":
-        return
-    installed = sorted(str(getattr(tracker, "value", tracker)) for tracker in get_available_trackers())
-    if report_to not in LOGGER_TYPE_TO_CLASS:
-        raise ConfigError(
-            f"config.report_to: unknown tracker {report_to!r}. Use 'none' or one of accelerate's trackers "
-            f"{sorted(LOGGER_TYPE_TO_CLASS)} (installed here: {installed or 'none'})."
-        )
-    if report_to not in installed:
-        raise ConfigError(
-            f"config.report_to: tracker {report_to!r} is not installed (installed here: {installed or 'none'}). "
-            f"Install it (`pip install {report_to}`, or `pip install .[tensorboard]`) or set --config.report_to=none."
-        )
 
 
 def init_kwargs(config: ml_collections.ConfigDict, run_name: str, run_dir: str) -> dict[str, dict]:
@@ -108,9 +85,9 @@ def reward_curves_image(completed: torch.Tensor, steps: StepRewards, epoch: int,
         completed: (B, W+1) completed rewards `R_0 ... R_W`.
         steps: `step_rewards` of `completed` (candidates and kept turning points, (B, W)).
     """
-    shown = tracking.trajectories_to_show(steps.candidates, steps.turning_points, count)
+    shown = pictures.trajectories_to_show(steps.candidates, steps.turning_points, count)
     labels = [f"trajectory {int(index)}" for index in shown]
-    return tracking.reward_curves_plot(
+    return pictures.reward_curves_plot(
         completed[shown], steps.candidates[shown], kept=steps.turning_points[shown], epoch=epoch, labels=labels
     )
 
@@ -143,3 +120,26 @@ def tracker_config(config: ml_collections.ConfigDict) -> dict:
 
     visit(config.to_dict(), "")
     return flat
+
+
+def epoch_line(metrics: dict[str, float], tp: bool) -> str:
+    """The one-line log summary of an epoch's `metrics` (TP-GRPO adds R_0, turning points and mean d_j)."""
+    parts = [f"epoch {int(metrics['epoch'])}", f"reward {metrics['reward/avg']:.4f}"]
+    if tp:
+        parts.append(f"R0 {metrics['reward/baseline_R0']:.4f}")
+        parts.append(
+            f"turning points {metrics['tp/tp_rate']:.3f} "
+            f"(+{int(metrics['tp/tp_pos_after'])}/-{int(metrics['tp/tp_neg_after'])} kept of "
+            f"+{int(metrics['tp/tp_pos_before'])}/-{int(metrics['tp/tp_neg_before'])})"
+        )
+        parts.append(f"mean d_j {metrics['tp/mean_incremental']:+.4f}")
+    if "train/kl" in metrics:
+        parts.append(f"kl {metrics['train/kl']:.2e}")
+        parts.append(f"clip {metrics['train/clip_fraction']:.2f}")
+        parts.append(f"kept {metrics['train/kept_fraction']:.2f}")
+    else:
+        parts.append("training skipped")
+    if "eval/avg" in metrics:
+        parts.append(f"eval {metrics['eval/avg']:.4f}")
+    parts.append(f"{metrics['time/epoch']:.1f}s")
+    return " | ".join(parts)

@@ -1,6 +1,6 @@
 """Load a model (and a trained LoRA) for sampling, plan per-image seeds, ODE-sample in batches.
 
-Shared by the trainer's periodic evaluation (`flow_grpo.evaluation`), `scripts/evaluate.py` and
+Shared by the trainer's periodic evaluation (`flow_grpo.sampling.evaluation`), `scripts/evaluate.py` and
 `scripts/generate.py`. The tools read the model, resolution, steps, guidance and seed from a
 training preset (`config/grpo.py:<preset>`), so a checkpoint is sampled with the settings it was
 trained with unless a `--config.*` override says otherwise.
@@ -29,12 +29,12 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from flow_grpo.config_checks import check_model_and_resolution
+from flow_grpo.run.config_checks import check_model_and_resolution
 from flow_grpo.data import Prompt, resolve_prompts
 from flow_grpo.models import ModelAdapter, load_adapter
-from flow_grpo.outputs import save_png, write_json, write_jsonl
+from flow_grpo.run.outputs import save_png, write_json, write_jsonl
 from flow_grpo.precision import mixed_precision_dtype
-from flow_grpo.sampling import sample_ode
+from flow_grpo.sampling.rollouts import sample_ode
 from flow_grpo.seeding import stable_seed
 
 __all__ = [

@@ -29,8 +29,8 @@ import ml_collections
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list
 
-from flow_grpo import checkpointing
-from flow_grpo.config_checks import ConfigError
+from flow_grpo.run import checkpoint_files
+from flow_grpo.run.config_checks import ConfigError
 
 logger = get_logger(__name__)
 
@@ -108,10 +108,10 @@ def _unused_name(logdir: str, name: str) -> str:
 
 def _latest_run(logdir: str) -> str:
     runs = [os.path.join(logdir, name) for name in os.listdir(logdir)] if os.path.isdir(logdir) else []
-    runs = [path for path in runs if os.path.isdir(path) and checkpointing.list_checkpoints(path)]
+    runs = [path for path in runs if os.path.isdir(path) and checkpoint_files.list_checkpoints(path)]
     if not runs:
         raise ConfigError(f"config.resume_from='latest': no run with checkpoints in config.logdir={logdir!r}")
-    return max(runs, key=lambda path: os.path.getmtime(checkpointing.list_checkpoints(path)[-1]))
+    return max(runs, key=lambda path: os.path.getmtime(checkpoint_files.list_checkpoints(path)[-1]))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -158,14 +158,14 @@ def _check_not_finished(config: ml_collections.ConfigDict, run_dir: str, epoch: 
 
 def _load(path: str) -> dict[str, Any]:
     try:
-        return checkpointing.load_checkpoint_state(path)
-    except checkpointing.CheckpointError as error:
+        return checkpoint_files.load_checkpoint_state(path)
+    except checkpoint_files.CheckpointError as error:
         raise ConfigError(f"config.resume_from: {error}") from None
 
 
 def _newest(run_dir: str) -> tuple[str, dict[str, Any]]:
     try:
-        return checkpointing.newest_loadable(run_dir)
+        return checkpoint_files.newest_loadable(run_dir)
     except FileNotFoundError as error:
         raise ConfigError(f"config.resume_from: {error}") from None
 
@@ -203,7 +203,7 @@ def plan_run(config: ml_collections.ConfigDict, run_name: str) -> RunPlan:
         if not os.path.isdir(source):
             raise ConfigError(f"config.resume_from='latest': run directory {source} does not exist")
     source = os.path.normpath(source)
-    if os.path.isfile(os.path.join(source, checkpointing.STATE_FILE)):
+    if os.path.isfile(os.path.join(source, checkpoint_files.STATE_FILE)):
         checkpoint, state = source, _load(source)
         parent_run = os.path.dirname(os.path.dirname(source))
         in_run = os.path.basename(os.path.dirname(source)) == "checkpoints"
@@ -244,7 +244,7 @@ def prepare(plan: RunPlan, config: ml_collections.ConfigDict) -> None:
     os.makedirs(plan.run_dir, exist_ok=True)
     if plan.continues:
         assert plan.checkpoint is not None and plan.epoch is not None
-        for later in checkpointing.list_checkpoints(plan.run_dir):
+        for later in checkpoint_files.list_checkpoints(plan.run_dir):
             if _epoch_of(later) > plan.epoch:
                 logger.warning(f"setting aside {later} (later than the resumed epoch {plan.epoch}) as {later}{ORPHANED_SUFFIX}")
                 os.replace(later, later + ORPHANED_SUFFIX)
@@ -269,7 +269,7 @@ def prepare(plan: RunPlan, config: ml_collections.ConfigDict) -> None:
 
 
 def _epoch_of(checkpoint: str) -> int:
-    match = checkpointing.CHECKPOINT_PATTERN.match(os.path.basename(checkpoint))
+    match = checkpoint_files.CHECKPOINT_PATTERN.match(os.path.basename(checkpoint))
     assert match is not None
     return int(match.group(1))
 

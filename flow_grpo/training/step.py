@@ -16,17 +16,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import ml_collections
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import LoraConfig
 
-from flow_grpo.ema import ParameterEMA
-from flow_grpo.losses import LossOutput, grpo_loss
+from flow_grpo.training.ema import ParameterEMA
+from flow_grpo.algorithm.losses import LossOutput, grpo_loss
 from flow_grpo.models import ModelAdapter, PromptEmbeds
-from flow_grpo.sde import StepOutput, stochastic_step
+from flow_grpo.algorithm.sde import StepOutput, stochastic_step
 
-__all__ = ["LossSettings", "UpdateStep", "WindowBatch", "adapters_disabled", "add_lora", "policy_step", "training_step"]
+__all__ = ["LossSettings", "UpdateStep", "WindowBatch", "adapters_disabled", "add_lora", "loss_settings", "policy_step", "training_step", "window_batches"]
 
 
 def add_lora(transformer: torch.nn.Module, rank: int, alpha: int, targets: list[str], seed: int) -> list[torch.nn.Parameter]:
@@ -72,6 +73,17 @@ class LossSettings:
     beta: float
 
 
+def loss_settings(config: ml_collections.ConfigDict, sigma_max: float) -> LossSettings:
+    """The `LossSettings` of a training config; `sigma_max` is the largest sigma below 1 of the rollout's grid."""
+    return LossSettings(
+        step_kind=config.sample.step_kind,
+        noise_level=config.sample.noise_level,
+        sigma_max=sigma_max,
+        clip_range=config.train.clip_range,
+        beta=config.train.beta,
+    )
+
+
 @dataclass
 class WindowBatch:
     """One window step j of a micro-batch of b recorded trajectories.
@@ -93,15 +105,24 @@ class WindowBatch:
     @classmethod
     def select(cls, recorded: Any, prompts: PromptEmbeds, rows: torch.Tensor, j: int) -> WindowBatch:
         """Window step `j` of trajectories `rows` (b,) of `recorded` (a `Rollout` or `EpochSamples`: (B, W, ...)
-        `latents`, `next_latents`, (B, W) `sigmas`, `next_sigmas`, `log_probs`) conditioned on `prompts` (B rows)."""
+        `latents`, `next_latents`, (B, W) `sigmas`, `next_sigmas`, `log_probs`); `prompts` is the b rows'
+        conditioning, already gathered (see `window_batches`)."""
         return cls(
-            prompts=prompts.select(rows),
+            prompts=prompts,
             latents=recorded.latents[rows, j],
             next_latents=recorded.next_latents[rows, j],
             sigmas=recorded.sigmas[rows, j],
             next_sigmas=recorded.next_sigmas[rows, j],
             log_probs=recorded.log_probs[rows, j],
         )
+
+
+def window_batches(recorded: Any, prompts: PromptEmbeds, rows: torch.Tensor) -> Iterator[WindowBatch]:
+    """The window steps `j = 0 ... W - 1` of the micro-batch `rows` (b,) of `recorded` (see `WindowBatch.select`),
+    conditioned on `prompts` (B rows): the micro-batch's conditioning is gathered once, not once per step."""
+    rows_prompts = prompts.select(rows)
+    for j in range(recorded.latents.shape[1]):
+        yield WindowBatch.select(recorded, rows_prompts, rows, j)
 
 
 def policy_step(adapter: ModelAdapter, model: Callable[..., Any], batch: WindowBatch, settings: LossSettings) -> StepOutput:
@@ -137,7 +158,7 @@ def training_step(
         unwrapped: the same model unwrapped; its LoRA is disabled for the reference forward.
         advantages: (b,) advantages of the micro-batch at this window step.
         autocast: the autocast region of the forwards (the loss is formed outside it).
-        compiled: `flow_grpo.compile.CompiledPhases` whose `policy` / `reference` callables run
+        compiled: `flow_grpo.training.compile.CompiledPhases` whose `policy` / `reference` callables run
             instead of `model` / `unwrapped`; None = eager.
     """
     policy = compiled.policy if compiled is not None else model

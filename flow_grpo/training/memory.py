@@ -1,7 +1,7 @@
 """Memory preflight: the per-process peak device memory of a preset's phases, predicted without a GPU.
 
 `predict_memory(config, world_size)` builds the preset's real architectures under fake tensors
-(`flow_grpo.bench.tracing`), counts resident bytes exactly and traces the largest call of each phase:
+(`flow_grpo.training.tracing`), counts resident bytes exactly and traces the largest call of each phase:
 
 - weights: transformer and text encoders in the mixed-precision dtype, VAE in float32, the
   on-device reward models in their reward dtype ("auto" = float16 on CUDA). With
@@ -38,17 +38,14 @@ from dataclasses import dataclass, field
 
 import ml_collections
 import torch
-from absl import flags
 from accelerate.logging import get_logger
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from flow_grpo.bench import tracing
-from flow_grpo.command_flags import parse_flags
-from flow_grpo.config_checks import Layout, derive_layout
-from flow_grpo.losses import grpo_loss
-from flow_grpo.models import ModelAdapter, PromptEmbeds
+from flow_grpo.training import tracing
+from flow_grpo.run.config_checks import Layout, derive_layout
+from flow_grpo.models import ModelAdapter
 from flow_grpo.precision import mixed_precision_dtype
-from flow_grpo.sde import stochastic_step
+from flow_grpo.training.step import LossSettings, WindowBatch, loss_settings, training_step
 
 
 __all__ = [
@@ -60,11 +57,11 @@ __all__ = [
     "PhaseMemory",
     "check_fits",
     "format_report",
-    "main",
     "predict_memory",
     "preflight",
     "rollout_call_states",
-    "training_step",
+    "traced_update",
+    "update_trace_batch",
 ]
 
 logger = get_logger(__name__)
@@ -74,6 +71,9 @@ TRANSIENT_ALLOWANCE = 0.25
 """Fraction added to every traced activation peak (allocator fragmentation, workspaces, step math)."""
 
 PHASES = ("encoding", "sampling", "scoring", "update")
+
+_SIGMA_MAX_PLACEHOLDER = 0.99
+"""The SDE step's noise scale in traces: fake tensors carry no values, so no value changes what is traced."""
 
 
 class InsufficientMemoryError(RuntimeError):
@@ -140,43 +140,34 @@ def _autocast(dtype: torch.dtype):
     return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
 
-def training_step(
+def update_trace_batch(adapter: ModelAdapter, rows: int, resolution: int, text_tokens: int | None) -> WindowBatch:
+    """A window step of `rows` trajectories shaped as the trainer's (values are placeholders: under fake
+    tensors only shapes and dtypes matter). `text_tokens` None = the adapter's own prompt encoding."""
+    latents = adapter.initial_latents(rows, resolution, None)
+    sigmas = torch.full((rows,), 0.5)
+    prompts = tracing.fake_prompts(adapter, rows, text_tokens) if text_tokens else adapter.encode_prompts(
+        [f"a prompt {i}" for i in range(rows)]
+    )
+    return WindowBatch(prompts, latents, torch.zeros_like(latents), sigmas, sigmas * 0.5, torch.zeros(rows))
+
+
+def traced_update(
     adapter: ModelAdapter,
-    latents: torch.Tensor,
-    sigmas: torch.Tensor,
-    prompts: PromptEmbeds,
-    next_latents: torch.Tensor,
-    old_log_prob: torch.Tensor,
+    batch: WindowBatch,
     advantages: torch.Tensor,
-    *,
-    step_kind: str,
-    noise_level: float,
-    beta: float,
+    settings: LossSettings,
     dtype: torch.dtype,
     saved: tracing.SavedBytes | None = None,
 ) -> None:
-    """One micro-batch window step as the trainer runs it: policy forward, reference pass, loss, backward.
+    """One micro-batch window step exactly as the trainer runs it (`step.training_step`), then its backward.
 
-    Tensors are batch-first with B rows: `latents`, `next_latents` (B, ...) float32, `sigmas`,
-    `old_log_prob`, `advantages` (B,). `saved`, if given, counts what the policy forward saves.
+    `advantages` (b,); `saved`, if given, counts what the step saves for backward (the policy forward,
+    the step math and the loss; the reference pass runs without grad and saves nothing).
     """
     transformer = adapter.transformer
     transformer.train()
-    with _autocast(dtype):
-        with saved if saved is not None else contextlib.nullcontext():
-            velocity = adapter.velocity(latents, sigmas, prompts)
-        step = stochastic_step(step_kind, velocity, latents, sigmas, sigmas * 0.9, noise_level,
-                               sigma_max=0.99, next_latents=next_latents)
-        reference = None
-        if beta > 0:
-            with torch.no_grad():
-                transformer.disable_adapters()
-                reference_velocity = adapter.velocity(latents, sigmas, prompts)
-                transformer.enable_adapters()
-                reference = stochastic_step(step_kind, reference_velocity, latents, sigmas, sigmas * 0.9, noise_level,
-                                            sigma_max=0.99, next_latents=next_latents).mean
-    out = grpo_loss(step.log_prob, old_log_prob, advantages, clip_range=1e-5, beta=beta,
-                    mean=step.mean, reference_mean=reference, std=step.std)
+    with saved if saved is not None else contextlib.nullcontext():
+        out = training_step(adapter, transformer, transformer, batch, advantages, settings, lambda: _autocast(dtype))
     out.loss.backward()
     transformer.eval()
 
@@ -219,9 +210,7 @@ def _diffusion_traces(
     train_rows: int,
     rollout_states: int,
     decode_states: int,
-    step_kind: str,
-    noise_level: float,
-    beta: float,
+    settings: LossSettings,
 ) -> dict[str, int]:
     """Trace the update micro-batch, the largest rollout call and the largest decode; bytes by name.
 
@@ -244,17 +233,14 @@ def _diffusion_traces(
         return latents, torch.full((rows,), 0.5), tracing.fake_prompts(adapter, rows, arch.text_tokens)
 
     with build.mode:
-        key = _key(base, "update", train_rows, beta > 0)  # step kind and noise level change no shape
+        key = _key(base, "update", train_rows, settings.beta > 0)  # step kind and noise level change no shape
         if key not in _TRACES:
-            latents, sigmas, prompts = inputs(train_rows)
-            extra = (torch.empty_like(latents), torch.empty(train_rows), torch.empty(train_rows))
+            batch = update_trace_batch(adapter, train_rows, resolution, arch.text_tokens)
+            advantages = torch.empty(train_rows)
             saved = tracing.SavedBytes(model_tensors)
-
-            def update() -> None:
-                training_step(adapter, latents, sigmas, prompts, *extra, step_kind=step_kind, noise_level=noise_level,
-                              beta=beta, dtype=dtype, saved=saved)
-
-            live = tracing.live_peak(update, [*model_tensors, latents, sigmas, *prompts.tensors.values(), *extra])
+            existing = [*model_tensors, batch.latents, batch.next_latents, batch.sigmas, batch.next_sigmas,
+                        batch.log_probs, advantages, *batch.prompts.tensors.values()]
+            live = tracing.live_peak(lambda: traced_update(adapter, batch, advantages, settings, dtype, saved), existing)
             for param in trainable:
                 param.grad = None
             _TRACES[key] = {"update_live": live, "update_saved": saved.bytes}
@@ -336,7 +322,7 @@ def predict_memory(config: ml_collections.ConfigDict, world_size: int) -> Memory
         arch, dtype, resolution=sample.resolution, guidance_scale=sample.guidance_scale,
         lora=(train.lora_rank, train.lora_alpha), gradient_checkpointing=train.gradient_checkpointing,
         train_rows=train.batch_size, rollout_states=rollout_states, decode_states=decode_states,
-        step_kind=sample.step_kind, noise_level=sample.noise_level, beta=train.beta,
+        settings=loss_settings(config, sigma_max=_SIGMA_MAX_PLACEHOLDER),
     )
     scored_per_call = sample.batch_size * (sample.window_size + 1 if config.algorithm == "tp_grpo" else 1)
     rewards = {r.name: tracing.reward_trace(r, min(r.batch_size, scored_per_call)) for r in tracing.reward_models(config)}
@@ -470,25 +456,3 @@ def load_preset(name: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(name)
-
-
-_FLAGS = flags.FlagValues()
-flags.DEFINE_bool("memory", False, "Accepted for `flow-grpo-benchmark --memory`.", flag_values=_FLAGS)
-flags.DEFINE_string("preset", None, "Preset name in config/grpo.py.", required=True, flag_values=_FLAGS)
-flags.DEFINE_integer("num_processes", 8, "World size.", lower_bound=1, flag_values=_FLAGS)
-flags.DEFINE_float("device_gb", 0.0, "Check against this many GB (2^30 bytes); 0 = no check.", flag_values=_FLAGS)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`flow-grpo-memory --preset NAME --num_processes N [--device_gb G]`: print the table; 1 if it does not fit."""
-    args = parse_flags(_FLAGS, argv, "Predict the per-process peak device memory of a preset.", "flow-grpo-memory")
-    report = predict_memory(load_preset(args.preset), args.num_processes)
-    status = 0
-    if args.device_gb > 0:
-        try:
-            check_fits(report, int(args.device_gb * GIB))
-        except InsufficientMemoryError as error:
-            print(error)
-            status = 1
-    print(format_report(report))
-    return status

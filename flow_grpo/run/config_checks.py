@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import ml_collections
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
 ALGORITHMS = ("flow_grpo", "tp_grpo")
 STEP_KINDS = ("sde", "cps")
@@ -20,6 +21,27 @@ NONFINITE = ("stop", "skip")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
+
+
+def check_report_to(report_to: str) -> None:
+    """Fail unless `report_to` is `"none"` or an accelerate tracker whose package is installed.
+
+    Raises:
+        ConfigError: naming the supported and the installed trackers.
+    """
+    if report_to == "none":
+        return
+    installed = sorted(str(getattr(tracker, "value", tracker)) for tracker in get_available_trackers())
+    if report_to not in LOGGER_TYPE_TO_CLASS:
+        raise ConfigError(
+            f"config.report_to: unknown tracker {report_to!r}. Use 'none' or one of accelerate's trackers "
+            f"{sorted(LOGGER_TYPE_TO_CLASS)} (installed here: {installed or 'none'})."
+        )
+    if report_to not in installed:
+        raise ConfigError(
+            f"config.report_to: tracker {report_to!r} is not installed (installed here: {installed or 'none'}). "
+            f"Install it (`pip install {report_to}`, or `pip install .[tensorboard]`) or set --config.report_to=none."
+        )
 
 
 @dataclass(frozen=True)
@@ -174,8 +196,6 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, "num_epochs")
     if config.eval_freq < 0:
         _fail("eval_freq", f"must be 0 or more, got {config.eval_freq}", "Use 0 to disable evaluation.")
-    from flow_grpo.trackers import check_report_to  # imported here: trackers imports ConfigError from this module
-
     check_report_to(config.report_to)
     if config.attention_backend:
         from diffusers.models.attention_dispatch import AttentionBackendName

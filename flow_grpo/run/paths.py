@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from flow_grpo.config_checks import ConfigError
+from flow_grpo.run.config_checks import ConfigError
 
 __all__ = ["REPO_ROOT", "check_model_source", "resolve_config_argument", "resolve_config_paths", "resolve_path"]
 
