@@ -17,7 +17,7 @@ from flow_grpo.run.config_checks import ConfigError
 
 __all__ = ["REPO_ROOT", "check_model_source", "resolve_config_argument", "resolve_config_paths", "resolve_path"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 """The repository checkout holding `config/`, `dataset/` and `.cache/`."""
 
 _HINTS = {

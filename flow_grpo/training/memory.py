@@ -32,7 +32,6 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +44,7 @@ from flow_grpo.training import tracing
 from flow_grpo.run.config_checks import Layout, derive_layout
 from flow_grpo.models import ModelAdapter
 from flow_grpo.precision import mixed_precision_dtype
+from flow_grpo.run.paths import REPO_ROOT
 from flow_grpo.training.step import LossSettings, WindowBatch, loss_settings, training_step
 
 
@@ -451,7 +451,7 @@ def format_report(report: MemoryReport) -> str:
 
 def load_preset(name: str) -> ml_collections.ConfigDict:
     """A named preset of `config/grpo.py` (found next to the package)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "config", "grpo.py")
+    path = REPO_ROOT / "config" / "grpo.py"
     spec = importlib.util.spec_from_file_location("flow_grpo_config_presets", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
