@@ -198,8 +198,14 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         group_ids = accelerator.gather(samples.group_ids)
         metrics = self._group_metrics(group_ids)
+        details = set(self.reward.detail_names)
         for name, value in samples.rewards.items():
-            metrics[f"reward/{name}"] = accelerator.gather(value).float().mean().item()
+            gathered = accelerator.gather(value).float()
+            if name in details:  # NaN where the detail does not apply (another GenEval task): left out
+                gathered = gathered[torch.isfinite(gathered)]
+                if not gathered.numel():
+                    continue
+            metrics[f"reward/{name}"] = gathered.mean().item()
         clip = dict(adv_clip_max=config.train.adv_clip_max, global_std=config.train.global_std)
         if self.is_tp:
             scored = accelerator.gather(samples.completed_rewards)
