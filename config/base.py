@@ -109,7 +109,13 @@ def get_config() -> ml_collections.ConfigDict:
     reward_options.clipscore.processor = ""  # hub id or directory of the CLIP processor; empty = same as model
     reward_options.clipscore.dtype = "auto"  # model dtype: "auto", "float32", "float16", "bfloat16"
     reward_options.clipscore.batch_size = 64  # images per model call
-    reward_options.clipscore.scale = 2.5  # w in CLIPScore = w * max(cos(image, prompt), 0)
+    # clipscore_hessel: CLIPScore as Hessel et al. define it (clipscore is the public code's logit / 30).
+    reward_options.clipscore_hessel = ml_collections.ConfigDict()
+    reward_options.clipscore_hessel.model = "openai/clip-vit-large-patch14"  # hub id or local directory of the CLIPModel
+    reward_options.clipscore_hessel.processor = ""  # hub id or directory of the CLIP processor; empty = same as model
+    reward_options.clipscore_hessel.dtype = "auto"  # model dtype: "auto", "float32", "float16", "bfloat16"
+    reward_options.clipscore_hessel.batch_size = 64  # images per model call
+    reward_options.clipscore_hessel.scale = 2.5  # w in CLIPScore = w * max(cos(image, prompt), 0)
     reward_options.aesthetic = ml_collections.ConfigDict()
     reward_options.aesthetic.model = "openai/clip-vit-large-patch14"  # hub id or directory of the CLIP ViT-L/14 backbone
     reward_options.aesthetic.processor = ""  # hub id or directory of the CLIP processor; empty = same as model
@@ -121,8 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
     reward_options.hpsv2.checkpoint = "xswu/HPSv2:HPS_v2.1_compressed.pt"  # HPS v2.1 weights: file or "<org>/<repo>:<file>"
     reward_options.hpsv2.dtype = "auto"  # model dtype: "auto", "float32", "float16", "bfloat16"
     reward_options.hpsv2.batch_size = 64  # images per model call
-    # Remote rewards: "remote" asks the server for `scorer`; geneval / ocr / unifiedreward ask for their own name.
-    for remote_name in ("remote", "geneval", "ocr", "unifiedreward"):
+    # Remote rewards: "remote" asks the server for `scorer`; the named ones ask for a fixed scorer
+    # (geneval, geneval_strict, geneval_correct: "geneval"; ocr, ocr_exact, unifiedreward: their own name).
+    for remote_name in ("remote", "geneval", "geneval_strict", "geneval_correct", "ocr", "ocr_exact", "unifiedreward"):
         remote = reward_options[remote_name] = ml_collections.ConfigDict()
         remote.url = "http://127.0.0.1:18085"  # base URL of the reward server (scripts/reward_server.py)
         remote.scorer = ""  # scorer name asked of the server; empty = the reward's own name (required for "remote")

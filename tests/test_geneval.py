@@ -154,9 +154,11 @@ def test_server_factory_scores_batched_as_per_image(kind, mask2former_dir, tiny_
     scorer.color_classifier.classify = lambda imgs, requests: calls.append(len(requests)) or classify(imgs, requests)
     batched = scorer(images, [""] * len(metadata), metadata)
     assert calls == ([wanted] if wanted else [])
-    alone = torch.cat([scorer(images[i : i + 1], [""], metadata[i : i + 1]) for i in range(len(metadata))])
-    assert torch.equal(batched, alone)
-    assert batched[3] == 0.0  # not a label of the detector
+    alone = [scorer(images[i : i + 1], [""], metadata[i : i + 1]) for i in range(len(metadata))]
+    assert set(batched) == {"score", *GenEvalScorer.detail_names}
+    for key, column in batched.items():
+        torch.testing.assert_close(column, torch.cat([scores[key] for scores in alone]), rtol=0, atol=0, equal_nan=True)
+    assert batched["score"][3] == 0.0 == batched["correct"][3]  # not a label of the detector
     # Colour of each requested object: the batched CLIP pass equals one object at a time.
     requests = [(i, d) for i, found in enumerate(detections) for d in found[:3]]
     assert requests

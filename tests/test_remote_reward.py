@@ -42,7 +42,7 @@ from flow_grpo.reward_server.geneval import (
     evaluate_geneval,
     relative_position,
 )
-from flow_grpo.reward_server.ocr import OcrScorer, edit_distance, ocr_accuracy, target_text
+from flow_grpo.reward_server.ocr import OcrScorer, edit_distance, exact_accuracy, exact_target
 from flow_grpo.rewards.transport import decode_images, encode_images
 from flow_grpo.reward_server.server import RewardServer, ScorerInputError, ServerLimits, build_scorers
 from flow_grpo.testing.rewards import save_tiny_clip, save_tiny_detector
@@ -103,7 +103,8 @@ def server(tiny_clip_dir: str):
     )
     scorers["jpeg_compressibility"] = CountingScorer(scorers["jpeg_compressibility"])
     scorers["geneval"] = GenEvalScorer(fake_detector, fake_colors)
-    scorers["ocr"] = OcrScorer(lambda image: "HELLO W0rld")
+    scorers["ocr"] = OcrScorer(lambda image: [("HELLO W0rld", 0.9)])
+    scorers["ocr_exact"] = OcrScorer(lambda image: [("HELLO W0rld", 0.9)], rule="exact")
     with RewardServer(scorers, host="127.0.0.1", port=0) as running:
         yield running
 
@@ -168,7 +169,7 @@ def test_health_lists_hosted_scorers(server):
     with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
         reply = json.loads(response.read())
     assert reply["status"] == "ok" and reply["protocol"] == 1
-    assert reply["scorers"] == ["geneval", "jpeg_compressibility", "ocr", "pickscore"]
+    assert reply["scorers"] == ["geneval", "jpeg_compressibility", "ocr", "ocr_exact", "pickscore"]
     assert reply["limits"] == server.limits.as_dict() and reply["limits"]["max_batch"] == 64
 
 
@@ -227,18 +228,34 @@ def test_geneval_metadata_travels_from_the_prompt_file_to_the_server(server, tmp
     path = tmp_path / "test_metadata.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     prompts = load_prompts(path)
-    reward = build_reward({"geneval": 1.0}, "cpu", {"geneval": _client_options(server.url)})
+    options = {name: _client_options(server.url) for name in ("geneval", "geneval_strict", "geneval_correct")}
+    reward = build_reward({"geneval": 1.0, "geneval_strict": 0.0, "geneval_correct": 0.0}, "cpu", options)
     scores = reward(_images(len(prompts)), [p.text for p in prompts], [p.metadata for p in prompts])
-    # counting uses the 0.9 threshold (the doubtful dog does not count); the last has a cat.
-    assert scores["geneval"].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    # Official correctness: counting uses the 0.9 threshold (the doubtful dog does not count); the last has a cat.
+    correct = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    assert scores["geneval/correct"].tolist() == correct == scores["geneval_correct"].tolist()
+    # The training score: two dogs where one is asked for score 0 and fail the clause's colour / position.
+    torch.testing.assert_close(scores["geneval"], torch.tensor([0.0, 0.5, 1 / 3, 1 / 3, 0.0, 0.0, 0.0]))
+    assert scores["geneval/strict"].tolist() == [0.0] * 7 == scores["geneval_strict"].tolist()
+    assert scores["avg"].tolist() == scores["geneval"].tolist()
+    # Per task: NaN (null on the wire) on the images of other tasks.
+    position = scores["geneval/correct_position"]
+    assert position[2:4].tolist() == [1.0, 0.0] and torch.isnan(position[[0, 1, 4, 5, 6]]).all()
+    assert scores["geneval/correct_colors"][4:6].tolist() == [1.0, 0.0]
 
 
 def test_ocr_reward_through_the_server(server):
     prompts = ['A sign that says "Hello World"', "A mug", "A poster"]
     metadata = [{}, {"text": "abc"}, {"text": "hello w0rld"}]
     reward = build_reward({"ocr": 1.0}, "cpu", {"ocr": _client_options(server.url)})
-    torch.testing.assert_close(reward(_images(3), prompts, metadata)["ocr"], torch.tensor([0.9, 0.0, 1.0]))
-    # A prompt without a target text is the caller's mistake: 422, not retried.
+    # The public rule: the first quoted text, else the whole prompt; metadata is not read.
+    torch.testing.assert_close(
+        reward(_images(3), prompts, metadata)["ocr"], torch.tensor([1 - 1 / 11, 1 - 4 / 5, 1 - 7 / 8])
+    )
+    assert reward(_images(1), ["hello w0rld"], [{}])["ocr"].item() == 1.0  # no quotes: the whole prompt
+    reward = build_reward({"ocr_exact": 1.0}, "cpu", {"ocr_exact": _client_options(server.url)})
+    torch.testing.assert_close(reward(_images(3), prompts, metadata)["ocr_exact"], torch.tensor([0.9, 0.0, 1.0]))
+    # The whole-text rule: a prompt without a target text is the caller's mistake: 422, not retried.
     with pytest.raises(RemoteRewardHTTPError, match=r"HTTP 422.*double quotes") as error:
         reward(_images(1), ["no quotes here"], [{}])
     assert error.value.status == 422
@@ -458,10 +475,10 @@ def test_geneval_scorer_with_a_transformers_detector_and_clip_colours(tiny_clip_
         {"include": [{"class": "cat", "count": 1}], "exclude": [{"class": "cat", "count": 99}]},
     ]
     scores = scorer(images, ["a", "b", "c"], metadata)
-    assert scores[0] == 0.0
-    assert set(scores.tolist()) <= {0.0, 1.0}
+    assert scores["score"][0] == 0.0 and scores["correct"][0] == 0.0
+    assert set(scores["correct"].tolist()) <= {0.0, 1.0}
     expected_last = float(any(d.label == "cat" for d in detections[2]))
-    assert scores[2] == expected_last
+    assert scores["correct"][2] == expected_last
 
 
 def test_relative_position_follows_box_centres_with_a_margin():
@@ -495,15 +512,15 @@ def test_evaluate_geneval_requirements():
 def test_ocr_text_helpers():
     assert edit_distance("kitten", "sitting") == 3
     assert edit_distance("", "abc") == 3 and edit_distance("abc", "abc") == 0
-    assert target_text("A shop sign reading \u201cOpen Late\u201d", {}) == "Open Late"
-    assert target_text('Two signs: "Stop" and "Go"', {}) == "Stop Go"
-    assert target_text("ignored", {"text": "From metadata"}) == "From metadata"
-    assert ocr_accuracy("open   LATE", "Open Late") == 1.0
-    assert ocr_accuracy("", "Open Late") == 0.0
-    assert ocr_accuracy("a completely different and much longer text", "Open") == 0.0
-    assert ocr_accuracy("0pen Late", "Open Late") == pytest.approx(1 - 1 / 8)
+    assert exact_target("A shop sign reading \u201cOpen Late\u201d", {}) == "Open Late"
+    assert exact_target('Two signs: "Stop" and "Go"', {}) == "Stop Go"
+    assert exact_target("ignored", {"text": "From metadata"}) == "From metadata"
+    assert exact_accuracy([("open", 0.9), ("  LATE", 0.0)], "Open Late") == 1.0
+    assert exact_accuracy([], "Open Late") == 0.0
+    assert exact_accuracy([("a completely different and much longer text", 0.9)], "Open") == 0.0
+    assert exact_accuracy([("0pen Late", 0.9)], "Open Late") == pytest.approx(1 - 1 / 8)
     with pytest.raises(ScorerInputError):
-        target_text("no quotes", {})
+        exact_target("no quotes", {})
 
 
 # ---- VLM judge against a fake OpenAI-compatible endpoint ----

@@ -22,12 +22,13 @@ from flow_grpo.rewards import ImagePreprocess, build_reward, jpeg_compressibilit
 from flow_grpo.rewards.clip_models import (
     AESTHETIC_DEFAULTS,
     CLIPSCORE_DEFAULTS,
+    CLIPSCORE_HESSEL_DEFAULTS,
     PICKSCORE_DEFAULTS,
     AestheticHead,
     load_aesthetic_head,
 )
 from flow_grpo.rewards.hpsv2 import HPSV2_DEFAULTS
-from flow_grpo.rewards.remote import REMOTE_DEFAULTS
+from flow_grpo.rewards.remote import NAMED_REMOTE_REWARDS, REMOTE_DEFAULTS
 from flow_grpo.testing.rewards import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -59,6 +60,7 @@ def options(tiny_models: dict[str, str]) -> dict[str, dict]:
     return {
         "pickscore": {"model": clip, "processor": clip},
         "clipscore": {"model": clip},
+        "clipscore_hessel": {"model": clip},
         "aesthetic": {"model": clip, "head": tiny_models["head"]},
         "hpsv2": {"architecture": tiny_models["arch"], "checkpoint": tiny_models["checkpoint"]},
     }
@@ -191,14 +193,29 @@ def test_pickscore_matches_clip_forward(rewards, clip_reference, size):
 
 
 @pytest.mark.parametrize("size", CLIP_SIZES)
-def test_clipscore_is_clamped_scaled_cosine(rewards, clip_reference, options, size):
+def test_clipscore_is_the_public_logit_over_30(rewards, clip_reference, size):
+    """clipscore = logits_per_image / 30 as the public ClipScorer (text padded to max_length); negatives kept."""
     images = _images(4, *size, seed=1)
     scores = rewards["clipscore"](images, PROMPTS, [{}] * 4)["clipscore"]
+    model, processor = clip_reference
+    inputs = processor(text=PROMPTS, images=_pil(images), padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+    torch.testing.assert_close(scores, logits.diagonal() / 30, atol=1e-5, rtol=1e-5)
+    assert scores.std() > 1e-4
+
+
+@pytest.mark.parametrize("size", CLIP_SIZES)
+def test_clipscore_hessel_is_clamped_scaled_cosine(rewards, clip_reference, options, size):
+    images = _images(4, *size, seed=1)
+    scores = rewards["clipscore_hessel"](images, PROMPTS, [{}] * 4)["clipscore_hessel"]
     image, text, _, _ = _reference_clip(clip_reference, images, PROMPTS)
     cosine = (image * text).sum(-1)
     torch.testing.assert_close(scores, 2.5 * cosine.clamp(min=0), atol=1e-5, rtol=1e-5)
-    scaled = build_reward({"clipscore": 1.0}, "cpu", {"clipscore": {**options["clipscore"], "scale": 1.0}})
-    torch.testing.assert_close(scaled(images, PROMPTS, [{}] * 4)["clipscore"], scores / 2.5)
+    scaled = build_reward(
+        {"clipscore_hessel": 1.0}, "cpu", {"clipscore_hessel": {**options["clipscore_hessel"], "scale": 1.0}}
+    )
+    torch.testing.assert_close(scaled(images, PROMPTS, [{}] * 4)["clipscore_hessel"], scores / 2.5)
 
 
 @pytest.mark.parametrize("size", CLIP_SIZES)
@@ -303,9 +320,10 @@ def test_config_defaults_mirror_the_reward_defaults():
     expected = {
         "pickscore": PICKSCORE_DEFAULTS,
         "clipscore": CLIPSCORE_DEFAULTS,
+        "clipscore_hessel": CLIPSCORE_HESSEL_DEFAULTS,
         "aesthetic": AESTHETIC_DEFAULTS,
         "hpsv2": HPSV2_DEFAULTS,
-        **{name: REMOTE_DEFAULTS for name in ("remote", "geneval", "ocr", "unifiedreward")},
+        **{name: REMOTE_DEFAULTS for name in ("remote", *NAMED_REMOTE_REWARDS)},
     }
     assert set(reward_options.keys()) == set(expected)
     for name, defaults in expected.items():
@@ -346,7 +364,8 @@ def test_aesthetic_head_of_the_wrong_size_is_rejected(tmp_path):
 def test_importing_rewards_does_not_import_model_stacks():
     code = (
         "import sys, flow_grpo.rewards as r; "
-        "names = {'pickscore', 'hpsv2', 'aesthetic', 'clipscore', 'geneval', 'ocr', 'remote', 'unifiedreward'}; "
+        "names = {'pickscore', 'hpsv2', 'aesthetic', 'clipscore', 'clipscore_hessel', 'geneval', 'geneval_strict', "
+        "'geneval_correct', 'ocr', 'ocr_exact', 'remote', 'unifiedreward'}; "
         "assert names <= set(r.available_rewards()); "
         "heavy = [m for m in ('transformers', 'open_clip', 'diffusers') if m in sys.modules]; "
         "assert not heavy, heavy"

@@ -360,9 +360,9 @@ def test_requests_over_max_batch_are_refused():
 # ---- OCR: batch API or worker pool, same scores as reading one image at a time ----
 
 
-def _fake_read(image) -> str:
+def _fake_read(image) -> list[tuple[str, float]]:
     """A deterministic fake OCR engine: the text depends on the image content."""
-    return ["Hello World", "Hel1o Wor1d", "Help", ""][int(image.mean()) % 4]
+    return [[("Hello World", 0.9)], [("Hel1o", 0.8), ("Wor1d", 0.7)], [("Help", 0.5)], []][int(image.mean()) % 4]
 
 
 def test_ocr_batch_engine_and_worker_pool_give_the_per_image_scores():
@@ -384,15 +384,15 @@ def test_ocr_batch_engine_and_worker_pool_give_the_per_image_scores():
 
     threads: set[str] = set()
 
-    def read_in_pool(image) -> str:
+    def read_in_pool(image) -> list[tuple[str, float]]:
         threads.add(threading.current_thread().name)
         time.sleep(0.01)
         return _fake_read(image)
 
     assert torch.equal(OcrScorer(read_in_pool, num_workers=4)(images, prompts, metadata), expected)
     assert len(threads) > 1 and all(name.startswith("ocr") for name in threads)
-    with pytest.raises(RuntimeError, match="returned 1 texts for 12 images"):
-        OcrScorer(_fake_read, lambda arrays: ["x"])(images, prompts, metadata)
+    with pytest.raises(RuntimeError, match="returned 1 readings for 12 images"):
+        OcrScorer(_fake_read, lambda arrays: [[("x", 1.0)]])(images, prompts, metadata)
 
 
 # ---- the throughput benchmark, short mode ----

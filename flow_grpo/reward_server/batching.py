@@ -4,7 +4,8 @@ A :class:`BatchingScorer` owns one queue per hosted scorer and one worker thread
 model instance per device). A worker takes the oldest queued request, then gathers further queued
 requests with the same image size until the batch holds ``max_batch`` images or ``max_wait_s`` has
 passed since the oldest request arrived; it scores the concatenated batch in one call and splits
-the scores back per request. Idle replicas take the next request, so load is balanced across them.
+the scores (and the scorer's per-image details, :mod:`flow_grpo.rewards.score_details`) back per
+request. Idle replicas take the next request, so load is balanced across them.
 
 Failures never leave a request waiting: when a batch of several requests fails, each request is
 scored again alone so only the faulty one gets the error; every exception (including one escaping
@@ -24,6 +25,7 @@ import torch
 from accelerate.logging import get_logger
 
 from flow_grpo.rewards.registry import RewardFn
+from flow_grpo.rewards.score_details import SCORE_KEY
 
 __all__ = ["BatchingScorer", "ScoreJob", "ScoreTimeoutError"]
 
@@ -44,8 +46,8 @@ class ScoreJob:
     metadata: list[dict[str, Any]]
     enqueued: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
-    scores: torch.Tensor | None = None
-    """float32 ``(n,)`` once scored."""
+    scores: dict[str, torch.Tensor] | None = None
+    """Once scored: ``{"score": float32 (n,), detail: (n,), ...}``."""
     error: BaseException | None = None
 
     @property
@@ -56,7 +58,7 @@ class ScoreJob:
     def shape(self) -> tuple[int, int]:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
-    def finish(self, scores: torch.Tensor | None = None, error: BaseException | None = None) -> None:
+    def finish(self, scores: dict[str, torch.Tensor] | None = None, error: BaseException | None = None) -> None:
         self.scores, self.error = scores, error
         self.done.set()
 
@@ -66,7 +68,8 @@ class BatchingScorer:
 
     Args:
         name: scorer name (for messages).
-        replicas: one scorer instance per device, each ``(images, prompts, metadata) -> (N,)``.
+        replicas: one scorer instance per device, each ``(images, prompts, metadata) -> (N,)`` or
+            ``{"score": (N,), detail: (N,), ...}``.
         max_batch: most images scored in one call (one request larger than this is scored alone).
         max_wait_s: longest time the oldest queued request waits for companions.
     """
@@ -110,8 +113,8 @@ class BatchingScorer:
         prompts: Sequence[str],
         metadata: Sequence[Mapping[str, Any]],
         timeout: float | None = None,
-    ) -> torch.Tensor:
-        """Queue a request and wait for its float32 ``(n,)`` scores.
+    ) -> dict[str, torch.Tensor]:
+        """Queue a request and wait for its scores: ``{"score": float32 (n,), detail: (n,), ...}``.
 
         Raises:
             ScoreTimeoutError: not scored within ``timeout`` seconds.
@@ -183,9 +186,12 @@ class BatchingScorer:
         self.batch_sizes.append(int(images.shape[0]))
         try:
             with torch.no_grad():
-                scores = torch.as_tensor(replica(images, prompts, metadata)).detach().float().cpu().reshape(-1)
-            if scores.numel() != len(prompts):
-                raise RuntimeError(f"Scorer {self.name!r} returned {scores.numel()} values for {len(prompts)} images.")
+                scores = _as_columns(replica(images, prompts, metadata))
+            for key, column in scores.items():
+                if column.numel() != len(prompts):
+                    raise RuntimeError(
+                        f"Scorer {self.name!r} returned {column.numel()} values of {key!r} for {len(prompts)} images."
+                    )
         except Exception as error:
             if len(batch) > 1:
                 # Score each request alone so one bad request (e.g. missing metadata) fails by itself.
@@ -196,5 +202,16 @@ class BatchingScorer:
                 logger.exception("Scorer %r failed", self.name)
             batch[0].finish(error=error)
             return
-        for job, part in zip(batch, scores.split([job.size for job in batch]), strict=True):
-            job.finish(scores=part)
+        sizes = [job.size for job in batch]
+        parts = {key: column.split(sizes) for key, column in scores.items()}
+        for index, job in enumerate(batch):
+            job.finish(scores={key: split[index] for key, split in parts.items()})
+
+
+def _as_columns(value: Any) -> dict[str, torch.Tensor]:
+    """A scorer's return value as ``{"score": float32 (N,), detail: (N,)}`` on the CPU."""
+    if not isinstance(value, Mapping):
+        value = {SCORE_KEY: value}
+    if SCORE_KEY not in value:
+        raise RuntimeError(f"A scorer returned the keys {sorted(value)} without {SCORE_KEY!r}.")
+    return {key: torch.as_tensor(column).detach().float().cpu().reshape(-1) for key, column in value.items()}

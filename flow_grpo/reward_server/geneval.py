@@ -1,28 +1,19 @@
-"""GenEval strict accuracy, a server-side scorer (see :mod:`flow_grpo.reward_server.server`).
+"""GenEval, a server-side scorer (see :mod:`flow_grpo.reward_server.server`).
 
-A GenEval prompt carries its requirements in its metadata (``*_metadata.jsonl`` lines)::
+:class:`GenEvalScorer` detects the objects of each image, classifies the colours that matter and
+judges them by the rules of :mod:`flow_grpo.reward_server.geneval_rules`. Its score is the public
+TP-GRPO / Flow-GRPO training score (:func:`geneval_partial`, a partial credit in [.., 1]); beside it
+it returns the details of :data:`~flow_grpo.rewards.score_details.GENEVAL_DETAILS`: the strict
+correctness of that code (``strict``), the official GenEval correctness (``correct``,
+:func:`evaluate_geneval`) and both per task (``correct_<tag>``, ``strict_<tag>``; NaN on images of
+other tasks). The client rewards ``geneval``, ``geneval_strict`` and ``geneval_correct`` train on
+the score, the strict or the official correctness.
 
-    {"tag": "position", "include": [{"class": "dog", "count": 1},
-                                    {"class": "cat", "count": 1, "position": ["left of", 0]}],
-     "exclude": [{"class": "dog", "count": 2}]}
-
-An image is correct (score 1) when every ``include`` entry is met and no ``exclude`` entry is hit:
-
-- ``include``: at least ``count`` detections of ``class`` above the confidence threshold (a higher
-  threshold for the ``counting`` tag); with ``color``, each of the ``count`` most confident ones has
-  that colour; with ``position = [relation, i]``, each of them stands in ``relation`` ("left of",
-  "right of", "above", "below") to each object matched by include entry ``i``.
-- ``exclude``: fewer than ``count`` detections of ``class``.
-
-Relations follow GenEval's rule: the offset between box centres, shrunk on each axis by
-``position_margin`` times the sum of the two boxes' sizes, must point mostly along the relation's
-direction. At most ``max_objects`` (16) detections per class are kept, the most confident first.
 Colours are CLIP zero-shot labels ("a photo of a {color} {class}") of the object cut out by its mask
 over a grey #999999 background (the crop of its box with the pixels outside the mask set to
 (153, 153, 153)); detectors without masks (DETR) give plain box crops.
 
-:func:`evaluate_geneval` is pure and works on any detector's output. :func:`make_geneval_scorer`
-builds a scorer with a transformers detector (:mod:`flow_grpo.reward_server.detectors`) and a
+:func:`make_geneval_scorer` builds a scorer with a transformers detector (:mod:`flow_grpo.reward_server.detectors`) and a
 transformers CLIP colour classifier; both are imported and loaded only then. The detector kind is read from the checkpoint's config: a
 Mask2Former instance-segmentation model (``model_type == "mask2former"``, the default
 ``facebook/mask2former-swin-small-coco-instance``, as the official evaluator's mmdetection
@@ -53,10 +44,20 @@ from flow_grpo.reward_server.detectors import (
     TransformersDetector,
     load_detector,
 )
+from flow_grpo.reward_server.geneval_rules import (
+    ColorOf,
+    check_metadata,
+    color_requests,
+    evaluate_geneval,
+    geneval_partial,
+    relative_position,
+)
 from flow_grpo.rewards.options import parse_options, resolve_dtype
+from flow_grpo.rewards.score_details import GENEVAL_DETAILS, GENEVAL_TASKS, SCORE_KEY
 from flow_grpo.reward_server.server import ScorerInputError
 
 __all__ = [
+    "ColorOf",
     "GENEVAL_COLORS",
     "GENEVAL_SERVER_DEFAULTS",
     "MASK_BACKGROUND",
@@ -68,6 +69,7 @@ __all__ = [
     "color_crop",
     "color_requests",
     "evaluate_geneval",
+    "geneval_partial",
     "load_detector",
     "make_geneval_scorer",
     "relative_position",
@@ -92,170 +94,21 @@ MASK_BACKGROUND = 153
 """Grey level (#999999) that replaces the pixels outside an object's mask before colour classification."""
 
 
-ColorOf = Callable[[Detection], str]
-"""Returns the colour name of a detected object (the scorer binds it to the image)."""
-
-
-def relative_position(box: Sequence[float], target: Sequence[float], margin: float = 0.1) -> set[str]:
-    """Relations of ``box`` to ``target`` among "left of", "right of", "above", "below".
-
-    Args:
-        box, target: ``(x0, y0, x1, y1)`` in pixels (y grows downwards).
-        margin: per axis, ``margin * (size_box + size_target)`` of the centre offset is ignored.
-
-    Returns:
-        The relations whose direction the shrunk offset points along (its component on that axis is
-        more than half its length); empty when the shrunk offset is zero.
-    """
-    center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-    target_center = ((target[0] + target[2]) / 2, (target[1] + target[3]) / 2)
-    sizes = (box[2] - box[0] + target[2] - target[0], box[3] - box[1] + target[3] - target[1])
-    offset = [center[axis] - target_center[axis] for axis in (0, 1)]
-    shrunk = [max(abs(offset[axis]) - margin * sizes[axis], 0.0) * (1 if offset[axis] > 0 else -1) for axis in (0, 1)]
-    if abs(shrunk[0]) < 1e-3 and abs(shrunk[1]) < 1e-3:
-        return set()
-    # Direction of the shrunk offset, scaled by the raw offset's length as GenEval does.
-    length = (offset[0] ** 2 + offset[1] ** 2) ** 0.5
-    dx, dy = shrunk[0] / length, shrunk[1] / length
-    relations = set()
-    if dx < -0.5:
-        relations.add("left of")
-    if dx > 0.5:
-        relations.add("right of")
-    if dy < -0.5:
-        relations.add("above")
-    if dy > 0.5:
-        relations.add("below")
-    return relations
-
-
-def _objects_by_class(
-    detections: Sequence[Detection], cutoff: float, max_objects: int
-) -> dict[str, list[Detection]]:
-    """Detections at or above ``cutoff`` per lower-cased class, most confident first, at most ``max_objects``."""
-    by_class: dict[str, list[Detection]] = {}
-    for detection in sorted(detections, key=lambda d: d.score, reverse=True):
-        if detection.score >= cutoff:
-            found = by_class.setdefault(detection.label.lower(), [])
-            if len(found) < max_objects:
-                found.append(detection)
-    return by_class
-
-
-def _check_metadata(metadata: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
-    """``(include, exclude)`` of GenEval metadata; raises :class:`ScorerInputError` on anything else."""
-    include = metadata.get("include")
-    exclude = metadata.get("exclude", [])
-    if not isinstance(include, list) or not include or not isinstance(exclude, list):
-        raise ScorerInputError(
-            "GenEval needs the prompt metadata 'include' (a non-empty list) and optionally 'exclude'; "
-            f"got keys {sorted(metadata)}. Train on the GenEval *_metadata.jsonl prompts."
-        )
-    for entry in [*include, *exclude]:
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("class"), str):
-            raise ScorerInputError(f"Every GenEval include/exclude entry needs a 'class', got {entry!r}.")
-    return include, exclude
-
-
-def _matched_objects(
-    metadata: Mapping[str, Any],
-    detections: Sequence[Detection],
-    threshold: float,
-    counting_threshold: float,
-    max_objects: int,
-) -> tuple[dict[str, list[Detection]], list[list[Detection]] | str]:
-    """Per-class detections and, per include entry, its ``count`` most confident objects (or why not)."""
-    include, _ = _check_metadata(metadata)
-    cutoff = counting_threshold if metadata.get("tag") == "counting" else threshold
-    by_class = _objects_by_class(detections, cutoff, max_objects)
-    matched: list[list[Detection]] = []
-    for entry in include:
-        name, count = entry["class"].lower(), int(entry.get("count", 1))
-        found = by_class.get(name, [])
-        if len(found) < count:
-            return by_class, f"expected {count} {name}, found {len(found)}"
-        matched.append(found[:count])
-    return by_class, matched
-
-
-def color_requests(
-    metadata: Mapping[str, Any],
-    detections: Sequence[Detection],
-    *,
-    threshold: float = 0.3,
-    counting_threshold: float = 0.9,
-    max_objects: int = 16,
-) -> list[Detection]:
-    """The detections whose colour :func:`evaluate_geneval` may ask for (empty when a count is unmet)."""
-    include, _ = _check_metadata(metadata)
-    _, matched = _matched_objects(metadata, detections, threshold, counting_threshold, max_objects)
-    if isinstance(matched, str):
-        return []
-    return [d for entry, found in zip(include, matched, strict=True) if "color" in entry for d in found]
-
-
-def evaluate_geneval(
-    metadata: Mapping[str, Any],
-    detections: Sequence[Detection],
-    color_of: ColorOf | None = None,
-    *,
-    threshold: float = 0.3,
-    counting_threshold: float = 0.9,
-    position_margin: float = 0.1,
-    max_objects: int = 16,
-) -> tuple[bool, str]:
-    """Strict GenEval correctness of one image.
-
-    Args:
-        metadata: the prompt's metadata with ``include`` (and optionally ``exclude``, ``tag``).
-        detections: every detection in the image (any confidence).
-        color_of: colour classifier, needed when an include entry has ``color``.
-        max_objects: at most this many detections per class count (the most confident).
-
-    Returns:
-        ``(correct, reason)``; ``reason`` names the first unmet requirement.
-
-    Raises:
-        ScorerInputError: when the metadata is not GenEval metadata.
-    """
-    include, exclude = _check_metadata(metadata)
-    by_class, matched = _matched_objects(metadata, detections, threshold, counting_threshold, max_objects)
-    if isinstance(matched, str):
-        return False, matched
-    for entry, found in zip(include, matched, strict=True):
-        if "color" in entry:
-            if color_of is None:
-                raise ScorerInputError("The prompt asks for colours but the scorer has no colour classifier.")
-            colors = [color_of(d) for d in found]
-            if any(color != entry["color"] for color in colors):
-                return False, f"expected {entry['color']} {entry['class']}, found {colors}"
-    for entry, found in zip(include, matched, strict=True):
-        if "position" in entry:
-            relation, target_index = entry["position"]
-            if not 0 <= int(target_index) < len(matched):
-                raise ScorerInputError(f"Position target {target_index} is not an include entry index.")
-            for detection in found:
-                for target in matched[int(target_index)]:
-                    if relation not in relative_position(detection.box, target.box, position_margin):
-                        return False, f"expected {entry['class']} {relation} {include[int(target_index)]['class']}"
-    for entry in exclude:
-        name, count = entry["class"].lower(), int(entry.get("count", 1))
-        if len(by_class.get(name, [])) >= count:
-            return False, f"expected fewer than {count} {name}"
-    return True, "correct"
-
-
 ColorClassifier = Callable[[torch.Tensor, Detection], str]
 """``color_classifier(image (3, H, W) in [0, 1], detection) -> colour name``."""
 
 
 class GenEvalScorer:
-    """``scorer(images, prompts, metadata) -> float32 (N,)`` of 0/1 strict GenEval accuracy.
+    """``scorer(images, prompts, metadata) -> {"score": (N,), detail: (N,), ...}`` float32 on the CPU.
 
+    ``score`` is the public code's partial score (:func:`geneval_partial`); the details are
+    :data:`~flow_grpo.rewards.score_details.GENEVAL_DETAILS` (0/1, per task NaN off-task).
     ``color_classifier`` is a :data:`ColorClassifier`; when it also has a batched
     ``classify(images, requests)`` method (as :class:`ClipColorClassifier`), every object of the batch
     whose colour matters is classified in one call, else one call per object.
     """
+
+    detail_names = GENEVAL_DETAILS
 
     def __init__(
         self,
@@ -279,35 +132,44 @@ class GenEvalScorer:
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
-    ) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [0, 1] -> float32 ``(N,)`` CPU with 1.0 for correct images."""
+    ) -> dict[str, torch.Tensor]:
+        """``(N, 3, H, W)`` in [0, 1] -> ``{"score": (N,), detail: (N,)}`` float32 CPU."""
         try:
             for meta in metadata:
-                _check_metadata(meta)
+                check_metadata(meta)
         except (AttributeError, TypeError) as error:
             raise ScorerInputError(f"GenEval metadata must be JSON objects: {error!r}") from None
         detections = self.detector(images)
         if len(detections) != len(metadata):
             raise RuntimeError(f"The detector returned {len(detections)} results for {len(metadata)} images.")
         colors = self._colors(images, metadata, detections)
-        scores = []
+        rows = []
         for index, (meta, found) in enumerate(zip(metadata, detections, strict=True)):
-            try:
-                correct, _ = evaluate_geneval(
-                    meta,
-                    found,
-                    None if self.color_classifier is None else lambda d, i=index: colors[(i, id(d))],
-                    threshold=self.threshold,
-                    counting_threshold=self.counting_threshold,
-                    position_margin=self.position_margin,
-                    max_objects=self.max_objects,
-                )
-            except ScorerInputError:
-                raise
-            except (KeyError, TypeError, ValueError) as error:
-                raise ScorerInputError(f"Malformed GenEval metadata {meta!r}: {error!r}") from None
-            scores.append(float(correct))
-        return torch.tensor(scores, dtype=torch.float32)
+            color_of = None if self.color_classifier is None else lambda d, i=index: colors[(i, id(d))]
+            rows.append(self._judge(meta, found, color_of))
+        return {key: torch.tensor([row[key] for row in rows], dtype=torch.float32) for key in (SCORE_KEY, *GENEVAL_DETAILS)}
+
+    def _judge(self, meta: Mapping[str, Any], found: Sequence[Detection], color_of: ColorOf | None) -> dict[str, float]:
+        """Score and details of one image (see :meth:`__call__`)."""
+        settings = dict(
+            threshold=self.threshold,
+            counting_threshold=self.counting_threshold,
+            position_margin=self.position_margin,
+            max_objects=self.max_objects,
+        )
+        try:
+            score, strict = geneval_partial(meta, found, color_of, **settings)
+            correct, _ = evaluate_geneval(meta, found, color_of, **settings)
+        except ScorerInputError:
+            raise
+        except (KeyError, TypeError, ValueError) as error:
+            raise ScorerInputError(f"Malformed GenEval metadata {meta!r}: {error!r}") from None
+        row = {SCORE_KEY: score, "strict": float(strict), "correct": float(correct)}
+        for task in GENEVAL_TASKS:
+            on_task = meta.get("tag") == task
+            row[f"correct_{task}"] = float(correct) if on_task else float("nan")
+            row[f"strict_{task}"] = float(strict) if on_task else float("nan")
+        return row
 
     def _colors(
         self,

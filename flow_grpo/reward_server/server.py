@@ -3,8 +3,10 @@
 It can host any registered local reward (``pickscore``, ``hpsv2``, ``jpeg_compressibility``, ...)
 and the server-side scorers that need their own environment:
 
-- ``geneval``: strict GenEval accuracy from the prompt metadata (:mod:`flow_grpo.reward_server.geneval`);
-- ``ocr``: OCR accuracy against the quoted text of the prompt (:mod:`flow_grpo.reward_server.ocr`);
+- ``geneval``: the GenEval training score from the prompt metadata, with strict and official
+  correctness as details (:mod:`flow_grpo.reward_server.geneval`);
+- ``ocr``: OCR accuracy against the quoted text of the prompt, as the public Flow-GRPO rule, and
+  ``ocr_exact``, the whole-text rule (:mod:`flow_grpo.reward_server.ocr`);
 - ``unifiedreward``: a VLM judge served behind an OpenAI-compatible API (:mod:`flow_grpo.reward_server.vlm_judge`).
 
 Their packages are imported only when the scorer is built, and a missing package is reported
@@ -18,6 +20,7 @@ parallel. ``scripts/reward_server.py`` is the command-line front end.
 from __future__ import annotations
 
 import importlib
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
@@ -29,6 +32,7 @@ from accelerate.logging import get_logger
 
 from flow_grpo.rewards import registry
 from flow_grpo.rewards.registry import RewardFn
+from flow_grpo.rewards.score_details import SCORE_KEY
 from flow_grpo.rewards.transport import PROTOCOL_VERSION, decode_images
 from flow_grpo.reward_server.batching import BatchingScorer, ScoreTimeoutError
 from flow_grpo.reward_server.frontend import ServerLimits, make_handler
@@ -40,6 +44,7 @@ logger = get_logger(__name__)
 SERVER_SCORERS: dict[str, str] = {
     "geneval": "flow_grpo.reward_server.geneval:make_geneval_scorer",
     "ocr": "flow_grpo.reward_server.ocr:make_ocr_scorer",
+    "ocr_exact": "flow_grpo.reward_server.ocr:make_ocr_exact_scorer",
     "unifiedreward": "flow_grpo.reward_server.vlm_judge:make_unifiedreward_scorer",
 }
 """Server-side scorers (``name -> "module:factory"``); their factories take ``(device, options)``."""
@@ -225,9 +230,17 @@ class RewardServer:
             return HTTPStatus.INTERNAL_SERVER_ERROR, {
                 "error": f"Scorer {name!r} failed: {type(error).__name__}: {error}"
             }
-        if not torch.isfinite(scores).all():
+        score = scores[SCORE_KEY]
+        if not torch.isfinite(score).all():
             return HTTPStatus.INTERNAL_SERVER_ERROR, {
-                "error": f"Scorer {name!r} returned {int((~torch.isfinite(scores)).sum())} non-finite values "
+                "error": f"Scorer {name!r} returned {int((~torch.isfinite(score)).sum())} non-finite values "
                 f"for {len(prompts)} images."
             }
-        return HTTPStatus.OK, {"scores": scores.tolist()}
+        answer: dict[str, Any] = {"scores": score.tolist()}
+        details = {key: value for key, value in scores.items() if key != SCORE_KEY}
+        if details:
+            # A detail is NaN where it does not apply; JSON has no NaN, so it travels as null.
+            answer["details"] = {
+                key: [v if math.isfinite(v) else None for v in value.tolist()] for key, value in details.items()
+            }
+        return HTTPStatus.OK, answer

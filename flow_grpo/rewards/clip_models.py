@@ -1,5 +1,10 @@
 """CLIP-based rewards loaded with transformers: PickScore, CLIPScore and the LAION aesthetic score.
 
+``clipscore`` is the CLIP score of the public TP-GRPO / Flow-GRPO code (``flow_grpo/clip_scorer.py``):
+the model's image-text logit ``exp(logit_scale) * cos(image, prompt)`` divided by
+:data:`CLIPSCORE_DIVISOR` (30), negative cosines kept (``100 / 30 * cos`` with CLIP ViT-L/14).
+``clipscore_hessel`` is CLIPScore as Hessel et al. (2021) define it, ``w * max(cos, 0)`` with w = 2.5.
+
 Every scorer takes images ``(N, 3, H, W)`` (float in ``[0, 1]`` or uint8) on any device,
 preprocesses them on the reward device as the model's processor would (:class:`ImagePreprocess`),
 runs the model in chunks of ``batch_size`` images under ``torch.no_grad`` in the configured dtype,
@@ -25,6 +30,8 @@ from flow_grpo.rewards.registry import register_reward
 __all__ = [
     "AESTHETIC_DEFAULTS",
     "CLIPSCORE_DEFAULTS",
+    "CLIPSCORE_DIVISOR",
+    "CLIPSCORE_HESSEL_DEFAULTS",
     "PICKSCORE_DEFAULTS",
     "PICKSCORE_DIVISOR",
     "AestheticHead",
@@ -33,6 +40,7 @@ __all__ = [
     "ClipSimilarityReward",
     "make_aesthetic",
     "make_clipscore",
+    "make_clipscore_hessel",
     "make_pickscore",
 ]
 
@@ -49,14 +57,19 @@ PICKSCORE_DEFAULTS: dict[str, Any] = {
 }
 """Options of ``pickscore`` (mirrored in ``config/base.py``)."""
 
+CLIPSCORE_DIVISOR = 30.0
+"""The public code's CLIP score is the model's logit ``exp(logit_scale) * cos`` divided by 30."""
+
 CLIPSCORE_DEFAULTS: dict[str, Any] = {
     "model": "openai/clip-vit-large-patch14",
     "processor": "",
     "dtype": "auto",
     "batch_size": 64,
-    "scale": 2.5,
 }
 """Options of ``clipscore`` (mirrored in ``config/base.py``)."""
+
+CLIPSCORE_HESSEL_DEFAULTS: dict[str, Any] = {**CLIPSCORE_DEFAULTS, "scale": 2.5}
+"""Options of ``clipscore_hessel`` (mirrored in ``config/base.py``)."""
 
 AESTHETIC_DEFAULTS: dict[str, Any] = {
     "model": "openai/clip-vit-large-patch14",
@@ -252,10 +265,21 @@ def make_pickscore(device: torch.device, options: Mapping[str, Any]) -> ClipSimi
 
 @register_reward("clipscore")
 def make_clipscore(device: torch.device, options: Mapping[str, Any]) -> ClipSimilarityReward:
-    """CLIPScore (Hessel et al., 2021): ``scale * max(cos(image, prompt), 0)`` with CLIP ViT-L/14."""
+    """The public code's CLIP score: ``exp(logit_scale) * cos(image, prompt) / 30`` with CLIP ViT-L/14."""
     opts = parse_options("clipscore", options, CLIPSCORE_DEFAULTS)
     _check_batch_size("clipscore", opts["batch_size"])
     encoder = ClipEncoder.load("clipscore", opts["model"], opts["processor"], device, opts["dtype"], opts["batch_size"])
+    return ClipSimilarityReward(encoder, encoder.logit_scale / CLIPSCORE_DIVISOR)
+
+
+@register_reward("clipscore_hessel")
+def make_clipscore_hessel(device: torch.device, options: Mapping[str, Any]) -> ClipSimilarityReward:
+    """CLIPScore (Hessel et al., 2021): ``scale * max(cos(image, prompt), 0)`` with CLIP ViT-L/14."""
+    opts = parse_options("clipscore_hessel", options, CLIPSCORE_HESSEL_DEFAULTS)
+    _check_batch_size("clipscore_hessel", opts["batch_size"])
+    encoder = ClipEncoder.load(
+        "clipscore_hessel", opts["model"], opts["processor"], device, opts["dtype"], opts["batch_size"]
+    )
     return ClipSimilarityReward(encoder, opts["scale"], min_cosine=0.0)
 
 

@@ -8,7 +8,9 @@ Every reward follows one call signature::
   trainer hands over: `flow_grpo.rewards.images.to_uint8` of the decoded images), on any device.
 - ``prompts``: ``list[str]`` of length ``N``.
 - ``metadata``: ``list[dict]`` of length ``N`` (e.g. GenEval ``include`` / ``exclude`` entries).
-- returns: float32 tensor ``(N,)`` on the CPU, higher is better.
+- returns: float32 tensor ``(N,)`` on the CPU, higher is better; or, for a reward with per-image
+  details (declared in its ``detail_names``), a mapping ``{"score": (N,), detail: (N,), ...}``
+  (:mod:`flow_grpo.rewards.score_details`).
 
 Rewards are registered as *factories* so that heavy models are only loaded for the rewards a run
 actually uses::
@@ -30,6 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from flow_grpo.rewards.score_details import detail_names_of, split_scores
 
 __all__ = [
     "AVERAGE_KEY",
@@ -109,7 +113,8 @@ def check_reward_names(names: Iterable[str]) -> None:
 class MultiReward:
     """A weighted combination of registered rewards.
 
-    Calling it returns one raw (unweighted) float32 ``(N,)`` CPU tensor per configured reward plus
+    Calling it returns one raw (unweighted) float32 ``(N,)`` CPU tensor per configured reward, one
+    per declared detail of a reward (``"<reward>/<detail>"``, not weighted) and
     ``"avg"`` = ``sum_k weight_k * score_k``.
     """
 
@@ -128,11 +133,17 @@ class MultiReward:
             )
         self._rewards = dict(rewards)
         self._weights = {name: float(weights[name]) for name in self._rewards}
+        self._details = {name: detail_names_of(reward) for name, reward in self._rewards.items()}
 
     @property
     def names(self) -> list[str]:
         """Names of the configured rewards, in configuration order."""
         return list(self._rewards)
+
+    @property
+    def detail_names(self) -> list[str]:
+        """Keys of the rewards' details in every result: ``"<reward>/<detail>"``, in configuration order."""
+        return [f"{name}/{detail}" for name, details in self._details.items() for detail in details]
 
     @property
     def weights(self) -> dict[str, float]:
@@ -153,21 +164,15 @@ class MultiReward:
             metadata: ``N`` metadata dicts.
 
         Returns:
-            ``{name: (N,) float32 CPU, ..., "avg": (N,) float32 CPU}``.
+            ``{name: (N,) float32 CPU, ..., "<name>/<detail>": (N,), ..., "avg": (N,) float32 CPU}``.
         """
         num = _check_batch(images, prompts, metadata)
         scores: dict[str, torch.Tensor] = {}
         total = torch.zeros(num, dtype=torch.float32)
         for name, reward in self._rewards.items():
-            score = reward(images, prompts, metadata)
-            if not isinstance(score, torch.Tensor) or score.shape != (num,):
-                shape = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
-                raise ValueError(
-                    f"Reward {name!r} returned {shape} for a batch of {num} images; "
-                    f"a reward must return a tensor of shape ({num},)."
-                )
-            score = score.detach().to(device="cpu", dtype=torch.float32)
+            score, details = split_scores(reward(images, prompts, metadata), name, num, self._details[name])
             scores[name] = score
+            scores.update({f"{name}/{detail}": value for detail, value in details.items()})
             total += self._weights[name] * score
         scores[AVERAGE_KEY] = total
         return scores

@@ -15,12 +15,15 @@ Wire protocol (JSON only; nothing received is ever unpickled or evaluated):
   ``png``: each image is a base64 PNG (RGB, 8 bit). ``raw``: each image is the base64 of its
   ``H * W * 3`` uint8 bytes in ``(H, W, RGB)`` order (no compression; the default for a server on
   this machine, ``image_format = "auto"``, since PNG encoding costs more than a loopback copy).
-  Answer ``200`` with ``{"scores": [float, ...]}`` (one finite number per image), or a 4xx/5xx
-  status with ``{"error": "<message>"}``.
+  Answer ``200`` with ``{"scores": [float, ...]}`` (one finite number per image) and, for a scorer
+  with per-image details, ``"details": {"<detail>": [float or null, ...], ...}`` (null where the
+  detail does not apply), or a 4xx/5xx status with ``{"error": "<message>"}``.
 
-Client rewards: ``remote`` (asks for ``reward_options.remote.scorer``), and ``geneval``, ``ocr``,
-``unifiedreward``, which ask for the scorer of their own name. Their options are
-:data:`REMOTE_DEFAULTS`. A batch goes in as few requests as the server's ``/health`` limits allow
+Client rewards: ``remote`` (asks for ``reward_options.remote.scorer``) and the named rewards of
+:data:`NAMED_REMOTE_REWARDS`: ``geneval`` (the public training score), ``geneval_strict`` and
+``geneval_correct`` (the strict and the official 0/1 correctness as the score; all three ask the
+``geneval`` scorer and return its details), ``ocr``, ``ocr_exact`` and ``unifiedreward``, which ask
+for the scorer of their own name. Their options are :data:`REMOTE_DEFAULTS`. A batch goes in as few requests as the server's ``/health`` limits allow
 (at most ``batch_size`` images each); a 413 answer halves the request size.
 
 Errors (all :class:`RemoteRewardError`): :class:`RemoteRewardUnreachableError` (connection refused or
@@ -50,6 +53,7 @@ from accelerate.logging import get_logger
 from flow_grpo.rewards.http_exchange import MAX_REPLY_BYTES, exchange
 from flow_grpo.rewards.options import chunk_slices, parse_options
 from flow_grpo.rewards.registry import RewardFn, register_reward
+from flow_grpo.rewards.score_details import GENEVAL_DETAILS, SCORE_KEY
 from flow_grpo.rewards.transport import IMAGE_FORMATS, PROTOCOL_VERSION, encode_images, is_loopback_host
 
 __all__ = [
@@ -70,8 +74,18 @@ logger = get_logger(__name__)
 CLIENT_IMAGE_FORMATS = ("auto", *IMAGE_FORMATS)
 """Values of the ``image_format`` option: ``"auto"`` = raw for a loopback server, PNG otherwise."""
 
-NAMED_REMOTE_REWARDS = ("geneval", "ocr", "unifiedreward")
-"""Client rewards that ask the server for the scorer of their own name."""
+_NAMED_SCORERS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "geneval": ("geneval", GENEVAL_DETAILS, ""),
+    "geneval_strict": ("geneval", GENEVAL_DETAILS, "strict"),
+    "geneval_correct": ("geneval", GENEVAL_DETAILS, "correct"),
+    "ocr": ("ocr", (), ""),
+    "ocr_exact": ("ocr_exact", (), ""),
+    "unifiedreward": ("unifiedreward", (), ""),
+}
+"""Named client reward -> (server scorer, its detail names, the detail used as the score or "")."""
+
+NAMED_REMOTE_REWARDS = tuple(_NAMED_SCORERS)
+"""Client rewards with a fixed server scorer (see the module docstring)."""
 
 REMOTE_DEFAULTS: dict[str, Any] = {
     "url": "http://127.0.0.1:18085",
@@ -130,8 +144,14 @@ class RemoteReward:
         batch_size: int = 64,
         image_format: str = "auto",
         reward_name: str = "remote",
+        detail_names: Sequence[str] = (),
+        score_detail: str = "",
     ) -> None:
-        """Args: see :data:`REMOTE_DEFAULTS`; ``reward_name`` names the config entry in messages."""
+        """Args: see :data:`REMOTE_DEFAULTS`; ``reward_name`` names the config entry in messages.
+
+        ``detail_names``: the per-image details the scorer answers with (the reward then returns
+        ``{"score": (N,), detail: (N,)}``); ``score_detail``: one of them to use as the score.
+        """
         setting = f"reward_options.{reward_name}"
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -148,6 +168,8 @@ class RemoteReward:
             raise ValueError(f"{setting}.batch_size must be positive, got {batch_size}.")
         if image_format not in CLIENT_IMAGE_FORMATS:
             raise ValueError(f"{setting}.image_format must be one of {CLIENT_IMAGE_FORMATS}, got {image_format!r}.")
+        if score_detail and score_detail not in detail_names:
+            raise ValueError(f"score_detail {score_detail!r} is not one of the details {list(detail_names)}.")
         self.url = url.rstrip("/")
         self.scorer = scorer
         self.timeout = float(timeout)
@@ -157,6 +179,8 @@ class RemoteReward:
         self.loopback = is_loopback_host(parsed.hostname)
         self.image_format = ("raw" if self.loopback else "png") if image_format == "auto" else image_format
         self.reward_name = reward_name
+        self.detail_names = tuple(detail_names)
+        self.score_detail = score_detail
         self.max_request_bytes: int | None = None
         """The server's body limit, once :meth:`check` has read it from ``/health``."""
 
@@ -201,7 +225,7 @@ class RemoteReward:
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Score a batch remotely.
 
         Args:
@@ -210,17 +234,26 @@ class RemoteReward:
             metadata: ``N`` JSON-serialisable dicts (e.g. GenEval ``tag`` / ``include`` / ``exclude``).
 
         Returns:
-            float32 ``(N,)`` on the CPU.
+            float32 ``(N,)`` on the CPU; with ``detail_names``, ``{"score": (N,), detail: (N,), ...}``
+            (NaN where a detail does not apply).
         """
         num = images.shape[0]
         if len(prompts) != num or len(metadata) != num:
             raise ValueError(f"Got {num} images, {len(prompts)} prompts and {len(metadata)} metadata dicts.")
-        scores = []
+        rows: list[list[float]] = []  # per image: its score, then its details in detail_names order
         for part in chunk_slices(num, self.images_per_request(images.shape[2], images.shape[3])):
-            scores.extend(self._score_chunk(images[part], list(prompts[part]), list(metadata[part])))
-        return torch.tensor(scores, dtype=torch.float32)
+            rows.extend(self._score_chunk(images[part], list(prompts[part]), list(metadata[part])))
+        columns = torch.tensor(rows, dtype=torch.float32).reshape(num, 1 + len(self.detail_names)).T
+        if not self.detail_names:
+            return columns[0]
+        result = {SCORE_KEY: columns[0], **dict(zip(self.detail_names, columns[1:], strict=True))}
+        if self.score_detail:
+            result[SCORE_KEY] = result[self.score_detail].clone()
+        return result
 
-    def _score_chunk(self, images: torch.Tensor, prompts: list[str], metadata: list[Mapping[str, Any]]) -> list[float]:
+    def _score_chunk(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[Mapping[str, Any]]
+    ) -> list[list[float]]:
         payload = {"protocol": PROTOCOL_VERSION, "scorer": self.scorer, **encode_images(images, self.image_format)}
         payload["prompts"] = prompts
         payload["metadata"] = [dict(m) for m in metadata]
@@ -264,7 +297,29 @@ class RemoteReward:
                     f"Reward server at {self.url} sent a score that is not a finite number: {value!r} "
                     f"(scorer {self.scorer!r})."
                 )
-        return [float(value) for value in scores]
+        details = self._details(reply, num)
+        return [[float(value), *(column[i] for column in details)] for i, value in enumerate(scores)]
+
+    def _details(self, reply: Mapping[str, Any], num: int) -> list[list[float]]:
+        """The declared details of a reply, one list of ``num`` floats each (null -> NaN)."""
+        if not self.detail_names:
+            return []
+        details = reply.get("details")
+        missing = [name for name in self.detail_names if not isinstance(details, dict) or name not in details]
+        if missing:
+            raise RemoteRewardBadReplyError(
+                f"Reward server at {self.url} sent no details {missing} for scorer {self.scorer!r}; "
+                "restart the server with this version of the code."
+            )
+        columns = []
+        for name in self.detail_names:
+            values = details[name]
+            if not isinstance(values, list) or len(values) != num or not all(_is_detail(v) for v in values):
+                raise RemoteRewardBadReplyError(
+                    f"Reward server at {self.url} sent detail {name!r} that is not {num} numbers or nulls."
+                )
+            columns.append([float("nan") if v is None else float(v) for v in values])
+        return columns
 
     def _parse_json(self, body: bytes) -> dict[str, Any]:
         def reject_constant(name: str) -> None:
@@ -359,6 +414,13 @@ def _error_message(status: int, body: bytes) -> str:
     return body[:300].decode("utf-8", errors="replace") or f"HTTP {status}"
 
 
+def _is_detail(value: object) -> bool:
+    """A detail value on the wire: a finite number, or null where the detail does not apply."""
+    if value is None:
+        return True
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _preview(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 200 else text[:200] + "..."
@@ -367,11 +429,13 @@ def _preview(value: object) -> str:
 def make_remote_reward(reward_name: str, device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     """Build the client reward ``reward_name`` from its options (see :data:`REMOTE_DEFAULTS`).
 
-    The scorer asked for is ``options["scorer"]``, or ``reward_name`` for the named remote rewards.
-    With ``check_health`` the server is asked at once whether it hosts that scorer.
+    The scorer asked for is ``options["scorer"]``, or the named reward's scorer (see
+    :data:`NAMED_REMOTE_REWARDS`). With ``check_health`` the server is asked at once whether it hosts
+    that scorer.
     """
     opts = parse_options(reward_name, options, REMOTE_DEFAULTS)
-    scorer = opts["scorer"] or (reward_name if reward_name != "remote" else "")
+    default_scorer, detail_names, score_detail = _NAMED_SCORERS.get(reward_name, ("", (), ""))
+    scorer = opts["scorer"] or default_scorer
     client = RemoteReward(
         opts["url"],
         scorer,
@@ -381,6 +445,8 @@ def make_remote_reward(reward_name: str, device: torch.device, options: Mapping[
         batch_size=opts["batch_size"],
         image_format=opts["image_format"],
         reward_name=reward_name,
+        detail_names=detail_names,
+        score_detail=score_detail,
     )
     if opts["check_health"]:
         client.check()

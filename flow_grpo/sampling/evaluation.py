@@ -47,8 +47,8 @@ class EvalResult:
     """What `evaluate` returns.
 
     Attributes:
-        means: reward name (and `"avg"`, the weighted sum) -> mean over every process's images
-            whose score is finite (NaN when none is).
+        means: reward name (and `"avg"`, the weighted sum, and each `"<reward>/<detail>"`) -> mean
+            over every process's images whose score is finite (NaN when none is).
         count: number of images scored over all processes.
         nonfinite: reward name (and `"avg"`) -> number of NaN/inf scores left out of its mean.
         images: this process's first `keep_images` images as `(image (3, H, W) on the CPU, prompt, avg score)`.
@@ -96,7 +96,7 @@ def evaluate(
     """
     state = PartialState()
     device = state.device
-    names = [*reward.names, AVERAGE_KEY]
+    names = [*reward.names, AVERAGE_KEY, *reward.detail_names]  # details: NaN where they do not apply
     totals = torch.zeros(len(names) + 1, device=device)  # per-reward sums of finite scores, then the count
     finite = torch.zeros(len(names), device=device)  # per-reward counts of finite scores
     kept: list[tuple[torch.Tensor, str, float]] = []
@@ -123,7 +123,7 @@ def evaluate(
     totals, finite = reduce(totals, "sum"), reduce(finite, "sum")
     count = int(totals[-1].item())
     means = {name: (totals[i] / finite[i]).item() if finite[i] else float("nan") for i, name in enumerate(names)}
-    nonfinite = {name: count - int(finite[i].item()) for i, name in enumerate(names)}
+    nonfinite = {name: count - int(finite[i].item()) for i, name in enumerate(names) if name not in reward.detail_names}
     for name, missing in nonfinite.items():
         if missing:
             logger.warning(f"evaluation: {missing} of {count} {name} scores are NaN or infinite; left out of the mean")
@@ -190,12 +190,13 @@ def run_evaluation(
     summary = {
         "count": len(records),
         "rewards": summarize_scores(records, names),
+        "details": {name: result.means[name] for name in reward.detail_names},
         "weights": weights,
         "settings": sampling_settings(config, loaded, plan),
         "scores_csv": "scores.csv",
     }
     if state.is_main_process:
-        write_scores_csv(out / "scores.csv", records, names)
+        write_scores_csv(out / "scores.csv", records, [*names, *reward.detail_names])
         write_json(out / "summary.json", summary)
         logger.info(f"evaluated {len(records)} images: " + ", ".join(f"{n} {summary['rewards'][n]['mean']:.4f}" for n in names))
     state.wait_for_everyone()

@@ -8,6 +8,7 @@ from every process, so groups that span processes and the balancing are computed
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import ml_collections
@@ -52,12 +53,24 @@ def group_metrics(group_ids: torch.Tensor, group_size: int, num_processes: int) 
     return {"data/groups": float(present.numel()), "data/groups_across_processes": float(spanning)}
 
 
-def epoch_credit(config: ml_collections.ConfigDict, accelerator: Accelerator, samples: EpochSamples) -> EpochCredit:
-    """Gather this epoch's rewards from every process and compute the advantages of all trajectories."""
+def epoch_credit(
+    config: ml_collections.ConfigDict, accelerator: Accelerator, samples: EpochSamples, detail_names: Iterable[str] = ()
+) -> EpochCredit:
+    """Gather this epoch's rewards from every process and compute the advantages of all trajectories.
+
+    `detail_names`: rewards' per-image details (e.g. GenEval's per-task correctness), NaN where a
+    detail does not apply; their metrics are means over the images they apply to (none: not logged).
+    """
     group_ids = accelerator.gather(samples.group_ids)
     metrics = group_metrics(group_ids, config.sample.group_size, accelerator.num_processes)
+    details = set(detail_names)
     for name, value in samples.rewards.items():
-        metrics[f"reward/{name}"] = accelerator.gather(value).float().mean().item()
+        gathered = accelerator.gather(value).float()
+        if name in details:
+            gathered = gathered[torch.isfinite(gathered)]
+            if not gathered.numel():
+                continue
+        metrics[f"reward/{name}"] = gathered.mean().item()
     clip = dict(adv_clip_max=config.train.adv_clip_max, global_std=config.train.global_std)
     if config.algorithm == "tp_grpo":
         scored = accelerator.gather(samples.completed_rewards)

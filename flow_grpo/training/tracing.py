@@ -48,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from flow_grpo.models import FluxAdapter, ModelAdapter, PromptEmbeds, SD3Adapter
+from flow_grpo.rewards.remote import NAMED_REMOTE_REWARDS
 from flow_grpo.testing.architectures import (
     CLIP_L_TEXT,
     CLIP_VIT_H_14,
@@ -86,7 +87,7 @@ __all__ = [
 
 # ------------------------------------------------------------------------------ architectures
 
-REMOTE_REWARDS = frozenset({"remote", "geneval", "ocr", "unifiedreward"})
+REMOTE_REWARDS = frozenset({"remote", *NAMED_REMOTE_REWARDS})
 """Rewards scored by a server process: no model on the training device."""
 
 _CPU_REWARDS = frozenset({"jpeg_compressibility", "jpeg_incompressibility"})
@@ -242,7 +243,7 @@ def reward_models(config: ml_collections.ConfigDict) -> list[RewardModel]:
         dtype = _REWARD_DTYPES[options.dtype]
         if name in ("pickscore", "hpsv2"):
             models.append(RewardModel(name, CLIP_VIT_H_14, dtype, options.batch_size))
-        elif name == "clipscore":
+        elif name in ("clipscore", "clipscore_hessel"):
             models.append(RewardModel(name, CLIP_VIT_L_14, dtype, options.batch_size))
         elif name == "aesthetic":
             head = (768 * 1024 + 1024) + (1024 * 128 + 128) + (128 * 64 + 64) + (64 * 16 + 16) + (16 + 1)

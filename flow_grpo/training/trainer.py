@@ -191,7 +191,7 @@ class Trainer:
         Returns None instead of advantages when the rewards or advantages are not finite and
         `config.nonfinite == "skip"` (every process decides alike: they see the same gathered data).
         """
-        credit = epoch_credit(self.config, self.accelerator, samples)
+        credit = epoch_credit(self.config, self.accelerator, samples, self.reward.detail_names)
         if credit.step_rewards is not None:
             self.last_curves = (credit.scored, credit.step_rewards)
         for quantity, value in (("rewards", credit.scored), ("advantages", credit.advantages)):
