@@ -7,7 +7,7 @@ import math
 import torch
 
 from flow_grpo.rewards import jpeg_compressibility, register_reward
-from flow_grpo.trainer import Trainer
+from flow_grpo.training.trainer import Trainer
 from tests.test_trainer import tiny_config
 
 
