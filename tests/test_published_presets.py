@@ -17,7 +17,7 @@ from flow_grpo.reward_server.server import RewardServer, build_scorers
 from flow_grpo.testing import save_tiny_pipeline
 from flow_grpo.testing.rewards import save_tiny_clip, save_tiny_detector
 from flow_grpo.trainer import Trainer
-from tests.test_presets import PUBLISHED, presets
+from tests.test_presets import TRAINED, presets
 from tests.test_trainer import ROOT
 
 GENEVAL_LABELS = ("clock", "orange", "bicycle", "dog", "chair", "umbrella", "cup", "book", "cat", "car")
@@ -55,7 +55,7 @@ def _shrunk(name: str, stand_ins, logdir) -> object:
 
 
 def test_tiny_modifier_keeps_switches_window_geometry_and_batch_arithmetic() -> None:
-    for name in PUBLISHED:
+    for name in TRAINED:
         full, tiny = presets.get_config(name), presets.get_config(f"{name},tiny")
         for key in ("algorithm", "tp", "sample.step_kind", "sample.noise_level", "sample.batch_size", "train.batch_size",
                     "train.updates_per_epoch", "train.beta", "train.ema", "eval_before_training", "pretrained.family"):
@@ -72,7 +72,7 @@ def test_tiny_modifier_keeps_switches_window_geometry_and_batch_arithmetic() -> 
         presets.get_config("pickscore_sd3,small")
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("name", sorted(TRAINED))
 def test_published_preset_runs_one_tiny_epoch(name, tiny_stand_ins, tmp_path) -> None:
     history = Trainer(_shrunk(name, tiny_stand_ins, tmp_path)).train()
     (reward,) = presets.get_config(name).reward_fn

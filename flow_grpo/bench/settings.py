@@ -146,6 +146,8 @@ DTYPE_FLAGS: dict[str, str] = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 _PRESETS: dict[str, dict[str, Any]] = {
     # The settings of docs/performance.md's anchor (the SD3.5-M TP-GRPO preset).
     "sd3": {},
+    # SD3.5-Large: the SD3 presets' sampling settings on the 8.1 B transformer.
+    "sd3_large": {},
     # The FLUX presets of config/grpo.py: 6 steps, window 5, guidance embedding 3.5, LoRA r64.
     "flux": {"num_steps": 6, "window_size": 5, "guidance_scale": 3.5, "lora_rank": 64, "lora_alpha": 128},
     # Seconds on a CPU: the tiny models at 64 x 64 pixels (8 x 8 latents, 16 image tokens).

@@ -28,6 +28,7 @@ __all__ = [
     "FLUX_SCHEDULER",
     "FLUX_VAE",
     "OPENCLIP_BIGG_TEXT",
+    "SD35_LARGE_TRANSFORMER",
     "SD35_MEDIUM_TRANSFORMER",
     "SD3_CLIP_TOKENS",
     "SD3_SCHEDULER",
@@ -58,6 +59,23 @@ SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
     "qk_norm": "rms_norm",
 }
 """`SD3Transformer2DModel` of stabilityai/stable-diffusion-3.5-medium (2.24 B parameters)."""
+
+SD35_LARGE_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 38,
+    "attention_head_dim": 64,
+    "num_attention_heads": 38,  # hidden size 38 x 64 = 2432
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
+    "qk_norm": "rms_norm",  # no dual-attention layers (MMDiT, not MMDiT-X)
+}
+"""`SD3Transformer2DModel` of stabilityai/stable-diffusion-3.5-large (8.06 B parameters); same VAE,
+text encoders and scheduler as Medium."""
 
 SD3_VAE: dict[str, Any] = {
     "in_channels": 3,
@@ -214,7 +232,7 @@ class ModelSpec:
     reward_image_size: int
 
 
-SIZES: tuple[str, ...] = ("tiny", "tiny_flux", "sd3", "flux")
+SIZES: tuple[str, ...] = ("tiny", "tiny_flux", "sd3", "sd3_large", "flux")
 """Model sizes `--size` accepts: the tiny test models (CPU) and the real ones (GPU)."""
 
 
@@ -254,6 +272,17 @@ def model_spec(size: str) -> ModelSpec:
             vae=SD3_VAE,
             scheduler=SD3_SCHEDULER,
             text_tokens=SD3_CLIP_TOKENS + 128,  # max_sequence_length 128 of the SD3 presets
+            reward=CLIP_VIT_H_14,
+            reward_image_size=224,
+        )
+    if size == "sd3_large":
+        return ModelSpec(
+            name="SD3.5-Large",
+            family="sd3",
+            transformer=SD35_LARGE_TRANSFORMER,
+            vae=SD3_VAE,
+            scheduler=SD3_SCHEDULER,
+            text_tokens=SD3_CLIP_TOKENS + 128,
             reward=CLIP_VIT_H_14,
             reward_image_size=224,
         )
