@@ -1,6 +1,6 @@
 """Every published preset runs one short CPU epoch through `<preset>,tiny` (config/grpo.py `_shrink_for_cpu`).
 
-Stand-ins, all offline: the tiny SD3 / FLUX pipeline of the preset's family; PickScore on a tiny
+Stand-ins, all offline: the tiny pipeline of the preset's family (flow_grpo.testing); PickScore on a tiny
 random CLIP; GenEval and OCR stay remote rewards, answered by a local reward server hosting GenEval's
 real scorer on a tiny random DETR with tiny-CLIP colours, and, for OCR (no offline OCR engine), the
 JPEG-compressibility scorer under the name `ocr`.
@@ -36,7 +36,9 @@ def tiny_stand_ins(tiny_sd3_dir, tmp_path_factory):
     }
     scorers = build_scorers(["geneval", "jpeg_compressibility"], "cpu", {"geneval": geneval_options})
     scorers["ocr"] = scorers.pop("jpeg_compressibility")
-    models = {"sd3": tiny_sd3_dir, "flux": save_tiny_pipeline(directory / "flux", "flux", "minimal")}
+    models = {"sd3": tiny_sd3_dir}
+    for family in ("flux", "flux2_klein", "z_image"):
+        models[family] = save_tiny_pipeline(directory / family, family, "minimal")
     with RewardServer(scorers, host="127.0.0.1", port=0) as server:
         yield models, clip, server.url
 
