@@ -5,6 +5,8 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY_MODEL := .cache/tiny-sd3
 TINY_FLUX := .cache/tiny-flux
+TINY_FLUX2_KLEIN := .cache/tiny-flux2-klein
+TINY_Z_IMAGE := .cache/tiny-z-image
 
 .PHONY: install demo test tiny-model clean
 
@@ -22,7 +24,13 @@ $(TINY_MODEL)/model_index.json: | $(STAMP)
 $(TINY_FLUX)/model_index.json: | $(STAMP)
 	$(PYTHON) -m flow_grpo.testing $(TINY_FLUX) --family flux --geometry minimal
 
-tiny-model: $(TINY_MODEL)/model_index.json $(TINY_FLUX)/model_index.json
+$(TINY_FLUX2_KLEIN)/model_index.json: | $(STAMP)
+	$(PYTHON) -m flow_grpo.testing $(TINY_FLUX2_KLEIN) --family flux2_klein --geometry minimal
+
+$(TINY_Z_IMAGE)/model_index.json: | $(STAMP)
+	$(PYTHON) -m flow_grpo.testing $(TINY_Z_IMAGE) --family z_image --geometry minimal
+
+tiny-model: $(TINY_MODEL)/model_index.json $(TINY_FLUX)/model_index.json $(TINY_FLUX2_KLEIN)/model_index.json $(TINY_Z_IMAGE)/model_index.json
 
 demo: $(STAMP) $(TINY_MODEL)/model_index.json
 	OMP_NUM_THREADS=1 $(PYTHON) train_sd3.py --config=config/grpo.py:tiny_tp_grpo --config.run_name=demo-$$(date +%Y%m%d-%H%M%S)

@@ -20,6 +20,8 @@ _spec.loader.exec_module(base)
 # Where `make tiny-model` saves the tiny offline pipelines used by the CPU presets.
 TINY_MODEL_DIR = os.path.join(".cache", "tiny-sd3")
 TINY_FLUX_DIR = os.path.join(".cache", "tiny-flux")
+TINY_FLUX2_KLEIN_DIR = os.path.join(".cache", "tiny-flux2-klein")
+TINY_Z_IMAGE_DIR = os.path.join(".cache", "tiny-z-image")
 # The tiny CLIP (`flow_grpo.testing.rewards.save_tiny_clip`) standing in for PickScore under `,tiny`.
 TINY_CLIP_DIR = os.path.join(".cache", "tiny-clip")
 
@@ -98,6 +100,31 @@ def geneval_sd3_flow_grpo() -> ml_collections.ConfigDict:
 
 def ocr_sd3_flow_grpo() -> ml_collections.ConfigDict:
     return _flow_grpo(ocr_sd3())
+
+
+def sd3_large_tp_grpo() -> ml_collections.ConfigDict:
+    """SD3.5-Large (8.1 B) TP-GRPO defaults: the SD3.5-Medium settings on the larger transformer.
+
+    No peer publishes a Flow-GRPO-style SD3.5-Large recipe (Flow-Factory's and Flow-GRPO's SD3
+    configs train Medium), so every algorithm setting is Medium's (our choice); LoRA targets are the
+    SD3 adapter's. bf16, the published checkpoint's dtype. The memory preflight decides the rest
+    (benchmarks/RESULTS.md): at 8 processes the update of micro-batch 9 with CFG (18 transformer
+    rows) needs 127 GB per process without gradient checkpointing and 45.8 GB peak with it, so it is
+    on; the text encoders stay on the device (offloading would take 10.4 GB more off).
+    """
+    config = sd3_tp_grpo()
+    config.pretrained.model = "stabilityai/stable-diffusion-3.5-large"
+    config.mixed_precision = "bf16"
+    config.train.gradient_checkpointing = True
+    return config
+
+
+def pickscore_sd3_large() -> ml_collections.ConfigDict:
+    return _task(sd3_large_tp_grpo(), "pickscore_sfw", pickscore=1.0)
+
+
+def pickscore_sd3_large_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(pickscore_sd3_large())
 
 
 def tiny_tp_grpo() -> ml_collections.ConfigDict:
@@ -208,7 +235,80 @@ def tiny_flux_flow_grpo() -> ml_collections.ConfigDict:
     return _flow_grpo(tiny_flux())
 
 
-_TINY_MODELS = {"sd3": TINY_MODEL_DIR, "flux": TINY_FLUX_DIR}
+def flux2_klein_tp_grpo() -> ml_collections.ConfigDict:
+    """FLUX.2-klein-4B (step-distilled, no CFG) TP-GRPO defaults.
+
+    From Flow-Factory's GRPO LoRA recipe for FLUX.2-klein (examples/grpo/lora/flux2_klein/default.yaml):
+    4 sampling steps (the model is distilled to 4), guidance 1.0, noise level 0.5, LoRA r64/alpha128,
+    bf16. Our choices: the 4 B checkpoint (the recipe names 4 B or 9 B; the 9 B one is
+    `--config.pretrained.model=black-forest-labs/FLUX.2-klein-9B`), 512 x 512 training and 10
+    evaluation steps at 512 (the recipe trains at 384 and evaluates at 1024), the window over steps
+    0-2 (3 of 4; the last step stays deterministic), and the paper's group, batch and optimiser
+    settings; 3 images per process per batch and gradient checkpointing, as for the 12 B FLUX.1
+    (the memory preflight does not model this family yet: README, Memory).
+    """
+    config = sd3_tp_grpo()
+    config.pretrained.model = "black-forest-labs/FLUX.2-klein-4B"
+    config.pretrained.family = "flux2_klein"
+    config.mixed_precision = "bf16"
+    config.sample.num_steps = 4
+    config.sample.eval_num_steps = 10
+    config.sample.guidance_scale = 1.0
+    config.sample.noise_level = 0.5
+    config.sample.window_size = 3
+    config.sample.window_range = (0, 3)
+    config.sample.batch_size = 3
+    config.train.batch_size = 3
+    config.train.lora_rank = 64
+    config.train.lora_alpha = 128
+    config.train.gradient_checkpointing = True
+    config.offload_text_encoders = True
+    return config
+
+
+def pickscore_flux2_klein() -> ml_collections.ConfigDict:
+    return _task(flux2_klein_tp_grpo(), "pickscore_sfw", pickscore=1.0)
+
+
+def pickscore_flux2_klein_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(pickscore_flux2_klein())
+
+
+def z_image_tp_grpo() -> ml_collections.ConfigDict:
+    """Z-Image (6 B, base model with CFG) TP-GRPO defaults.
+
+    From Flow-Factory's GRPO LoRA recipe for Z-Image (examples/grpo/lora/z_image/default.yaml): 512 x 512,
+    10 sampling and 40 evaluation steps, guidance 4.0, noise level 0.7, LoRA r64/alpha128, bf16. Our
+    choices: the TP-GRPO window of SD3 (9 of 10 in (0, 9)) and the paper's group, batch and optimiser
+    settings; 3 images per process per batch and gradient checkpointing (CFG doubles the rows; the
+    memory preflight does not model this family yet: README, Memory). Z-Image-Turbo (distilled, 8
+    steps, no CFG) is `--config.pretrained.model=Tongyi-MAI/Z-Image-Turbo --config.sample.guidance_scale=0`.
+    """
+    config = sd3_tp_grpo()
+    config.pretrained.model = "Tongyi-MAI/Z-Image"
+    config.pretrained.family = "z_image"
+    config.mixed_precision = "bf16"
+    config.sample.guidance_scale = 4.0
+    config.sample.batch_size = 3
+    config.train.batch_size = 3
+    config.train.lora_rank = 64
+    config.train.lora_alpha = 128
+    config.train.gradient_checkpointing = True
+    config.offload_text_encoders = True
+    return config
+
+
+def pickscore_z_image() -> ml_collections.ConfigDict:
+    return _task(z_image_tp_grpo(), "pickscore_sfw", pickscore=1.0)
+
+
+def pickscore_z_image_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(pickscore_z_image())
+
+
+_TINY_MODELS = {
+    "sd3": TINY_MODEL_DIR, "flux": TINY_FLUX_DIR, "flux2_klein": TINY_FLUX2_KLEIN_DIR, "z_image": TINY_Z_IMAGE_DIR,
+}
 _TINY_DATASETS = {"pickscore": "dataset/demo", "geneval": "dataset/demo_geneval", "ocr": "dataset/demo"}
 _TINY_STEPS = 4
 _TINY_GROUP_SIZE = 3

@@ -22,6 +22,7 @@ PUBLISHED = [
     "pickscore_sd3_flow_grpo", "geneval_sd3_flow_grpo", "ocr_sd3_flow_grpo",
     "pickscore_flux", "geneval_flux", "ocr_flux",
     "pickscore_flux_flow_grpo", "geneval_flux_flow_grpo", "ocr_flux_flow_grpo",
+    "pickscore_sd3_large", "pickscore_sd3_large_flow_grpo",
 ]
 
 

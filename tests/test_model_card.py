@@ -9,14 +9,19 @@ import pytest
 import torch
 
 from flow_grpo.run.model_card import read_card_settings
+from flow_grpo.models import adapter_class
 from flow_grpo.testing import save_tiny_pipeline
 from flow_grpo.training.trainer import Trainer
 from tests.test_trainer import tiny_config
 
 
 @pytest.fixture(scope="module")
-def tiny_flux_card_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux-card"), "flux", "minimal")
+def card_models(tiny_sd3_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A saved tiny pipeline per family."""
+    models = {"sd3": tiny_sd3_dir}
+    for family in ("flux", "flux2_klein", "z_image"):
+        models[family] = save_tiny_pipeline(tmp_path_factory.mktemp(f"tiny-{family}-card"), family, "minimal")
+    return models
 
 
 def _trainer_eval_images(trainer: Trainer) -> torch.Tensor:
@@ -25,11 +30,11 @@ def _trainer_eval_images(trainer: Trainer) -> torch.Tensor:
     return torch.stack([image for image, _, _ in result.images])
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_card_settings_reproduce_the_trainer_eval_images(family, tiny_sd3_dir, tiny_flux_card_model, tmp_path) -> None:
-    preset = "tiny_tp_grpo" if family == "sd3" else "tiny_flux"
-    model = tiny_sd3_dir if family == "sd3" else tiny_flux_card_model
-    config = tiny_config(model, tmp_path, preset, eval_freq=1, **{"sample.eval_batch_size": 2, "sample.eval_num_steps": 4})
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2_klein", "z_image"])
+def test_card_settings_reproduce_the_trainer_eval_images(family, card_models, tmp_path) -> None:
+    preset = "tiny_flux" if family == "flux" else "tiny_tp_grpo"  # CFG 4.5 for the CFG families
+    config = tiny_config(card_models[family], tmp_path, preset, eval_freq=1,
+                         **{"sample.eval_batch_size": 2, "sample.eval_num_steps": 4, "pretrained.family": family})
     trainer = Trainer(config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a LoRA that changes the output (a fresh one has B = 0)
@@ -47,14 +52,14 @@ def test_card_settings_reproduce_the_trainer_eval_images(family, tiny_sd3_dir, t
     assert settings["eval"] is not None and settings["epoch"] == 0
 
     pipeline_class = getattr(diffusers, settings["pipeline"])
-    assert pipeline_class is (diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline)
+    assert pipeline_class is adapter_class(family).pipeline_class
     pipe = pipeline_class.from_pretrained(settings["base_model"], torch_dtype=getattr(torch, settings["torch_dtype"]))
     noise = settings["noise"]
     pipe.to(noise["generator_device"])
-    plain = pipe(noise["first_eval_batch_prompts"], **settings["call"], output_type="pt",
+    plain = pipe(prompt=list(noise["first_eval_batch_prompts"]), **settings["call"], output_type="pt",
                  generator=torch.Generator(noise["generator_device"]).manual_seed(noise["first_eval_batch_seed"])).images
     pipe.load_lora_weights(lora_dir)
-    images = pipe(noise["first_eval_batch_prompts"], **settings["call"], output_type="pt",
+    images = pipe(prompt=list(noise["first_eval_batch_prompts"]), **settings["call"], output_type="pt",
                   generator=torch.Generator(noise["generator_device"]).manual_seed(noise["first_eval_batch_seed"])).images
     assert images.shape == expected.shape
     torch.testing.assert_close(images.float(), expected, atol=2e-3, rtol=0)

@@ -1,6 +1,6 @@
 """Every published preset runs one short CPU epoch through `<preset>,tiny` (config/grpo.py `_shrink_for_cpu`).
 
-Stand-ins, all offline: the tiny SD3 / FLUX pipeline of the preset's family; PickScore on a tiny
+Stand-ins, all offline: the tiny pipeline of the preset's family (flow_grpo.testing); PickScore on a tiny
 random CLIP; GenEval and OCR stay remote rewards, answered by a local reward server hosting GenEval's
 real scorer on a tiny random DETR with tiny-CLIP colours, and, for OCR (no offline OCR engine), the
 JPEG-compressibility scorer under the name `ocr`.
@@ -17,7 +17,7 @@ from flow_grpo.reward_server.server import RewardServer, build_scorers
 from flow_grpo.testing import save_tiny_pipeline
 from flow_grpo.testing.rewards import save_tiny_clip, save_tiny_detector
 from flow_grpo.training.trainer import Trainer
-from tests.test_presets import PUBLISHED, presets
+from tests.test_presets import TRAINED, presets
 from tests.test_trainer import ROOT
 
 GENEVAL_LABELS = ("clock", "orange", "bicycle", "dog", "chair", "umbrella", "cup", "book", "cat", "car")
@@ -36,7 +36,9 @@ def tiny_stand_ins(tiny_sd3_dir, tmp_path_factory):
     }
     scorers = build_scorers(["geneval", "jpeg_compressibility"], "cpu", {"geneval": geneval_options})
     scorers["ocr"] = scorers.pop("jpeg_compressibility")
-    models = {"sd3": tiny_sd3_dir, "flux": save_tiny_pipeline(directory / "flux", "flux", "minimal")}
+    models = {"sd3": tiny_sd3_dir}
+    for family in ("flux", "flux2_klein", "z_image"):
+        models[family] = save_tiny_pipeline(directory / family, family, "minimal")
     with RewardServer(scorers, host="127.0.0.1", port=0) as server:
         yield models, clip, server.url
 
@@ -55,7 +57,7 @@ def _shrunk(name: str, stand_ins, logdir) -> object:
 
 
 def test_tiny_modifier_keeps_switches_window_geometry_and_batch_arithmetic() -> None:
-    for name in PUBLISHED:
+    for name in TRAINED:
         full, tiny = presets.get_config(name), presets.get_config(f"{name},tiny")
         for key in ("algorithm", "tp", "sample.step_kind", "sample.noise_level", "sample.batch_size", "train.batch_size",
                     "train.updates_per_epoch", "train.beta", "train.ema", "eval_before_training", "pretrained.family"):
@@ -72,7 +74,7 @@ def test_tiny_modifier_keeps_switches_window_geometry_and_batch_arithmetic() -> 
         presets.get_config("pickscore_sd3,small")
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("name", sorted(TRAINED))
 def test_published_preset_runs_one_tiny_epoch(name, tiny_stand_ins, tmp_path) -> None:
     history = Trainer(_shrunk(name, tiny_stand_ins, tmp_path)).train()
     (reward,) = presets.get_config(name).reward_fn

@@ -13,11 +13,16 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 
 from flow_grpo.training.compile import CompiledPhases
@@ -29,7 +34,13 @@ from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.rewards.clip_models import PICKSCORE_DIVISOR, ClipEncoder, ClipSimilarityReward
 from flow_grpo.rewards.options import resolve_dtype
 from flow_grpo.rewards.preprocess import ImagePreprocess
-from flow_grpo.testing.architectures import ModelSpec, RandomTextFluxAdapter, RandomTextSD3Adapter
+from flow_grpo.testing.architectures import (
+    ModelSpec,
+    RandomTextFlux2KleinAdapter,
+    RandomTextFluxAdapter,
+    RandomTextSD3Adapter,
+    RandomTextZImageAdapter,
+)
 
 __all__ = ["BenchmarkModels", "benchmark_accelerator", "build_adapter", "build_models", "build_reward"]
 
@@ -51,10 +62,12 @@ def build_adapter(
 
     On the meta device nothing is allocated: the result serves FLOP counting.
     """
-    transformer_class = SD3Transformer2DModel if spec.family == "sd3" else FluxTransformer2DModel
-    transformer = _build(transformer_class, spec.transformer, device, dtype)
-    vae = _build(AutoencoderKL, spec.vae, device, torch.float32)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(spec.scheduler))
+    if spec.family in ("sd3", "flux", "z_image"):
+        vae = _build(AutoencoderKL, spec.vae, device, torch.float32)
+    if spec.family in ("sd3", "flux"):
+        transformer_class = SD3Transformer2DModel if spec.family == "sd3" else FluxTransformer2DModel
+        transformer = _build(transformer_class, spec.transformer, device, dtype)
     if spec.family == "sd3":
         pipeline = StableDiffusion3Pipeline(
             transformer=transformer, scheduler=scheduler, vae=vae,
@@ -67,6 +80,18 @@ def build_adapter(
             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
         )
         return RandomTextFluxAdapter(pipeline, guidance_scale=guidance_scale, text_tokens=spec.text_tokens, seed=seed)
+    if spec.family == "flux2_klein":
+        pipeline = Flux2KleinPipeline(
+            transformer=_build(Flux2Transformer2DModel, spec.transformer, device, dtype), scheduler=scheduler,
+            vae=_build(AutoencoderKLFlux2, spec.vae, device, torch.float32), text_encoder=None, tokenizer=None,
+        )
+        return RandomTextFlux2KleinAdapter(pipeline, guidance_scale=guidance_scale, text_tokens=spec.text_tokens, seed=seed)
+    if spec.family == "z_image":
+        pipeline = ZImagePipeline(
+            transformer=_build(ZImageTransformer2DModel, spec.transformer, device, dtype), scheduler=scheduler, vae=vae,
+            text_encoder=None, tokenizer=None,
+        )
+        return RandomTextZImageAdapter(pipeline, guidance_scale=guidance_scale, text_tokens=spec.text_tokens, seed=seed)
     raise ValueError(f"unknown model family {spec.family!r}")
 
 

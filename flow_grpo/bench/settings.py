@@ -165,6 +165,11 @@ DTYPE_FLAGS: dict[str, str] = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 _PRESETS: dict[str, dict[str, Any]] = {
     # The settings of docs/performance.md's anchor (the SD3.5-M TP-GRPO preset).
     "sd3": {},
+    # SD3.5-Large: the SD3 presets' sampling settings on the 8.1 B transformer.
+    "sd3_large": {},
+    # The FLUX.2-klein and Z-Image presets of config/grpo.py (Flow-Factory's recipes).
+    "flux2_klein": {"num_steps": 4, "window_size": 3, "guidance_scale": 1.0, "noise_level": 0.5, "lora_rank": 64, "lora_alpha": 128},
+    "z_image": {"guidance_scale": 4.0, "lora_rank": 64, "lora_alpha": 128},
     # The FLUX presets of config/grpo.py: 6 steps, window 5, guidance embedding 3.5, LoRA r64.
     "flux": {"num_steps": 6, "window_size": 5, "guidance_scale": 3.5, "lora_rank": 64, "lora_alpha": 128},
     # Seconds on a CPU: the tiny models at 64 x 64 pixels (8 x 8 latents, 16 image tokens).

@@ -20,7 +20,9 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 from flow_grpo.models.flux import FluxAdapter  # noqa: E402
+from flow_grpo.models.flux2_klein import Flux2KleinAdapter  # noqa: E402
 from flow_grpo.models.sd3 import SD3Adapter  # noqa: E402
+from flow_grpo.models.z_image import ZImageAdapter  # noqa: E402
 
 
 def load_adapter(config: ml_collections.ConfigDict, device: torch.device | str, dtype: torch.dtype) -> ModelAdapter:
@@ -38,10 +40,12 @@ def load_adapter(config: ml_collections.ConfigDict, device: torch.device | str, 
 
 __all__ = [
     "ADAPTERS",
+    "Flux2KleinAdapter",
     "FluxAdapter",
     "ModelAdapter",
     "PromptEmbeds",
     "SD3Adapter",
+    "ZImageAdapter",
     "adapter_class",
     "load_adapter",
     "register_adapter",

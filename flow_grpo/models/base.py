@@ -182,6 +182,14 @@ class ModelAdapter(abc.ABC):
     ) -> torch.Tensor:
         """Initial noise `x_0` at sigma 1: float32 tensor (B, ...) in the transformer's latent layout."""
 
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """`latents` (B, ...) in the layout the family's diffusers pipeline takes as `latents=`.
+
+        The identity where the adapter keeps the pipeline's own layout (SD3, FLUX.1); families whose
+        pipeline packs the noise it is given (FLUX.2) unpack here.
+        """
+        return latents
+
     @abc.abstractmethod
     def sigmas(self, num_steps: int, resolution: int) -> torch.Tensor:
         """The scheduler's sigma grid `sigma_0 = 1 > ... > sigma_N = 0`: float32 (N+1,) on CPU."""

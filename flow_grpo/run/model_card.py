@@ -2,7 +2,7 @@
 
 The card states the base model, algorithm, reward, epoch and eval score, and every setting a plain
 diffusers call needs to reproduce the trainer's evaluation images: pipeline class, dtype, steps,
-guidance, resolution, T5 `max_sequence_length` and how the initial noise is drawn. The settings are
+guidance, resolution, the text encoder's `max_sequence_length` and how the initial noise is drawn. The settings are
 in one fenced JSON block (`read_card_settings` parses it) and in a runnable snippet.
 """
 
@@ -88,7 +88,7 @@ def _card_text(settings: dict[str, Any]) -> str:
 - Epoch: {settings['epoch']} (0-based)
 - Eval score: {score}
 - Sampling: {call['num_inference_steps']} steps, guidance {call['guidance_scale']}, {call['width']}x{call['height']} px,
-  T5 max_sequence_length {call['max_sequence_length']}
+  text-encoder max_sequence_length {call['max_sequence_length']}
 - Initial noise: the trainer's first evaluation batch (the prompts below) draws its noise as the
   pipeline does from `torch.Generator("{noise['generator_device']}").manual_seed({noise['first_eval_batch_seed']})`
   for the whole batch; the call below reproduces those evaluation images.
@@ -102,7 +102,7 @@ pipe.load_lora_weights("path/to/this/directory")
 pipe.to("{noise['generator_device']}")
 prompts = {noise['first_eval_batch_prompts']!r}
 generator = torch.Generator("{noise['generator_device']}").manual_seed({noise['first_eval_batch_seed']})
-images = pipe(prompts, {arguments}, generator=generator).images
+images = pipe(prompt=prompts, {arguments}, generator=generator).images
 ```
 
 Settings (machine-readable):

@@ -1,6 +1,6 @@
 """Tiny, randomly initialised models of the real classes for offline tests, the demo and CPU benchmarks.
 
-`pipelines` builds tiny SD3 and FLUX pipelines; `rewards` builds tiny CLIP, open_clip, aesthetic and
+`pipelines` builds tiny SD3 and FLUX pipelines, `pipelines_qwen` tiny FLUX.2-klein and Z-Image ones; `rewards` builds tiny CLIP, open_clip, aesthetic and
 detector models for the reward tests. Nothing here downloads anything.
 """
 
@@ -17,6 +17,7 @@ from flow_grpo.testing.pipelines import (
     tiny_flux_pipeline,
     tiny_sd3_pipeline,
 )
+from flow_grpo.testing.pipelines_qwen import qwen_tokenizer, tiny_flux2_klein_pipeline, tiny_z_image_pipeline
 
 __all__ = [
     "BUILDERS",
@@ -28,6 +29,9 @@ __all__ = [
     "save_tiny_pipeline",
     "t5_tokenizer",
     "tiny_builder",
+    "qwen_tokenizer",
+    "tiny_flux2_klein_pipeline",
     "tiny_flux_pipeline",
     "tiny_sd3_pipeline",
+    "tiny_z_image_pipeline",
 ]

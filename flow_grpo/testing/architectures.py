@@ -1,7 +1,7 @@
 """Architectures of the real models (component configs, random weights) and adapters with random prompt embeddings.
 
-The configs are those of the published checkpoints' config.json files: the SD3.5-Medium and
-FLUX.1-dev transformers and VAEs, their text encoders (CLIP-L, OpenCLIP bigG, T5-XXL) and the
+The configs are those of the published checkpoints' config.json files: the SD3.5-Medium, SD3.5-Large,
+FLUX.1-dev, FLUX.2-klein-4B and Z-Image transformers and VAEs, their text encoders (CLIP-L, OpenCLIP bigG, T5-XXL) and the
 CLIP ViT-H/14 and ViT-L/14 reward models. `model_spec(size)` gives them,
 or the tiny models of `flow_grpo.testing.pipelines` for CPU runs. The random-text adapters stand
 in for the text encoders: prompt embeddings are random tensors of the shapes the real encoders give.
@@ -15,19 +15,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import Flux2KleinPipeline, FluxPipeline, StableDiffusion3Pipeline, ZImagePipeline
 
-from flow_grpo.models import FluxAdapter, PromptEmbeds, SD3Adapter
+from flow_grpo.models import Flux2KleinAdapter, FluxAdapter, PromptEmbeds, SD3Adapter, ZImageAdapter
 from flow_grpo.testing.pipelines import BUILDERS, CLIP_MAX_LENGTH, T5_MAX_LENGTH
 
 __all__ = [
     "CLIP_L_TEXT",
     "CLIP_VIT_H_14",
     "CLIP_VIT_L_14",
+    "FLUX2_KLEIN_4B_TRANSFORMER",
+    "FLUX2_SCHEDULER",
+    "FLUX2_VAE",
     "FLUX_DEV_TRANSFORMER",
     "FLUX_SCHEDULER",
     "FLUX_VAE",
     "OPENCLIP_BIGG_TEXT",
+    "SD35_LARGE_TRANSFORMER",
     "SD35_MEDIUM_TRANSFORMER",
     "SD3_CLIP_TOKENS",
     "SD3_SCHEDULER",
@@ -35,8 +39,12 @@ __all__ = [
     "SIZES",
     "T5_XXL_ENCODER",
     "ModelSpec",
+    "RandomTextFlux2KleinAdapter",
     "RandomTextFluxAdapter",
     "RandomTextSD3Adapter",
+    "RandomTextZImageAdapter",
+    "Z_IMAGE_SCHEDULER",
+    "Z_IMAGE_TRANSFORMER",
     "model_spec",
 ]
 
@@ -58,6 +66,23 @@ SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
     "qk_norm": "rms_norm",
 }
 """`SD3Transformer2DModel` of stabilityai/stable-diffusion-3.5-medium (2.24 B parameters)."""
+
+SD35_LARGE_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 38,
+    "attention_head_dim": 64,
+    "num_attention_heads": 38,  # hidden size 38 x 64 = 2432
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
+    "qk_norm": "rms_norm",  # no dual-attention layers (MMDiT, not MMDiT-X)
+}
+"""`SD3Transformer2DModel` of stabilityai/stable-diffusion-3.5-large (8.06 B parameters); same VAE,
+text encoders and scheduler as Medium."""
 
 SD3_VAE: dict[str, Any] = {
     "in_channels": 3,
@@ -214,7 +239,60 @@ class ModelSpec:
     reward_image_size: int
 
 
-SIZES: tuple[str, ...] = ("tiny", "tiny_flux", "sd3", "flux")
+FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 128,  # 32 latent channels patchified 2x2
+    "num_layers": 5,
+    "num_single_layers": 20,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,  # hidden size 3072
+    "joint_attention_dim": 7680,  # 3 Qwen3-4B layers of 2560
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (32, 32, 32, 32),
+    "rope_theta": 2000,
+    "guidance_embeds": False,
+}
+"""`Flux2Transformer2DModel` of black-forest-labs/FLUX.2-klein-4B (and its base variant; about 3.9 B parameters)."""
+
+FLUX2_VAE: dict[str, Any] = {
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 32,
+    "norm_num_groups": 32,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "batch_norm_eps": 1e-4,
+    "patch_size": (2, 2),
+}
+"""`AutoencoderKLFlux2` of FLUX.2 (32 latent channels, factor 8, BatchNorm statistics of the 2x2-patchified latents)."""
+
+FLUX2_SCHEDULER: dict[str, Any] = {**FLUX_SCHEDULER, "time_shift_type": "exponential"}
+"""`FlowMatchEulerDiscreteScheduler` of FLUX.2 (`mu` from `compute_empirical_mu`)."""
+
+Z_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "all_patch_size": (2,),
+    "all_f_patch_size": (1,),
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "norm_eps": 1e-5,
+    "qk_norm": True,
+    "cap_feat_dim": 2560,  # Qwen3-4B hidden size
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+    "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512],
+}
+"""`ZImageTransformer2DModel` of Tongyi-MAI/Z-Image and Z-Image-Turbo (6.2 B parameters); the VAE is FLUX.1's."""
+
+Z_IMAGE_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+"""`FlowMatchEulerDiscreteScheduler` of Z-Image."""
+
+SIZES: tuple[str, ...] = ("tiny", "tiny_flux", "sd3", "sd3_large", "flux", "flux2_klein", "z_image")
 """Model sizes `--size` accepts: the tiny test models (CPU) and the real ones (GPU)."""
 
 
@@ -257,6 +335,17 @@ def model_spec(size: str) -> ModelSpec:
             reward=CLIP_VIT_H_14,
             reward_image_size=224,
         )
+    if size == "sd3_large":
+        return ModelSpec(
+            name="SD3.5-Large",
+            family="sd3",
+            transformer=SD35_LARGE_TRANSFORMER,
+            vae=SD3_VAE,
+            scheduler=SD3_SCHEDULER,
+            text_tokens=SD3_CLIP_TOKENS + 128,
+            reward=CLIP_VIT_H_14,
+            reward_image_size=224,
+        )
     if size == "flux":
         return ModelSpec(
             name="FLUX.1-dev",
@@ -268,7 +357,55 @@ def model_spec(size: str) -> ModelSpec:
             reward=CLIP_VIT_H_14,
             reward_image_size=224,
         )
+    if size == "flux2_klein":
+        return ModelSpec(
+            name="FLUX.2-klein-4B", family="flux2_klein", transformer=FLUX2_KLEIN_4B_TRANSFORMER, vae=FLUX2_VAE,
+            scheduler=FLUX2_SCHEDULER, text_tokens=128, reward=CLIP_VIT_H_14, reward_image_size=224,
+        )
+    if size == "z_image":
+        return ModelSpec(
+            name="Z-Image", family="z_image", transformer=Z_IMAGE_TRANSFORMER, vae=FLUX_VAE,
+            scheduler=Z_IMAGE_SCHEDULER, text_tokens=128, reward=CLIP_VIT_H_14, reward_image_size=224,
+        )
     raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
+
+
+class RandomTextFlux2KleinAdapter(Flux2KleinAdapter):
+    """FLUX.2-klein adapter whose prompt embeddings are random: `prompt_embeds` (B, text_tokens,
+    joint_attention_dim) and the pipeline's text position ids; the CFG negative prompt is one random row."""
+
+    def __init__(self, pipeline: Flux2KleinPipeline, *, guidance_scale: float, text_tokens: int, seed: int = 0) -> None:
+        super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=text_tokens)
+        self.text_tokens = text_tokens
+        self.seed = seed
+
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
+        shapes = {"prompt_embeds": (self.text_tokens, self.transformer.config.joint_attention_dim)}
+        seed = self.seed if list(prompts) == [""] else self.seed + 1
+        batch = _random_prompt_batch(shapes, len(prompts), self.device, self.dtype, seed)
+        text_ids = self.pipeline._prepare_text_ids(batch["prompt_embeds"]).to(self.device)
+        return PromptEmbeds({**batch.tensors, "text_ids": text_ids})
+
+
+class RandomTextZImageAdapter(ZImageAdapter):
+    """Z-Image adapter whose caption features are random (B, text_tokens, cap_feat_dim), all tokens kept."""
+
+    def __init__(self, pipeline: ZImagePipeline, *, guidance_scale: float, text_tokens: int, seed: int = 0) -> None:
+        super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=text_tokens)
+        self.text_tokens = text_tokens
+        self.seed = seed
+
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
+        shapes = {"prompt_embeds": (self.text_tokens, self.transformer.config.cap_feat_dim)}
+        seed = self.seed if list(prompts) == [""] else self.seed + 1
+        batch = _random_prompt_batch(shapes, len(prompts), self.device, self.dtype, seed)
+        mask = torch.ones(len(prompts), self.text_tokens, device=self.device, dtype=torch.bool)
+        return PromptEmbeds({**batch.tensors, "prompt_mask": mask})
+
+    @staticmethod
+    def _captions(prompts: PromptEmbeds) -> list[torch.Tensor]:
+        """Every row whole (the mask is all True): no data-dependent indexing, so it runs on the meta device."""
+        return list(prompts["prompt_embeds"].unbind(0))
 
 
 class RandomTextSD3Adapter(SD3Adapter):

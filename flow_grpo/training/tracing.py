@@ -57,6 +57,7 @@ from flow_grpo.testing.architectures import (
     FLUX_SCHEDULER,
     FLUX_VAE,
     OPENCLIP_BIGG_TEXT,
+    SD35_LARGE_TRANSFORMER,
     SD35_MEDIUM_TRANSFORMER,
     SD3_CLIP_TOKENS,
     SD3_SCHEDULER,
@@ -94,6 +95,7 @@ _CPU_REWARDS = frozenset({"jpeg_compressibility", "jpeg_incompressibility"})
 
 _HUB = {
     "stabilityai/stable-diffusion-3.5-medium": ("sd3", SD35_MEDIUM_TRANSFORMER, SD3_VAE, SD3_SCHEDULER),
+    "stabilityai/stable-diffusion-3.5-large": ("sd3", SD35_LARGE_TRANSFORMER, SD3_VAE, SD3_SCHEDULER),
     "black-forest-labs/FLUX.1-dev": ("flux", FLUX_DEV_TRANSFORMER, FLUX_VAE, FLUX_SCHEDULER),
 }
 
