@@ -37,6 +37,7 @@ setup(
             "flow-grpo-reward-server=flow_grpo.commands.reward_server:main",
             "flow-grpo-reward-server-benchmark=flow_grpo.reward_server.benchmark:main",
             "flow-grpo-prepare-data=flow_grpo.commands.prepare_data:main",
+            "flow-grpo-paper-eval=flow_grpo.commands.paper_eval:main",
         ],
     },
 )

@@ -27,6 +27,7 @@ from flow_grpo.rewards.clip_models import (
     load_aesthetic_head,
 )
 from flow_grpo.rewards.hpsv2 import HPSV2_DEFAULTS
+from flow_grpo.rewards.preference import HPSV3_DEFAULTS, IMAGEREWARD_DEFAULTS
 from flow_grpo.rewards.remote import REMOTE_DEFAULTS
 from flow_grpo.testing.rewards import (
     OPENAI_CLIP_MEAN,
@@ -305,7 +306,9 @@ def test_config_defaults_mirror_the_reward_defaults():
         "clipscore": CLIPSCORE_DEFAULTS,
         "aesthetic": AESTHETIC_DEFAULTS,
         "hpsv2": HPSV2_DEFAULTS,
-        **{name: REMOTE_DEFAULTS for name in ("remote", "geneval", "ocr", "unifiedreward")},
+        "imagereward": IMAGEREWARD_DEFAULTS,
+        "hpsv3": HPSV3_DEFAULTS,
+        **{name: REMOTE_DEFAULTS for name in ("remote", "geneval", "ocr", "unifiedreward", "deqa")},
     }
     assert set(reward_options.keys()) == set(expected)
     for name, defaults in expected.items():

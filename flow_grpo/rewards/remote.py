@@ -19,7 +19,7 @@ Wire protocol (JSON only; nothing received is ever unpickled or evaluated):
   status with ``{"error": "<message>"}``.
 
 Client rewards: ``remote`` (asks for ``reward_options.remote.scorer``), and ``geneval``, ``ocr``,
-``unifiedreward``, which ask for the scorer of their own name. Their options are
+``unifiedreward``, ``deqa``, which ask for the scorer of their own name. Their options are
 :data:`REMOTE_DEFAULTS`. A batch goes in as few requests as the server's ``/health`` limits allow
 (at most ``batch_size`` images each); a 413 answer halves the request size.
 
@@ -70,7 +70,7 @@ logger = get_logger(__name__)
 CLIENT_IMAGE_FORMATS = ("auto", *IMAGE_FORMATS)
 """Values of the ``image_format`` option: ``"auto"`` = raw for a loopback server, PNG otherwise."""
 
-NAMED_REMOTE_REWARDS = ("geneval", "ocr", "unifiedreward")
+NAMED_REMOTE_REWARDS = ("geneval", "ocr", "unifiedreward", "deqa")
 """Client rewards that ask the server for the scorer of their own name."""
 
 REMOTE_DEFAULTS: dict[str, Any] = {
