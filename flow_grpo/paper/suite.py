@@ -72,7 +72,7 @@ METRICS: dict[str, Metric] = {
             scale=PICKSCORE_DIVISOR,
         ),
         Metric("unifiedreward", "UnifiedReward", "drawbench", "unifiedreward", _SERVER.format("unifiedreward") + " and a served UnifiedReward VLM"),
-        Metric("hpsv3", "HPSv3", "drawbench", "hpsv3", "pip install hpsv3 (HPSv3 on Qwen2-VL-7B, a GPU)"),
+        Metric("hpsv3", "HPSv3", "drawbench", "hpsv3", "the hpsv3 package in an environment of its own (it pins transformers 4.45); Qwen2-VL-7B on a GPU"),
     )
 }
 """Every column, in the paper's order (task metrics, then DrawBench quality metrics, then HPSv3)."""

@@ -1,6 +1,9 @@
 """Human-preference rewards scored with their authors' packages: ``imagereward`` and ``hpsv3``.
 
-Both are optional extras (``pip install ".[paper]"``) imported only when the reward is built:
+Both packages are optional and imported only when the reward is built. ``image-reward`` is the
+``paper`` extra (``pip install ".[paper]"``). ``hpsv3`` 1.0 pins transformers 4.45 and diffusers 0.39,
+older than this project needs, so it cannot share the training environment: install it in an
+environment of its own and score there (e.g. a reward server in that environment hosting ``hpsv3``).
 
 - ``imagereward``: ImageReward (Xu et al., 2023), the ``image-reward`` package (module
   ``ImageReward``): ``ImageReward.load(model, device=...)`` and ``model.score(prompt, image)`` per
@@ -36,14 +39,11 @@ HPSV3_DEFAULTS: dict[str, Any] = {"checkpoint_path": "", "batch_size": 8}
 """Options of ``hpsv3``."""
 
 
-def _import(module: str, package: str, reward: str) -> Any:
+def _import(module: str, package: str, reward: str, hint: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise ImportError(
-            f"the {reward} reward needs the {package!r} package ({error}); install it with "
-            f"`pip install {package}` or `pip install \".[paper]\"`"
-        ) from None
+        raise ImportError(f"the {reward} reward needs the {package!r} package ({error}); {hint}") from None
 
 
 def _pil_images(images: torch.Tensor) -> list[Image.Image]:
@@ -55,7 +55,7 @@ def _pil_images(images: torch.Tensor) -> list[Image.Image]:
 def make_imagereward(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     """ImageReward with the ``image-reward`` package (module docstring)."""
     settings = parse_options("imagereward", options, IMAGEREWARD_DEFAULTS)
-    package = _import("ImageReward", "image-reward", "imagereward")
+    package = _import("ImageReward", "image-reward", "imagereward", 'install it with `pip install ".[paper]"`')
     model = package.load(settings["model"], device=str(device))
 
     @torch.no_grad()
@@ -72,7 +72,9 @@ def make_hpsv3(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     settings = parse_options("hpsv3", options, HPSV3_DEFAULTS)
     if settings["batch_size"] < 1:
         raise ValueError(f"reward_options.hpsv3.batch_size must be positive, got {settings['batch_size']}")
-    package = _import("hpsv3", "hpsv3", "hpsv3")
+    package = _import(
+        "hpsv3", "hpsv3", "hpsv3", "`pip install hpsv3` in an environment of its own (it pins transformers 4.45)"
+    )
     extra = {"checkpoint_path": settings["checkpoint_path"]} if settings["checkpoint_path"] else {}
     inferencer = package.HPSv3RewardInferencer(device=str(device), **extra)
 
