@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -204,3 +205,24 @@ def test_bad_input_names_what_to_change(tmp_path) -> None:
         parse_rows(["base", "base"])
     with pytest.raises(FileNotFoundError, match="prepare-data --source published"):
         runner.benchmark_jobs(tiny_config("unused"), runner.BENCHMARKS["drawbench"], tmp_path)
+
+
+def test_the_command_writes_the_table(tiny_sd3_dir, dataset_root, reward_options, tmp_path) -> None:
+    from tests.test_tools import ROOT, _script_env
+
+    out = tmp_path / "table1"
+    options = {name: reward_options[name] for name in ("pickscore", "geneval")}
+    command = [
+        sys.executable, str(ROOT / "scripts" / "paper_eval.py"), "--config=config/grpo.py:tiny_tp_grpo",
+        f"--config.pretrained.model={tiny_sd3_dir}", "--config.sample.eval_num_steps=2", f"--out={out}",
+        "--checkpoint=base", "--metrics=geneval,drawbench_pickscore", f"--dataset_root={dataset_root}",
+        "--max_prompts=2", f"--reward_options={json.dumps(options)}",
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=_script_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| Model | GenEval | PickScore (DrawBench) |" in done.stdout
+    # The first 2 GenEval prompts: a cat (single object, right) and two dogs (counting, wrong).
+    assert "| base | 0.5000 |" in (out / "table.md").read_text()
+    assert "| base | 1.0000 | 0.0000 | 0.5000 |" in (out / "geneval_tasks.md").read_text()
+    assert json.loads((out / "table.json").read_text())["settings"]["images"] == {"geneval": 8, "drawbench": 2}
+    assert (out / "table.png").is_file()

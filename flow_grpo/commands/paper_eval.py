@@ -1,8 +1,8 @@
 """Reproduce the TP-GRPO paper's Table 1: generate the paper's benchmarks and score every column.
 
     flow-grpo-prepare-data --source published            # the paper's prompt sets, hash-verified
-    flow-grpo-paper-eval --config=config/grpo.py:geneval_sd3 --out=eval/table1 \
-        --checkpoint base --checkpoint tp_grpo=logs/<run>/checkpoints/epoch_00299/lora
+    flow-grpo-paper-eval --config=config/grpo.py:geneval_sd3 --out=eval/table1
+        --checkpoint base --checkpoint tp_grpo=logs/<run>/checkpoints/epoch_00299/lora   # (one command line)
     accelerate launch --num_processes 8 -m flow_grpo.commands.paper_eval --config=... --out=... --checkpoint=...
 
 Rows are `--checkpoint` values: `base` (the base model), a LoRA checkpoint, or `NAME=PATH`. The
@@ -29,6 +29,8 @@ from ml_collections import config_flags
 
 from flow_grpo.cli import PRESET_FILE
 from flow_grpo.commands import run_command, start_command
+from flow_grpo.config_checks import ConfigError
+from flow_grpo.paths import resolve_path
 
 _CONFIG = config_flags.DEFINE_config_file("config", f"{PRESET_FILE}:pickscore_sd3", "Preset: file:function.")
 _OUT = flags.DEFINE_string("out", None, "Output directory of the table, images and scores.", required=True)
@@ -64,6 +66,11 @@ def run(argv: list[str]) -> None:
     from flow_grpo.paper.suite import select_metrics
 
     config = _CONFIG.value
+    # The benchmarks come from --dataset_root; the preset's own prompt set (config.dataset) is not read.
+    try:
+        config.dataset = resolve_path(_DATASET_ROOT.value, "dataset_root")
+    except ConfigError as error:
+        raise SystemExit(f"error: --dataset_root: {error}; run `flow-grpo-prepare-data --source published` first") from None
     state = start_command(argv, config)
     out = Path(_OUT.value)
     try:
@@ -71,7 +78,7 @@ def run(argv: list[str]) -> None:
         rows = parse_rows(_CHECKPOINTS.value)
         options = _reward_options(config.reward_options.to_dict(), _REWARD_OPTIONS.value)
         results, settings = run_paper_evaluation(
-            config, out, rows, metrics, dataset_root=_DATASET_ROOT.value, reward_options=options,
+            config, out, rows, metrics, dataset_root=config.dataset, reward_options=options,
             max_prompts=_MAX_PROMPTS.value, lora_scale=_LORA_SCALE.value,
         )
     except (ValueError, FileNotFoundError) as error:
