@@ -65,13 +65,18 @@ def plot_table(results: Mapping[str, RowResult], metrics: Sequence[Metric], path
     plt.close(figure)
 
 
-def write_report(out_dir: str | Path, results: Mapping[str, RowResult], metrics: Sequence[Metric], settings: Mapping[str, Any]) -> list[Path]:
+def write_report(
+    out_dir: str | Path, results: Mapping[str, RowResult], metrics: Sequence[Metric], settings: Mapping[str, Any]
+) -> list[Path]:
     """Write `table.md`, `table.json`, `geneval_tasks.md` (when GenEval was scored) and `table.png`; returns the paths."""
     out = Path(out_dir)
     written = [out / "table.md", out / "table.json", out / "table.png"]
     written[0].write_text(format_table(results, metrics), encoding="utf-8")
     write_json(written[1], {
-        "columns": [{"name": m.name, "label": m.label, "benchmark": m.benchmark, "reward": m.reward, "scale": m.scale} for m in metrics],
+        "columns": [
+            {"name": m.name, "label": m.label, "benchmark": m.benchmark, "reward": m.reward, "scale": m.scale}
+            for m in metrics
+        ],
         "rows": {
             name: {"values": {key: _finite_or_none(value) for key, value in result.values.items()}, **({"geneval": result.geneval.to_dict()} if result.geneval else {})}
             for name, result in results.items()

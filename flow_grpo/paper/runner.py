@@ -113,7 +113,9 @@ def parse_rows(checkpoints: Sequence[str]) -> list[Row]:
     return rows
 
 
-def benchmark_jobs(config: ml_collections.ConfigDict, benchmark: Benchmark, dataset_root: str | os.PathLike[str], max_prompts: int = 0) -> tuple[list[ImageJob], Path]:
+def benchmark_jobs(
+    config: ml_collections.ConfigDict, benchmark: Benchmark, dataset_root: str | os.PathLike[str], max_prompts: int = 0
+) -> tuple[list[ImageJob], Path]:
     """Every image of `benchmark` (its first `max_prompts` prompts; 0 = all) with its seed, and the prompt file."""
     path = Path(dataset_root) / benchmark.prompts
     if not path.is_file():
@@ -127,7 +129,9 @@ def benchmark_jobs(config: ml_collections.ConfigDict, benchmark: Benchmark, data
     return plan_jobs(prompts, benchmark.images_per_prompt, config.seed), path
 
 
-def _settings(config: ml_collections.ConfigDict, row: Row, lora_scale: float, path: Path, benchmark: Benchmark, num_jobs: int) -> dict[str, Any]:
+def _settings(
+    config: ml_collections.ConfigDict, row: Row, lora_scale: float, path: Path, benchmark: Benchmark, num_jobs: int
+) -> dict[str, Any]:
     """What produces a benchmark's images (written to `generation.json`, compared on resume)."""
     return {
         "model": config.pretrained.model,
@@ -167,7 +171,13 @@ def _save_atomic(image: torch.Tensor, path: Path) -> None:
     os.replace(partial, path)
 
 
-def generate_row(config: ml_collections.ConfigDict, row: Row, plans: Mapping[str, tuple[list[ImageJob], Path]], out_dir: Path, lora_scale: float = 1.0) -> int:
+def generate_row(
+    config: ml_collections.ConfigDict,
+    row: Row,
+    plans: Mapping[str, tuple[list[ImageJob], Path]],
+    out_dir: Path,
+    lora_scale: float = 1.0,
+) -> int:
     """Generate the images of `row` for every benchmark in `plans` that are not on disk yet; returns how many.
 
     Every process must call this; the missing images are dealt round-robin to the processes.
@@ -233,7 +243,14 @@ def _mean(records: Sequence[Mapping[str, Any]], key: str, label: str) -> float:
     return float(values[finite].mean()) if finite.any() else math.nan
 
 
-def score_row(row: Row, metrics: Sequence[Metric], plans: Mapping[str, tuple[list[ImageJob], Path]], rewards: MultiReward, out_dir: Path, batch_size: int) -> RowResult:
+def score_row(
+    row: Row,
+    metrics: Sequence[Metric],
+    plans: Mapping[str, tuple[list[ImageJob], Path]],
+    rewards: MultiReward,
+    out_dir: Path,
+    batch_size: int,
+) -> RowResult:
     """Score `row`'s images with every metric, write each benchmark's `scores.csv`, return the row's numbers."""
     state = PartialState()
     result = RowResult({})
