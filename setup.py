@@ -25,6 +25,7 @@ setup(
     extras_require={
         "rewards": ["open_clip_torch>=2.29", "ftfy>=6.1"],
         "tensorboard": ["tensorboard>=2.14"],
+        "paper": ["image-reward>=1.5"],  # the ImageReward column of flow-grpo-paper-eval
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "tensorboard>=2.14"],
     },
     entry_points={
@@ -37,6 +38,7 @@ setup(
             "flow-grpo-reward-server=flow_grpo.commands.reward_server:main",
             "flow-grpo-reward-server-benchmark=flow_grpo.reward_server.benchmark:main",
             "flow-grpo-prepare-data=flow_grpo.commands.prepare_data:main",
+            "flow-grpo-paper-eval=flow_grpo.commands.paper_eval:main",
         ],
     },
 )

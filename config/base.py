@@ -127,9 +127,14 @@ def get_config() -> ml_collections.ConfigDict:
     reward_options.hpsv2.checkpoint = "xswu/HPSv2:HPS_v2.1_compressed.pt"  # HPS v2.1 weights: file or "<org>/<repo>:<file>"
     reward_options.hpsv2.dtype = "auto"  # model dtype: "auto", "float32", "float16", "bfloat16"
     reward_options.hpsv2.batch_size = 64  # images per model call
+    reward_options.imagereward = ml_collections.ConfigDict()
+    reward_options.imagereward.model = "ImageReward-v1.0"  # ImageReward name or checkpoint path (pip install image-reward)
+    reward_options.hpsv3 = ml_collections.ConfigDict()
+    reward_options.hpsv3.checkpoint_path = ""  # HPSv3 checkpoint; empty = the hpsv3 package's download (pip install hpsv3)
+    reward_options.hpsv3.batch_size = 8  # images per model call
     # Remote rewards: "remote" asks the server for `scorer`; the named ones ask for a fixed scorer
-    # (geneval, geneval_strict, geneval_correct: "geneval"; ocr, ocr_exact, unifiedreward: their own name).
-    for remote_name in ("remote", "geneval", "geneval_strict", "geneval_correct", "ocr", "ocr_exact", "unifiedreward"):
+    # (geneval, geneval_strict, geneval_correct: "geneval"; ocr, ocr_exact, unifiedreward, deqa: their own name).
+    for remote_name in ("remote", "geneval", "geneval_strict", "geneval_correct", "ocr", "ocr_exact", "unifiedreward", "deqa"):
         remote = reward_options[remote_name] = ml_collections.ConfigDict()
         remote.url = "http://127.0.0.1:18085"  # base URL of the reward server (scripts/reward_server.py)
         remote.scorer = ""  # scorer name asked of the server; empty = the reward's own name (required for "remote")

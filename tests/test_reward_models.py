@@ -28,6 +28,7 @@ from flow_grpo.rewards.clip_models import (
     load_aesthetic_head,
 )
 from flow_grpo.rewards.hpsv2 import HPSV2_DEFAULTS
+from flow_grpo.rewards.preference import HPSV3_DEFAULTS, IMAGEREWARD_DEFAULTS
 from flow_grpo.rewards.remote import NAMED_REMOTE_REWARDS, REMOTE_DEFAULTS
 from flow_grpo.testing.rewards import (
     OPENAI_CLIP_MEAN,
@@ -323,6 +324,8 @@ def test_config_defaults_mirror_the_reward_defaults():
         "clipscore_hessel": CLIPSCORE_HESSEL_DEFAULTS,
         "aesthetic": AESTHETIC_DEFAULTS,
         "hpsv2": HPSV2_DEFAULTS,
+        "imagereward": IMAGEREWARD_DEFAULTS,
+        "hpsv3": HPSV3_DEFAULTS,
         **{name: REMOTE_DEFAULTS for name in ("remote", *NAMED_REMOTE_REWARDS)},
     }
     assert set(reward_options.keys()) == set(expected)

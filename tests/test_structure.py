@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("run",),
     ("sampling",),
     ("training",),
-    ("bench",),
+    ("bench", "paper"),
     ("commands",),
     ("train",),
 ]

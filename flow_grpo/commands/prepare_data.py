@@ -2,19 +2,26 @@
 
 The `flow-grpo-prepare-data` command; from a checkout, `python scripts/prepare_data.py`:
 
+    python scripts/prepare_data.py --source published         # the paper's exact sets (pickscore_sfw, geneval, ocr, drawbench)
+    python scripts/prepare_data.py --source published --from ~/TurningPoint-GRPO   # the same from a local clone
     python scripts/prepare_data.py --source pickapic_sfw      # -> dataset/pickscore_sfw/train.txt, test.txt
     python scripts/prepare_data.py --source pickapic          # -> dataset/pickapic/train.txt, test.txt
     python scripts/prepare_data.py --source geneval           # -> dataset/geneval/{train,test}_metadata.jsonl
     python scripts/prepare_data.py --source ocr               # -> dataset/ocr/train.txt, test.txt
     python scripts/prepare_data.py --source files --inputs my_prompts.txt,more.jsonl --name custom
 
-Sources (all but `files` need network access):
+Sources (all but `files` and `published --from` need network access):
 
-- `pickapic_sfw`: the prompt set of the published PickScore runs, read by the PickScore presets. The
-  unique captions of the `train` split of `CarperAI/pickapic_v1_no_images_training_sfw` (Pick-a-Pic
-  captions filtered for safe content, on the Hugging Face hub, read with the `datasets` library:
-  `pip install datasets`) with at least 6 words, shuffled with `--seed` (default 42, the presets'
-  seed); the first `--test_size` (1,024) are the test set, the rest the train set.
+- `published`: the prompt sets the TP-GRPO paper used, copied byte for byte from the authors'
+  repository at a pinned commit (`flow_grpo.paper.published`): `pickscore_sfw/`, `geneval/`,
+  `ocr/` and `drawbench/` under `--out`. Each file's git blob hash is checked before anything is
+  written. `--from DIR` reads a clone (or a folder laid out like its `dataset/`) instead of
+  downloading. This is the source that reproduces the paper; the others are alternatives.
+- `pickapic_sfw`: a rebuild of the PickScore prompt set (not the published split, which was shuffled
+  without a seed; use `published` for that). The unique captions of the `train` split of
+  `CarperAI/pickapic_v1_no_images_training_sfw` (Pick-a-Pic captions filtered for safe content, on
+  the Hugging Face hub, read with the `datasets` library: `pip install datasets`) with at least 6
+  words, shuffled with `--seed` (default 42); the first `--test_size` (1,024) are the test set, the rest the train set.
 - `pickapic`: the unfiltered captions of Pick-a-Pic (`yuvalkirstain/pickapic_v1_no_images`, also read
   with `datasets`). Train prompts come from its `train` split, test prompts from `test_unique`.
 - `geneval`: GenEval's prompt metadata (`prompts/evaluation_metadata.jsonl` of
@@ -67,8 +74,10 @@ DEFAULT_NAMES = {
     "geneval": "geneval",
     "ocr": "ocr",
     "files": "custom",
+    "published": "",
 }
-"""Output directory name per source; the presets read `dataset/pickscore_sfw`, `dataset/geneval`, `dataset/ocr`."""
+"""Output directory name per source; the presets read `dataset/pickscore_sfw`, `dataset/geneval`, `dataset/ocr`.
+`published` writes several folders under `--out` and takes no `--name`."""
 
 
 # ------------------------------------------------------------------------ pure functions
@@ -311,11 +320,35 @@ flags.DEFINE_string("hf_test_split", "test_unique", "pickapic: split of the test
 flags.DEFINE_string("hf_column", "caption", "pickapic(_sfw): column holding the prompt.", flag_values=_FLAGS)
 flags.DEFINE_string("inputs", "", "files: comma-separated .txt / .jsonl prompt files.", flag_values=_FLAGS)
 flags.DEFINE_string("test_inputs", "", "files: comma-separated test prompt files (else split).", flag_values=_FLAGS)
+flags.DEFINE_string(
+    "from", "", "published: a clone of the authors' repository or a folder of its dataset files; empty = download.",
+    flag_values=_FLAGS,
+)
+
+
+def prepare_published(args: flags.FlagValues) -> None:
+    """`--source published`: verify every published file (downloaded or `--from`), then write them under `--out`."""
+    from flow_grpo.paper.published import PUBLISHED_COMMIT, collect_published, write_published
+
+    source_dir = args["from"].value or None
+    if args.name:
+        raise SystemExit("error: --source published writes pickscore_sfw/, geneval/, ocr/ and drawbench/; drop --name")
+    try:
+        contents = collect_published(source_dir)
+        written = write_published(args.out, contents, source_dir or "github", overwrite=args.overwrite)
+    except (RuntimeError, ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{len(written)} published prompt files of commit {PUBLISHED_COMMIT}, hashes verified, in {args.out}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Build the prompt set the flags describe (`argv`: the flags, default `sys.argv[1:]`)."""
     args = parse_flags(_FLAGS, argv, __doc__, "flow-grpo-prepare-data")
+    if args.source == "published":
+        prepare_published(args)
+        return
     try:
         candidates, test_candidates, provenance = collect(args)
         train, test = split_prompts(candidates, args.test_fraction, args.seed, test_candidates)

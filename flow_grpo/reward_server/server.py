@@ -7,7 +7,8 @@ and the server-side scorers that need their own environment:
   correctness as details (:mod:`flow_grpo.reward_server.geneval`);
 - ``ocr``: OCR accuracy against the quoted text of the prompt, as the public Flow-GRPO rule, and
   ``ocr_exact``, the whole-text rule (:mod:`flow_grpo.reward_server.ocr`);
-- ``unifiedreward``: a VLM judge served behind an OpenAI-compatible API (:mod:`flow_grpo.reward_server.vlm_judge`).
+- ``unifiedreward``: a VLM judge served behind an OpenAI-compatible API (:mod:`flow_grpo.reward_server.vlm_judge`);
+- ``deqa``: DeQA-Score image quality from a served DeQA-Score model's level-word probabilities (:mod:`flow_grpo.reward_server.deqa`).
 
 Their packages are imported only when the scorer is built, and a missing package is reported
 with the command that installs it. Requests are decoded from JSON and base64 only (no pickle) and
@@ -46,6 +47,7 @@ SERVER_SCORERS: dict[str, str] = {
     "ocr": "flow_grpo.reward_server.ocr:make_ocr_scorer",
     "ocr_exact": "flow_grpo.reward_server.ocr:make_ocr_exact_scorer",
     "unifiedreward": "flow_grpo.reward_server.vlm_judge:make_unifiedreward_scorer",
+    "deqa": "flow_grpo.reward_server.deqa:make_deqa_scorer",
 }
 """Server-side scorers (``name -> "module:factory"``); their factories take ``(device, options)``."""
 

@@ -99,13 +99,10 @@ class VlmJudge:
             scores = list(pool.map(self.judge_one, pixels, prompts))
         return torch.tensor(scores, dtype=torch.float32)
 
-    def judge_one(self, image: np.ndarray, prompt: str) -> float:
-        """Score one uint8 ``(H, W, 3)`` image against its prompt."""
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-        data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    def request_body(self, data_url: str, prompt: str) -> dict[str, Any]:
+        """The chat-completion request for one image (a PNG data URL) and its prompt."""
         instruction = self.options["prompt_template"].replace("{prompt}", prompt)
-        body = {
+        return {
             "model": self.options["model"],
             "messages": [
                 {
@@ -119,6 +116,21 @@ class VlmJudge:
             "max_tokens": self.options["max_tokens"],
             "temperature": self.options["temperature"],
         }
+
+    def score_reply(self, reply: Mapping[str, Any]) -> float:
+        """The score of one chat-completion reply: `parse_score` of the answer's text."""
+        try:
+            text = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise RuntimeError(f"The judge at {self.endpoint} sent no chat completion: {str(reply)[:300]}") from None
+        return self.parse_score(str(text))
+
+    def judge_one(self, image: np.ndarray, prompt: str) -> float:
+        """Score one uint8 ``(H, W, 3)`` image against its prompt."""
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+        data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        body = self.request_body(data_url, prompt)
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -132,11 +144,7 @@ class VlmJudge:
             ) from None
         except (urllib.error.URLError, TimeoutError) as error:
             raise RuntimeError(f"The judge at {self.endpoint} is unreachable or timed out: {error}") from None
-        try:
-            text = reply["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise RuntimeError(f"The judge at {self.endpoint} sent no chat completion: {str(reply)[:300]}") from None
-        return self.parse_score(str(text))
+        return self.score_reply(reply)
 
     def parse_score(self, text: str) -> float:
         """Score from the judge's answer, clamped and (optionally) normalised."""

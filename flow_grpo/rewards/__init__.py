@@ -6,11 +6,12 @@ are imported only inside the factories, when a reward is built:
 - weight-free: ``jpeg_compressibility``, ``jpeg_incompressibility`` (:mod:`.jpeg`);
 - local models: ``pickscore``, ``clipscore``, ``aesthetic`` (:mod:`.clip_models`, transformers)
   and ``hpsv2`` (:mod:`.hpsv2`, open_clip);
-- remote: ``remote``, ``geneval``, ``ocr``, ``unifiedreward`` (:mod:`.remote`), scored by a reward
+- authors' packages (optional): ``imagereward``, ``hpsv3`` (:mod:`.preference`);
+- remote: ``remote``, ``geneval``, ``ocr``, ``unifiedreward``, ``deqa`` (:mod:`.remote`), scored by a reward
   server (:mod:`flow_grpo.reward_server`, ``scripts/reward_server.py``).
 """
 
-from flow_grpo.rewards import clip_models, hpsv2, jpeg, remote
+from flow_grpo.rewards import clip_models, hpsv2, jpeg, preference, remote
 from flow_grpo.rewards.clip_models import AestheticHead
 from flow_grpo.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb
 from flow_grpo.rewards.preprocess import ImagePreprocess
@@ -57,6 +58,7 @@ __all__ = [
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "jpeg_size_kb",
+    "preference",
     "register_reward",
     "remote",
 ]

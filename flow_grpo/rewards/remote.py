@@ -22,7 +22,7 @@ Wire protocol (JSON only; nothing received is ever unpickled or evaluated):
 Client rewards: ``remote`` (asks for ``reward_options.remote.scorer``) and the named rewards of
 :data:`NAMED_REMOTE_REWARDS`: ``geneval`` (the public training score), ``geneval_strict`` and
 ``geneval_correct`` (the strict and the official 0/1 correctness as the score; all three ask the
-``geneval`` scorer and return its details), ``ocr``, ``ocr_exact`` and ``unifiedreward``, which ask
+``geneval`` scorer and return its details), ``ocr``, ``ocr_exact``, ``unifiedreward`` and ``deqa``, which ask
 for the scorer of their own name. Their options are :data:`REMOTE_DEFAULTS`. A batch goes in as few requests as the server's ``/health`` limits allow
 (at most ``batch_size`` images each); a 413 answer halves the request size.
 
@@ -81,6 +81,7 @@ _NAMED_SCORERS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ocr": ("ocr", (), ""),
     "ocr_exact": ("ocr_exact", (), ""),
     "unifiedreward": ("unifiedreward", (), ""),
+    "deqa": ("deqa", (), ""),
 }
 """Named client reward -> (server scorer, its detail names, the detail used as the score or "")."""
 
