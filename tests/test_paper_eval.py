@@ -13,6 +13,7 @@ import torch
 
 from flow_grpo.paper import runner
 from flow_grpo.paper.geneval_table import format_task_table, summarize_geneval
+from flow_grpo.rewards.score_details import GENEVAL_DETAILS
 from flow_grpo.paper.report import write_report
 from flow_grpo.paper.runner import Row, parse_rows, run_paper_evaluation
 from flow_grpo.paper.suite import select_metrics
@@ -55,8 +56,16 @@ def test_geneval_counts_only_strict_ones_and_needs_tags() -> None:
 # ---------------------------------------------------------------- the evaluation
 
 
-def _fake_geneval(images, prompts, metadata):
-    return torch.tensor([1.0 if "cat" in prompt else 0.0 for prompt in prompts])
+class _FakeGenEval:
+    """The GenEval scorer's reply: a partial score and its details; only images of a cat are correct."""
+
+    detail_names = GENEVAL_DETAILS
+
+    def __call__(self, images, prompts, metadata):
+        correct = torch.tensor([1.0 if "cat" in prompt else 0.0 for prompt in prompts])
+        details = {name: torch.full_like(correct, float("nan")) for name in GENEVAL_DETAILS}
+        details["strict"] = details["correct"] = correct
+        return {"score": 0.4 + correct / 2, **details}  # a partial score never 1: the table must not use it
 
 
 def _fake_judge(images, prompts, metadata):
@@ -66,7 +75,7 @@ def _fake_judge(images, prompts, metadata):
 @pytest.fixture(scope="module")
 def judges():
     """A reward server hosting stand-ins for the GenEval, OCR, UnifiedReward and DeQA scorers."""
-    scorers = {"geneval": _fake_geneval, "ocr": _fake_judge, "unifiedreward": _fake_judge, "deqa": _fake_judge}
+    scorers = {"geneval": _FakeGenEval(), "ocr": _fake_judge, "unifiedreward": _fake_judge, "deqa": _fake_judge}
     with RewardServer(scorers, host="127.0.0.1", port=0) as server:
         yield server
 
@@ -121,7 +130,7 @@ def reward_options(judges, tmp_path_factory) -> dict:
     return {
         "pickscore": {"model": clip, "processor": clip},
         "aesthetic": {"model": clip, "head": head},
-        **{name: remote for name in ("geneval", "ocr", "unifiedreward", "deqa")},
+        **{name: remote for name in ("geneval_correct", "ocr", "unifiedreward", "deqa")},
     }
 
 
@@ -211,7 +220,7 @@ def test_the_command_writes_the_table(tiny_sd3_dir, dataset_root, reward_options
     from tests.test_tools import ROOT, _script_env
 
     out = tmp_path / "table1"
-    options = {name: reward_options[name] for name in ("pickscore", "geneval")}
+    options = {name: reward_options[name] for name in ("pickscore", "geneval_correct")}
     command = [
         sys.executable, str(ROOT / "scripts" / "paper_eval.py"), "--config=config/grpo.py:tiny_tp_grpo",
         f"--config.pretrained.model={tiny_sd3_dir}", "--config.sample.eval_num_steps=2", f"--out={out}",

@@ -210,7 +210,7 @@ def test_resume_refuses_a_checkpoint_whose_unpickling_would_run_code(tiny_sd3_di
 
 
 def test_nonfinite_eval_scores_are_counted_not_averaged(monkeypatch) -> None:
-    from flow_grpo.sampling.rollouts import evaluation
+    from flow_grpo.sampling import evaluation
     from flow_grpo.sampling.generation import ImageJob
     from flow_grpo.rewards.registry import MultiReward
 

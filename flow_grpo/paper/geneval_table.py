@@ -7,8 +7,9 @@ prompt. A mean over prompts or images instead weights each task by its number of
 evaluation prompts are 80 single object, 99 two objects, 80 counting, 94 colours, 100 position and
 100 colour attribution), which gives a different number.
 
-An image is correct when the `geneval` scorer gives it 1: every `include` clause met and no
-`exclude` clause hit (:mod:`flow_grpo.reward_server.geneval`).
+An image is correct by GenEval's official rule, the `geneval_correct` reward (the `correct` detail of
+the `geneval` scorer): every `include` clause met and no `exclude` clause hit
+(:mod:`flow_grpo.reward_server.geneval`); the training reward `geneval` is the partial score instead.
 """
 
 from __future__ import annotations

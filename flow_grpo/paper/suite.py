@@ -61,7 +61,7 @@ _SERVER = "a reward server hosting the scorer (flow-grpo-reward-server --scorers
 METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in (
-        Metric("geneval", "GenEval", "geneval", "geneval", _SERVER.format("geneval") + ": Mask2Former + CLIP", geneval=True),
+        Metric("geneval", "GenEval", "geneval", "geneval_correct", _SERVER.format("geneval") + ": Mask2Former + CLIP", geneval=True),
         Metric("ocr", "OCR", "ocr", "ocr", _SERVER.format("ocr") + ": PaddleOCR"),
         Metric("pickscore", "PickScore", "pickscore", "pickscore", "PickScore_v1 weights", scale=PICKSCORE_DIVISOR),
         Metric("aesthetic", "Aesthetic", "drawbench", "aesthetic", "CLIP ViT-L/14 + LAION aesthetic head"),
