@@ -35,6 +35,7 @@ setup(
             "flow-grpo-generate=flow_grpo.commands.generate:main",
             "flow-grpo-benchmark=flow_grpo.commands.benchmark:main",
             "flow-grpo-memory=flow_grpo.commands.memory:main",
+            "flow-grpo-tp-agreement=flow_grpo.commands.tp_agreement:main",
             "flow-grpo-reward-server=flow_grpo.commands.reward_server:main",
             "flow-grpo-reward-server-benchmark=flow_grpo.reward_server.benchmark:main",
             "flow-grpo-prepare-data=flow_grpo.commands.prepare_data:main",

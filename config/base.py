@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     tp.consistent = True  # require the consistency condition K_j for turning points (paper's stricter definition)
     tp.first_step = True  # apply the initial-step rule to window step 0
     tp.balance = True  # balance positive and negative turning points over the epoch batch
+    tp.completion_steps = 0  # Euler steps completing each window state to sigma 0: 0 = exact (the paper), k >= 1 = at most k on evenly spaced indices of the remaining grid (docs/algorithm.md, Completion modes)
 
     # ---- training ----
     config.train = train = ml_collections.ConfigDict()

@@ -112,6 +112,29 @@ def test_count_only_needs_no_timing() -> None:
     assert "| Flow-GRPO rollout" in format_report(report).splitlines()[-1]
 
 
+def test_completion_modes_are_counted_with_their_epoch_ratio(capsys: pytest.CaptureFixture) -> None:
+    """k = 1 runs the Flow-GRPO transformer calls and adds W B decodes; the epoch ratio is the documented sum."""
+    from flow_grpo.commands import benchmark as script
+
+    settings = default_settings("tiny", count_only=True, completion_steps=(0, 1, 2))
+    report = run_benchmark(settings)
+    modes = {mode.completion_steps: mode for mode in report.modes}
+    assert [mode.rows_per_trajectory for mode in report.modes] == [10, 4, 7]  # N 4, W 3 from 0
+    flops = {phase.name: phase.flops for phase in report.phases}
+    assert modes[0].rollout_flops == flops["tp_grpo_rollout"]
+    decodes = settings.window_size * settings.prompts * report.components["vae_decode_per_image"]
+    assert modes[1].rollout_flops == flops["flow_grpo_rollout"] + decodes
+    flow = flops["flow_grpo_rollout"] + flops["scoring"] / (settings.window_size + 1) + flops["update"]
+    for mode in report.modes:
+        assert mode.epoch_ratio == pytest.approx((mode.rollout_flops + flops["scoring"] + flops["update"]) / flow)
+    assert modes[1].epoch_ratio < modes[2].epoch_ratio < modes[0].epoch_ratio
+    assert script.main(["--size", "tiny", "--count_only", "--completion_steps", "2,1", "--phases", "flow_grpo_rollout"]) == 0
+    printed = capsys.readouterr().out
+    assert "| k = 2      |                             7 |" in printed and "| k = 1 " in printed
+    with pytest.raises(ValueError, match="completion_steps"):
+        BenchmarkSettings(completion_steps=(1, 1))
+
+
 def test_settings_reject_bad_windows_and_buckets() -> None:
     with pytest.raises(ValueError, match="window"):
         BenchmarkSettings(num_steps=10, window_size=10)

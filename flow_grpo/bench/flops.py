@@ -11,11 +11,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from flow_grpo.bench.models import BenchmarkModels
-from flow_grpo.bench.phases import seeded_generator, benchmark_texts, run_phases
+from flow_grpo.bench.phases import seeded_generator, benchmark_texts, rollout_phase, run_phases
 from flow_grpo.bench.settings import BenchmarkSettings
 from flow_grpo.training.step import adapters_disabled
 
-__all__ = ["component_flops", "count_flops", "count_phase_flops"]
+__all__ = ["component_flops", "count_flops", "count_mode_flops", "count_phase_flops"]
 
 T = TypeVar("T")
 
@@ -52,6 +52,23 @@ def count_phase_flops(models: BenchmarkModels, settings: BenchmarkSettings) -> d
         return result
 
     run_phases(models, settings, measure, bucketed=False)
+    return flops
+
+
+def count_mode_flops(models: BenchmarkModels, settings: BenchmarkSettings, counted: dict[int, int]) -> dict[int, int]:
+    """TP-GRPO rollout FLOPs (decodes included, no bucket padding) of every mode of `settings.completion_steps`.
+
+    Args:
+        counted: modes already counted (completion steps -> FLOPs), e.g. the `tp_grpo_rollout` phase's.
+    """
+    prompts = models.adapter.encode_prompts(benchmark_texts(settings.prompts))
+    flops = {}
+    for mode in settings.completion_steps:
+        if mode not in counted:
+            counted[mode] = count_flops(
+                lambda: rollout_phase(models, settings, prompts, branches=True, bucketed=False, completion_steps=mode)
+            )
+        flops[mode] = counted[mode]
     return flops
 
 

@@ -48,19 +48,26 @@ def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 def rollout_phase(
-    models: BenchmarkModels, settings: BenchmarkSettings, prompts: PromptEmbeds, *, branches: bool, bucketed: bool = True
+    models: BenchmarkModels,
+    settings: BenchmarkSettings,
+    prompts: PromptEmbeds,
+    *,
+    branches: bool,
+    bucketed: bool = True,
+    completion_steps: int | None = None,
 ) -> Rollout:
     """One rollout of the batch, through the trainer's own `training_rollout`: Flow-GRPO's window rollout, or with
     `branches` the lockstep TP-GRPO one (uint8 images in `settings.decode_chunk` decodes, as in training).
 
     Args:
         bucketed: pad transformer calls to `settings.state_buckets` (off when counting true FLOPs).
+        completion_steps: the TP-GRPO completion mode; None = the first of `settings.completion_steps`.
     """
     with models.autocast():
         return training_rollout(
             models.adapter,
             prompts,
-            settings.rollout_settings(branches, bucketed),
+            settings.rollout_settings(branches, bucketed, completion_steps),
             window_start=settings.window_start,
             generator=seeded_generator(models.device, settings.seed),
         )

@@ -5,19 +5,20 @@ from __future__ import annotations
 import datetime
 import platform
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from flow_grpo.bench.flops import component_flops, count_phase_flops
+from flow_grpo.bench.flops import component_flops, count_mode_flops, count_phase_flops
 from flow_grpo.bench.models import build_models
 from flow_grpo.bench.phases import PhaseResult, time_call, time_phases
 from flow_grpo.bench.settings import PHASES, BenchmarkSettings, resolve_device, resolve_mixed_precision
 from flow_grpo.precision import mixed_precision_dtype
+from flow_grpo.sampling.rollouts import states_per_call
 from flow_grpo.testing.architectures import model_spec
 
-__all__ = ["BenchmarkReport", "MatmulCeiling", "describe_device", "format_report", "matmul_ceiling", "run_benchmark"]
+__all__ = ["BenchmarkReport", "CompletionMode", "MatmulCeiling", "completion_modes", "describe_device", "format_report", "matmul_ceiling", "run_benchmark"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,43 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int, *, warmu
     return MatmulCeiling(size=size, dtype=str(dtype).removeprefix("torch."), seconds=statistics.median(times))
 
 
+@dataclass(frozen=True)
+class CompletionMode:
+    """One TP-GRPO completion mode's cost per sampling batch against Flow-GRPO's (FLOPs counted on the meta device).
+
+    Attributes:
+        completion_steps: `tp.completion_steps` (0 = exact).
+        rows_per_trajectory: transformer states per trajectory of the rollout (a CFG state is two batch rows).
+        rollout_flops: the TP-GRPO rollout, decodes included.
+        epoch_ratio: (TP-GRPO rollout + scoring its B (W + 1) images + update) over (Flow-GRPO rollout +
+            scoring B images + update); None unless the rollouts, scoring and update were all counted.
+    """
+
+    completion_steps: int
+    rows_per_trajectory: int
+    rollout_flops: int
+    epoch_ratio: float | None
+
+
+def completion_modes(settings: BenchmarkSettings, phase_flops: dict[str, int | None], mode_flops: dict[int, int]) -> list[CompletionMode]:
+    """The modes of `mode_flops` (completion steps -> TP-GRPO rollout FLOPs) with their epoch FLOP ratio.
+
+    Scoring is per image, so Flow-GRPO's B final images cost `1 / (W + 1)` of the scoring phase.
+    """
+    needed = ("flow_grpo_rollout", "scoring", "update")
+    counted = all(phase_flops.get(name) is not None for name in needed)
+    modes = []
+    for mode, flops in mode_flops.items():
+        ratio = None
+        if counted:
+            scoring, update = phase_flops["scoring"], phase_flops["update"]
+            flow = phase_flops["flow_grpo_rollout"] + scoring / (settings.window_size + 1) + update
+            ratio = (flops + scoring + update) / flow
+        rows = sum(states_per_call(settings.num_steps, settings.window_start, settings.window_size, mode))
+        modes.append(CompletionMode(mode, rows, flops, ratio))
+    return modes
+
+
 @dataclass
 class BenchmarkReport:
     """Result of `run_benchmark`.
@@ -62,6 +100,7 @@ class BenchmarkReport:
         components: FLOPs of single calls (see `component_flops`).
         memory: what `PhaseResult.peak_memory_bytes` means on this device.
         phases: per phase, in run order.
+        modes: the TP-GRPO completion modes counted (`settings.completion_steps`); empty when not counted.
     """
 
     settings: BenchmarkSettings
@@ -74,6 +113,7 @@ class BenchmarkReport:
     components: dict[str, int]
     memory: str
     phases: list[PhaseResult]
+    modes: list[CompletionMode] = field(default_factory=list)
 
     def phase(self, name: str) -> PhaseResult:
         return next(p for p in self.phases if p.name == name)
@@ -94,6 +134,7 @@ class BenchmarkReport:
             "components_flops": self.components,
             "memory": self.memory,
             "phases": [phase.to_dict() for phase in self.phases],
+            "completion_modes": [asdict(mode) for mode in self.modes],
         }
 
 
@@ -137,10 +178,13 @@ def run_benchmark(settings: BenchmarkSettings) -> BenchmarkReport:
     spec = model_spec(settings.size)
     components: dict[str, int] = {}
     flops: dict[str, int | None] = dict.fromkeys(settings.phases)
+    modes: list[CompletionMode] = []
     if settings.count_flops or settings.count_only:
         meta = build_models(spec, settings, torch.device("meta"), "no", optimized=False)
         components = component_flops(meta, settings)
         flops = count_phase_flops(meta, settings)
+        first = {settings.completion_steps[0]: flops["tp_grpo_rollout"]} if "tp_grpo_rollout" in flops else {}
+        modes = completion_modes(settings, flops, count_mode_flops(meta, settings, first))
         del meta
     ceiling = None
     if settings.count_only:
@@ -169,6 +213,7 @@ def run_benchmark(settings: BenchmarkSettings) -> BenchmarkReport:
         components=components,
         memory=memory if not settings.count_only else "n/a",
         phases=[phases[name] for name in PHASES if name in phases],
+        modes=modes,
     )
 
 
@@ -220,6 +265,18 @@ def format_report(report: BenchmarkReport) -> str:
         c = report.ceiling
         lines.append(f"matmul ceiling: {c.size}^3 {c.dtype} at {_si(c.flops_per_second, 'FLOP/s')}")
     lines.append(f"peak memory: {report.memory}")
+    if report.modes:
+        lines += ["", f"TP-GRPO completion modes (window from {s.window_start}; epoch = rollout + scoring + update per batch):"]
+        mode_rows = [
+            (
+                "exact" if m.completion_steps == 0 else f"k = {m.completion_steps}",
+                str(m.rows_per_trajectory),
+                _si(m.rollout_flops),
+                f"{m.epoch_ratio:.2f}x" if m.epoch_ratio is not None else "-",
+            )
+            for m in report.modes
+        ]
+        lines += _table(("completion", "transformer rows / trajectory", "TP-GRPO rollout FLOP", "epoch FLOP TP / Flow"), mode_rows)
     header = ("phase", "seconds", "first run s", "FLOP", "FLOP/s", "of matmul", "peak memory")
     rows = []
     for phase in report.phases:
@@ -237,10 +294,15 @@ def format_report(report: BenchmarkReport) -> str:
                 memory,
             )
         )
+    return "\n".join(lines + [""] + _table(header, rows))
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A markdown table: the first column left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     table = [
         "| " + " | ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)) + " |"
         for row in (header, *rows)
     ]
     table.insert(1, "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|")
-    return "\n".join(lines + [""] + table)
+    return table

@@ -56,6 +56,8 @@ class BenchmarkSettings:
         max_states_per_call: bound on states per transformer / VAE call in rollouts; 0 = none.
         state_buckets: pad each rollout transformer call to one of these state counts (timed only).
         decode_chunk: images per VAE decode call of a rollout; 0 = all in one call (the presets' `sample.decode_chunk`).
+        completion_steps: TP-GRPO completion modes (`tp.completion_steps`, 0 = exact). The first is
+            the `tp_grpo_rollout` phase (timed, scored and trained on); every mode's rollout is counted.
         compile: compile the transformer per phase as the trainer does (`flow_grpo.training.compile`; timed models only).
         compile_backend: dynamo backend of `compile`; "eager" only traces (CPU dry runs).
         attention_backend: diffusers attention backend of the timed transformer; "" = default.
@@ -91,6 +93,7 @@ class BenchmarkSettings:
     max_states_per_call: int = 0
     state_buckets: tuple[int, ...] = ()
     decode_chunk: int = 9
+    completion_steps: tuple[int, ...] = (0,)
     compile: bool = False
     compile_backend: str = "inductor"
     attention_backend: str = ""
@@ -131,11 +134,17 @@ class BenchmarkSettings:
             raise ValueError("warmup must be >= 0 and repeats >= 1")
         if self.decode_chunk < 0:
             raise ValueError("decode_chunk must be >= 0 (0 = every image of a rollout in one VAE call)")
+        modes = tuple(self.completion_steps)
+        if not modes or any(not isinstance(k, int) or k < 0 for k in modes) or len(set(modes)) != len(modes):
+            raise ValueError(f"completion_steps must be distinct integers >= 0 (0 = exact), got {modes}")
         if self.train_batch_size < 0:
             raise ValueError("train_batch_size must be >= 0 (0 = all trajectories in one micro-batch)")
 
-    def rollout_settings(self, branches: bool, bucketed: bool = True) -> RolloutSettings:
-        """The training rollout these settings describe (TP-GRPO with `branches`); `bucketed` keeps the state buckets."""
+    def rollout_settings(self, branches: bool, bucketed: bool = True, completion_steps: int | None = None) -> RolloutSettings:
+        """The training rollout these settings describe (TP-GRPO with `branches`); `bucketed` keeps the state buckets.
+
+        `completion_steps`: the TP-GRPO completion mode; None = the first of `self.completion_steps`.
+        """
         return RolloutSettings(
             num_steps=self.num_steps,
             resolution=self.resolution,
@@ -143,6 +152,7 @@ class BenchmarkSettings:
             noise_level=self.noise_level,
             step_kind=self.step_kind,
             branches=branches,
+            completion_steps=self.completion_steps[0] if completion_steps is None else completion_steps,
             max_states_per_call=self.max_states_per_call,
             state_buckets=tuple(self.state_buckets) if bucketed else (),
             decode_chunk=self.decode_chunk,

@@ -6,12 +6,13 @@ The `flow-grpo-benchmark` command; from a checkout, `python scripts/benchmark.py
     flow-grpo-benchmark --size sd3 --json sd3.json       # SD3.5-Medium size, one GPU, bf16
     flow-grpo-benchmark --size sd3 --compile --state_buckets 18,36,54,72,90
     flow-grpo-benchmark --size flux --count_only         # FLOPs only (meta device), any machine
+    flow-grpo-benchmark --size sd3 --count_only --completion_steps 0,1,2,3   # cost of each TP-GRPO completion mode
     flow-grpo-benchmark --memory --preset pickscore_flux --num_processes 8   # memory preflight, any machine
     flow-grpo-benchmark --reward_server --scorer tiny_clip --clients 2       # reward server throughput
 
 Each flag left out keeps the size's preset (`flow_grpo.bench.settings.default_settings`); the flags
 are named like the config keys they mirror (`--num_steps`, `--window_size`, `--guidance_scale`,
-`--state_buckets`, `--max_states_per_call`, `--decode_chunk`; `--steps`, `--window`, `--cfg`, `--buckets` are aliases).
+`--state_buckets`, `--max_states_per_call`, `--decode_chunk`, `--completion_steps`; `--steps`, `--window`, `--cfg`, `--buckets` are aliases).
 The table of seconds, true FLOPs and FLOP/s, fraction of the measured matrix-product ceiling and
 peak memory per phase is printed last; `--json` also writes every number. `--memory` runs the memory
 preflight (`flow-grpo-memory`) and `--reward_server` the reward server benchmark
@@ -63,6 +64,10 @@ _setting(flags.DEFINE_bool, "gradient_checkpointing", "Recompute activations in 
 _setting(flags.DEFINE_integer, "max_states_per_call", "Bound on states per transformer / VAE call; 0 = none.")
 _setting(flags.DEFINE_integer, "decode_chunk", "Images per VAE decode call of a rollout (sample.decode_chunk); 0 = one call.")
 _setting(flags.DEFINE_list, "state_buckets", "State buckets, e.g. 18,36,54,72,90 (calls padded up).")
+_setting(
+    flags.DEFINE_list, "completion_steps",
+    "TP-GRPO completion modes (tp.completion_steps), e.g. 0,1,2,3; the first is timed, every one counted.",
+)
 _setting(flags.DEFINE_bool, "compile", "Compile the transformer per phase, as the trainer.")
 _setting(flags.DEFINE_string, "compile_backend", "Dynamo backend of --compile; eager only traces.")
 _setting(flags.DEFINE_string, "attention_backend", "Diffusers attention backend, e.g. flash, _native_cudnn; '' = default.")
@@ -95,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parsed = parse_flags(_FLAGS, args, __doc__, "flow-grpo-benchmark")
     overrides = {name: parsed[name].value for name in _SETTINGS if parsed[name].value is not None}
-    if "state_buckets" in overrides:
-        overrides["state_buckets"] = int_list(overrides["state_buckets"], "state_buckets")
+    for name in ("state_buckets", "completion_steps"):
+        if name in overrides:
+            overrides[name] = int_list(overrides[name], name)
     if "phases" in overrides:
         overrides["phases"] = tuple(name.strip() for name in overrides["phases"] if name.strip())
     try:

@@ -162,6 +162,7 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
     """
     _check_run(config)
     _check_sample(config)
+    _check_completion(config)
     _check_window(config)
     check_model_and_resolution(config, check_path=check_paths)
     if check_paths:
@@ -231,6 +232,23 @@ def _check_sample(config: ml_collections.ConfigDict) -> None:
         )
     _positive_int(config, "sample.eval_batch_size")
     _positive_int(config, "sample.resolution")
+
+
+def _check_completion(config: ml_collections.ConfigDict) -> None:
+    """`config.tp.completion_steps`: a non-negative integer, and only TP-GRPO completes window states."""
+    steps = config.tp.completion_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        _fail(
+            "tp.completion_steps",
+            f"must be a non-negative integer, got {steps!r}",
+            "Use 0 (exact completions, the paper's method) or k >= 1 Euler steps per completion.",
+        )
+    if steps and config.algorithm != "tp_grpo":
+        _fail(
+            "tp.completion_steps",
+            f"is {steps} but algorithm={config.algorithm!r} completes no window states",
+            "Set tp.completion_steps=0, or algorithm='tp_grpo'.",
+        )
 
 
 def _check_train(config: ml_collections.ConfigDict) -> None:

@@ -45,6 +45,7 @@ from flow_grpo.run.config_checks import Layout, derive_layout
 from flow_grpo.models import ModelAdapter
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.run.paths import REPO_ROOT
+from flow_grpo.sampling.rollouts import states_per_call
 from flow_grpo.training.step import LossSettings, WindowBatch, loss_settings, training_step
 
 
@@ -277,18 +278,28 @@ def _diffusion_traces(
 def rollout_call_states(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """States in the largest rollout transformer call and in the largest VAE decode call.
 
-    Lockstep TP-GRPO carries B (W + 1) states at the end of the window (main, baseline and W - 1
-    branches); Flow-GRPO carries B. A bound (`max_states_per_call`) or the largest state bucket
-    caps the transformer call; `decode_chunk` caps the decode.
+    Lockstep TP-GRPO with exact completions carries B (W + 1) states at the end of the window (main,
+    baseline and W - 1 branches); with `tp.completion_steps` the largest call over every window
+    start of `sample.window_range` (`flow_grpo.sampling.rollouts.states_per_call`), B for `k = 1`;
+    Flow-GRPO carries B. A bound (`max_states_per_call`) or the largest state bucket caps the
+    transformer call; `decode_chunk` caps the decode of the B (W + 1) completed images.
     """
     sample = config.sample
-    live = sample.batch_size * (sample.window_size + 1 if config.algorithm == "tp_grpo" else 1)
+    per_trajectory = 1
+    if config.algorithm == "tp_grpo":
+        low, high = tuple(sample.window_range)
+        per_trajectory = max(
+            max(states_per_call(sample.num_steps, start, sample.window_size, config.tp.completion_steps))
+            for start in range(low, high - sample.window_size + 1)
+        )
+    live = sample.batch_size * per_trajectory
     buckets = tuple(sample.state_buckets)
     if buckets:
         call = min((b for b in buckets if b >= live), default=max(buckets))
     else:
         call = min(live, sample.max_states_per_call or live)
-    decode = min(live, sample.decode_chunk or live)
+    images = sample.batch_size * (sample.window_size + 1 if config.algorithm == "tp_grpo" else 1)
+    decode = min(images, sample.decode_chunk or images)
     return call, decode
 
 
