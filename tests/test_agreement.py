@@ -14,7 +14,7 @@ import scipy.stats
 import torch
 
 from flow_grpo.algorithm.agreement import agreement_metrics, pearson, set_agreement, spearman
-from flow_grpo.sampling.rollouts.agreement import FIGURE_PANELS, agreement_figure
+from flow_grpo.sampling.agreement import FIGURE_PANELS, agreement_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from flow_grpo.command_flags import int_list
 from flow_grpo.commands import run_command, start_command
 from flow_grpo.commands.options import PRESET_FILE
-from flow_grpo.sampling.rollouts.agreement import format_agreement, run_agreement
+from flow_grpo.sampling.agreement import format_agreement, run_agreement
 
 _CONFIG = config_flags.DEFINE_config_file("config", f"{PRESET_FILE}:pickscore_sd3", "Preset: file:function.")
 _MODES = flags.DEFINE_list("completion_steps", ["1", "2", "3"], "Approximate completion modes k >= 1 compared with exact.")
