@@ -140,7 +140,8 @@ def test_a_burst_beyond_the_wait_line_gets_503_with_retry_after_at_once():
 def test_a_content_length_of_non_ascii_digits_is_a_400():
     with RewardServer({"s": mean_pixel}) as server:
         for length in (b"\xb2", b"\xb9\xb2"):  # '²' and '¹²' in ISO-8859-1: str.isdigit() says yes, int() says no
-            answer = _raw_answer(server.url, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n")
+            request = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n"
+            answer = _raw_answer(server.url, request)
             assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
             assert b"ASCII digits" in answer
         assert _post(server.url, _body())[0] == 200
@@ -210,7 +211,11 @@ def test_png_bombs_grow_the_server_by_at_most_a_stated_multiple_of_max_pixels(tm
     path = tmp_path / "cases.json"
     path.write_text(json.dumps(cases))
     run = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(path), str(max_pixels)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _MEASURE, str(path), str(max_pixels)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     results = {row["case"]: row for row in map(json.loads, run.stdout.splitlines())}

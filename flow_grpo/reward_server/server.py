@@ -237,7 +237,8 @@ class RewardServer:
                     f"Got {images.shape[0]} images, {len(prompts)} prompts and {len(metadata)} metadata entries."
                 )
         except ImageBudgetError as error:
-            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"{error} Send smaller batches (the limits are on /health)."}
+            budget = f"{error} Send smaller batches (the limits are on /health)."
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": budget}
         except ValueError as error:
             return HTTPStatus.BAD_REQUEST, {"error": str(error)}
         try:

@@ -6,7 +6,8 @@ They run in ``scripts/reward_server.py`` and the training job reaches them with 
 Wire protocol (JSON only; nothing received is ever unpickled or evaluated):
 
 - ``GET /health`` -> ``{"status": "ok", "protocol": 1, "scorers": [names], "limits": {"max_batch": B,
-  "max_request_bytes": L, ...}, ...}`` (``limits``: the most images and bytes one request may carry)
+  "max_request_bytes": L, "max_pixels": P, ...}, ...}`` (``limits``: the most images, bytes and
+  decoded pixels one request may carry)
 - ``POST /score`` with body::
 
       {"protocol": 1, "scorer": "<name>", "image_format": "png" | "raw", "height": H, "width": W,
@@ -304,8 +305,8 @@ class RemoteReward:
         for value, number in zip(scores, values, strict=True):
             if number is None:
                 raise RemoteRewardBadReplyError(
-                    f"Reward server at {self.url} sent a score that is not a finite number (as a float): {_preview(value)} "
-                    f"(scorer {self.scorer!r})."
+                    f"Reward server at {self.url} sent a score that is not a finite number (as a float): "
+                    f"{_preview(value)} (scorer {self.scorer!r})."
                 )
         details = self._details(reply, num)
         return [[number, *(column[i] for column in details)] for i, number in enumerate(values)]
