@@ -425,7 +425,7 @@ def test_server_rejects_bad_requests_with_clear_errors(server):
         (_payload(images=[base64.b64encode(b"abc").decode()] * 2), 400, "bytes"),
         (_payload(image_format="png"), 400, "not a PNG image"),
         (_payload(prompts=["only one"]), 400, "2 images, 1 prompts"),
-        (_payload(height=100000, width=100000), 400, "exceed the server limit"),
+        (_payload(height=100000, width=100000), 413, "over the server's max_pixels"),
         (_payload(scorer="nope"), 404, "does not host scorer 'nope'"),
     ]
     for body, status, message in cases:

@@ -25,10 +25,14 @@ who can reach the port can use the hosted models.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from absl import flags
 
@@ -62,7 +66,13 @@ flags.DEFINE_float(
 flags.DEFINE_integer(
     "max_concurrent",
     _DEFAULT_LIMITS.max_concurrent,
-    "Requests read and scored at once; more wait up to --read_timeout_s, then get 503.",
+    "Requests read and scored at once; up to --max_queued more wait for a slot.",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_integer(
+    "max_queued",
+    _DEFAULT_LIMITS.max_queued,
+    "Requests waiting up to --read_timeout_s for a slot; beyond them a request gets 503 with Retry-After at once.",
     flag_values=_FLAGS,
 )
 flags.DEFINE_float(
@@ -71,8 +81,18 @@ flags.DEFINE_float(
     "Largest accepted request body in MB; 0 = max_batch raw 512x512 images in base64 with 25% headroom.",
     flag_values=_FLAGS,
 )
-flags.DEFINE_integer("max_pixels", _DEFAULT_LIMITS.max_pixels, "Largest accepted image (height * width).", flag_values=_FLAGS)
-flags.DEFINE_float("read_timeout_s", _DEFAULT_LIMITS.read_timeout_s, "Longest time to receive one request body.", flag_values=_FLAGS)
+flags.DEFINE_integer(
+    "max_pixels",
+    _DEFAULT_LIMITS.max_pixels,
+    "Most pixels one request decodes (images * height * width); a request decodes into at most 15 bytes per pixel.",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_float(
+    "read_timeout_s",
+    _DEFAULT_LIMITS.read_timeout_s,
+    "Longest time to receive a request's headers, then its body (and to wait for a slot).",
+    flag_values=_FLAGS,
+)
 flags.DEFINE_float(
     "score_timeout_s",
     _DEFAULT_LIMITS.score_timeout_s,
@@ -96,10 +116,36 @@ def load_options(text: str) -> dict:
     return options
 
 
+def fail(problem: str, remedy: str) -> NoReturn:
+    """Print ``error: <problem>; <remedy>`` on stderr and exit with code 2 (a mistake the user can fix)."""
+    print(f"error: {problem}; {remedy}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Exit with a one-line error when ``host:port`` cannot be bound (before any model loads)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As the server binds: with SO_REUSEADDR, only a port someone listens on is taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            _fail_bind(host, port, error)
+
+
+def _fail_bind(host: str, port: int, error: OSError) -> NoReturn:
+    if error.errno == errno.EADDRINUSE:
+        fail(f"port {port} on {host} is already in use", "stop the server on it, or pass another --port (0 picks one)")
+    fail(f"cannot bind {host}:{port} ({error.strerror or error})", "pass an address of this machine as --host")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Build the scorers and serve until interrupted (`argv`: the flags, default `sys.argv[1:]`)."""
     args = parse_flags(_FLAGS, argv, __doc__, "flow-grpo-reward-server")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), format=log_format, force=True)
     import torch
     from accelerate import PartialState
 
@@ -110,11 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] or [
         "cuda" if torch.cuda.is_available() else "cpu"
     ]
+    check_port_free(args.host, args.port)
     try:
         limits = ServerLimits(
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             max_concurrent=args.max_concurrent,
+            max_queued=args.max_queued,
             max_request_bytes=int(args.max_request_mb * 1024 * 1024),
             max_pixels=args.max_pixels,
             read_timeout_s=args.read_timeout_s,
@@ -126,7 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         replicas = build_replicas(names, devices, options)
     except (ImportError, ValueError, OSError, RuntimeError) as error:
         raise SystemExit(f"Could not start the reward server: {error}") from None
-    server = RewardServer(replicas, host=args.host, port=args.port, limits=limits, devices=devices)
+    try:
+        server = RewardServer(replicas, host=args.host, port=args.port, limits=limits, devices=devices)
+    except OSError as error:  # the port was taken while the scorers loaded
+        _fail_bind(args.host, args.port, error)
     logger.info(
         "Serving %s on %s (devices %s, max_batch %d, max_wait_ms %g, body limit %d bytes); health: %s/health",
         names,

@@ -29,12 +29,12 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 import torch
-from accelerate.logging import get_logger
 
 from flow_grpo.rewards import registry
+from flow_grpo.rewards.library_logging import get_logger
 from flow_grpo.rewards.registry import RewardFn
 from flow_grpo.rewards.score_details import SCORE_KEY
-from flow_grpo.rewards.transport import PROTOCOL_VERSION, decode_images
+from flow_grpo.rewards.transport import PROTOCOL_VERSION, ImageBudgetError, decode_images
 from flow_grpo.reward_server.batching import BatchingScorer, ScoreTimeoutError
 from flow_grpo.reward_server.frontend import ServerLimits, make_handler
 
@@ -54,6 +54,15 @@ SERVER_SCORERS: dict[str, str] = {
 
 class ScorerInputError(ValueError):
     """A request the scorer cannot score (e.g. missing GenEval metadata); answered with HTTP 422."""
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """One thread per connection; a listen backlog deep enough for a burst of clients."""
+
+    # With the default backlog of 5, a burst of connections overflows it and the kernel drops
+    # connection attempts, which clients see as no answer; the kernel caps this at somaxconn.
+    request_queue_size = 1024
+    daemon_threads = True
 
 
 def build_scorers(
@@ -144,8 +153,7 @@ class RewardServer:
             )
             for name, scorer in scorers.items()
         }
-        self._httpd = ThreadingHTTPServer((host, port), make_handler(self.limits, self.health, self.score))
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer((host, port), make_handler(self.limits, self.health, self.score))
         self._thread: threading.Thread | None = None
 
     @property
@@ -204,6 +212,19 @@ class RewardServer:
             return HTTPStatus.NOT_FOUND, {
                 "error": f"This server does not host scorer {name!r}; it hosts {sorted(self.queues)}."
             }
+        protocol = payload.get("protocol", PROTOCOL_VERSION)
+        if isinstance(protocol, bool) or protocol != PROTOCOL_VERSION:
+            return HTTPStatus.BAD_REQUEST, {
+                "error": f"This server speaks protocol {PROTOCOL_VERSION}, the request declares {protocol!r}; "
+                "use a client of the same flow_grpo version as the server."
+            }
+        images = payload.get("images")
+        if isinstance(images, list) and len(images) > self.limits.max_batch:
+            # Counted before a single image is decoded.
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
+                "error": f"Request of {len(images)} images exceeds max_batch = {self.limits.max_batch}; "
+                "send smaller batches (the limits are on /health)."
+            }
         try:
             images = decode_images(payload, self.limits.max_pixels)
             prompts, metadata = payload.get("prompts"), payload.get("metadata")
@@ -215,13 +236,11 @@ class RewardServer:
                 raise ValueError(
                     f"Got {images.shape[0]} images, {len(prompts)} prompts and {len(metadata)} metadata entries."
                 )
+        except ImageBudgetError as error:
+            budget = f"{error} Send smaller batches (the limits are on /health)."
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": budget}
         except ValueError as error:
             return HTTPStatus.BAD_REQUEST, {"error": str(error)}
-        if images.shape[0] > self.limits.max_batch:
-            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
-                "error": f"Request of {images.shape[0]} images exceeds max_batch = {self.limits.max_batch}; "
-                "send smaller batches (the limits are on /health)."
-            }
         try:
             scores = self.queues[name].score(images, prompts, metadata, timeout=self.limits.score_timeout_s)
         except ScorerInputError as error:

@@ -230,6 +230,11 @@ class AsyncScorer:
             future = scorer.submit(images.cpu(), prompts, metadata)
             ...  # sample the next batch
             scores = future.result()
+
+    The first batch whose scoring fails ends the scoring: the batches still queued are cancelled,
+    a later :meth:`submit` raises that failure, and so does leaving the ``with`` block on an error,
+    without waiting for the queued batches. A reward server that stops answering then costs one
+    request's bound, not one per queued batch.
     """
 
     def __init__(self, reward: MultiReward, max_workers: int = 1) -> None:
@@ -241,6 +246,9 @@ class AsyncScorer:
             max_workers=max_workers, thread_name_prefix="reward"
         )
         self._closed = False
+        self._lock = threading.Lock()
+        self._futures: list[concurrent.futures.Future[dict[str, torch.Tensor]]] = []
+        self._failure: BaseException | None = None
 
     def submit(
         self,
@@ -259,13 +267,31 @@ class AsyncScorer:
         Returns:
             A future resolving to the dict of :meth:`MultiReward.__call__`; a reward error is
             raised by ``future.result()``.
+
+        Raises:
+            Exception: the failure of an earlier batch (nothing more is scored after it).
         """
         if self._closed:
             raise RuntimeError("This AsyncScorer is closed; create a new one to submit more batches.")
+        if self._failure is not None:
+            raise self._failure
         _check_batch(images, prompts, metadata)
-        return self._executor.submit(
-            self._score, images.detach(), list(prompts), [dict(m) for m in metadata]
-        )
+        future = self._executor.submit(self._score, images.detach(), list(prompts), [dict(m) for m in metadata])
+        with self._lock:
+            self._futures.append(future)
+        future.add_done_callback(self._on_done)
+        return future
+
+    def _on_done(self, future: concurrent.futures.Future[dict[str, torch.Tensor]]) -> None:
+        """At the first failure, cancel every batch not yet started."""
+        if future.cancelled() or future.exception() is None:
+            return
+        with self._lock:
+            if self._failure is None:
+                self._failure = future.exception()
+            others = [other for other in self._futures if not other.done()]
+        for other in others:
+            other.cancel()
 
     def _score(
         self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
@@ -274,16 +300,19 @@ class AsyncScorer:
         with torch.no_grad():
             return self.reward(images, prompts, metadata)
 
-    def close(self, wait: bool = True) -> None:
-        """Stop accepting batches; with ``wait`` block until queued batches are scored."""
+    def close(self, wait: bool = True, cancel: bool = False) -> None:
+        """Stop accepting batches; with ``wait``, block until the running batches end.
+
+        The queued batches are scored before that too, unless ``cancel`` drops them.
+        """
         self._closed = True
-        self._executor.shutdown(wait=wait)
+        self._executor.shutdown(wait=wait, cancel_futures=cancel)
 
     def __enter__(self) -> AsyncScorer:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        self.close(cancel=exc_type is not None)
 
 
 def _check_batch(

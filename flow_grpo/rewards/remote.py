@@ -6,7 +6,8 @@ They run in ``scripts/reward_server.py`` and the training job reaches them with 
 Wire protocol (JSON only; nothing received is ever unpickled or evaluated):
 
 - ``GET /health`` -> ``{"status": "ok", "protocol": 1, "scorers": [names], "limits": {"max_batch": B,
-  "max_request_bytes": L, ...}, ...}`` (``limits``: the most images and bytes one request may carry)
+  "max_request_bytes": L, "max_pixels": P, ...}, ...}`` (``limits``: the most images, bytes and
+  decoded pixels one request may carry)
 - ``POST /score`` with body::
 
       {"protocol": 1, "scorer": "<name>", "image_format": "png" | "raw", "height": H, "width": W,
@@ -48,9 +49,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from accelerate.logging import get_logger
 
 from flow_grpo.rewards.http_exchange import MAX_REPLY_BYTES, exchange
+from flow_grpo.rewards.library_logging import get_logger
 from flow_grpo.rewards.options import chunk_slices, parse_options
 from flow_grpo.rewards.registry import RewardFn, register_reward
 from flow_grpo.rewards.score_details import GENEVAL_DETAILS, SCORE_KEY
@@ -184,6 +185,8 @@ class RemoteReward:
         self.score_detail = score_detail
         self.max_request_bytes: int | None = None
         """The server's body limit, once :meth:`check` has read it from ``/health``."""
+        self.max_pixels: int | None = None
+        """The server's pixels per request, once :meth:`check` has read it from ``/health``."""
 
     def __repr__(self) -> str:
         return f"RemoteReward(url={self.url!r}, scorer={self.scorer!r})"
@@ -210,19 +213,25 @@ class RemoteReward:
         limits = reply.get("limits")
         if isinstance(limits, dict):
             max_batch, max_bytes = limits.get("max_batch"), limits.get("max_request_bytes")
+            max_pixels = limits.get("max_pixels")
             if isinstance(max_batch, int) and max_batch >= 1:
                 self.batch_size = min(self.batch_size, max_batch)
             if isinstance(max_bytes, int) and max_bytes >= 1:
                 self.max_request_bytes = max_bytes
+            if isinstance(max_pixels, int) and max_pixels >= 1:
+                self.max_pixels = max_pixels
 
     def images_per_request(self, height: int, width: int) -> int:
-        """Most images of ``height x width`` one request carries: ``batch_size`` and the byte limit."""
-        if self.max_request_bytes is None:
-            return self.batch_size
-        # base64 of the raw bytes (PNG of 8-bit images is at most ~0.1 % larger), plus 4 KiB per image for
-        # its prompt and metadata and 64 KiB for the rest of the request.
-        per_image = math.ceil(height * width * 3 * 1.01 * 4 / 3) + 4096
-        return max(1, min(self.batch_size, (self.max_request_bytes - 65536) // per_image))
+        """Most images of ``height x width`` one request carries: ``batch_size``, the byte and the pixel limit."""
+        count = self.batch_size
+        if self.max_request_bytes is not None:
+            # base64 of the raw bytes (PNG of 8-bit images is at most ~0.1 % larger), plus 4 KiB per image for
+            # its prompt and metadata and 64 KiB for the rest of the request.
+            per_image = math.ceil(height * width * 3 * 1.01 * 4 / 3) + 4096
+            count = min(count, (self.max_request_bytes - 65536) // per_image)
+        if self.max_pixels is not None:
+            count = min(count, self.max_pixels // (height * width))
+        return max(1, count)
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
@@ -292,14 +301,15 @@ class RemoteReward:
             raise RemoteRewardBadReplyError(
                 f"Reward server at {self.url} sent {len(scores)} scores for {num} images (scorer {self.scorer!r})."
             )
-        for value in scores:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        values = [_finite_float(value) for value in scores]
+        for value, number in zip(scores, values, strict=True):
+            if number is None:
                 raise RemoteRewardBadReplyError(
-                    f"Reward server at {self.url} sent a score that is not a finite number: {value!r} "
-                    f"(scorer {self.scorer!r})."
+                    f"Reward server at {self.url} sent a score that is not a finite number (as a float): "
+                    f"{_preview(value)} (scorer {self.scorer!r})."
                 )
         details = self._details(reply, num)
-        return [[float(value), *(column[i] for column in details)] for i, value in enumerate(scores)]
+        return [[number, *(column[i] for column in details)] for i, number in enumerate(values)]
 
     def _details(self, reply: Mapping[str, Any], num: int) -> list[list[float]]:
         """The declared details of a reply, one list of ``num`` floats each (null -> NaN)."""
@@ -314,12 +324,13 @@ class RemoteReward:
             )
         columns = []
         for name in self.detail_names:
-            values = details[name]
-            if not isinstance(values, list) or len(values) != num or not all(_is_detail(v) for v in values):
+            values = details[name] if isinstance(details[name], list) else []
+            numbers = [float("nan") if v is None else _finite_float(v) for v in values]
+            if len(numbers) != num or any(number is None for number in numbers):
                 raise RemoteRewardBadReplyError(
-                    f"Reward server at {self.url} sent detail {name!r} that is not {num} numbers or nulls."
+                    f"Reward server at {self.url} sent detail {name!r} that is not {num} finite floats or nulls."
                 )
-            columns.append([float("nan") if v is None else float(v) for v in values])
+            columns.append(numbers)
         return columns
 
     def _parse_json(self, body: bytes) -> dict[str, Any]:
@@ -415,11 +426,15 @@ def _error_message(status: int, body: bytes) -> str:
     return body[:300].decode("utf-8", errors="replace") or f"HTTP {status}"
 
 
-def _is_detail(value: object) -> bool:
-    """A detail value on the wire: a finite number, or null where the detail does not apply."""
-    if value is None:
-        return True
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+def _finite_float(value: object) -> float | None:
+    """A JSON number as a finite float; ``None`` for anything else (a bool, a string, an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # JSON integers have no size limit, floats do
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _preview(value: object) -> str:

@@ -22,7 +22,9 @@ from PIL import Image
 from flow_grpo.rewards.images import to_uint8
 
 __all__ = [
+    "DECODED_BYTES_PER_PIXEL",
     "IMAGE_FORMATS",
+    "ImageBudgetError",
     "PROTOCOL_VERSION",
     "decode_images",
     "encode_images",
@@ -73,17 +75,37 @@ def encode_images(images: torch.Tensor, image_format: str) -> dict[str, Any]:
     }
 
 
+class ImageBudgetError(ValueError):
+    """The images of a request would decode to more pixels than the server accepts (HTTP 413)."""
+
+
+DECODED_BYTES_PER_PIXEL = 15
+"""Peak bytes :func:`decode_images` holds per pixel of its budget: the uint8 batch (3), then its float32 copy (12).
+
+The decoding of one PNG (at most 11 bytes per pixel of that image, while the uint8 batch exists) stays below it.
+"""
+
+_PNG_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P"})
+"""PIL modes of 8-bit PNGs; other modes (16-bit grey, ...) are refused before decoding."""
+
+
 def decode_images(payload: Mapping[str, Any], max_pixels: int = 4096 * 4096) -> torch.Tensor:
     """Decode the images of a ``/score`` request (the inverse of :func:`encode_images`).
 
+    Every field is checked before a pixel is decoded: the format, the declared size, the number of
+    images times the declared size against ``max_pixels``, and each PNG's width and height from its
+    header. So the decoded images take at most ``DECODED_BYTES_PER_PIXEL * max_pixels`` bytes, whatever
+    the PNGs claim to hold.
+
     Args:
         payload: the request dict.
-        max_pixels: largest accepted ``height * width`` (protects the server's memory).
+        max_pixels: most pixels of all images together (``N * height * width``).
 
     Returns:
         float32 ``(N, 3, H, W)`` in ``[0, 1]`` on the CPU.
 
     Raises:
+        ImageBudgetError: the images would decode to more than ``max_pixels`` pixels.
         ValueError: on a missing field, bad base64, a non-PNG image or a size mismatch.
     """
     image_format = payload.get("image_format")
@@ -93,12 +115,15 @@ def decode_images(payload: Mapping[str, Any], max_pixels: int = 4096 * 4096) -> 
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"'{name}' must be a positive integer, got {value!r}.")
-    if height * width > max_pixels:
-        raise ValueError(f"Images of {height}x{width} exceed the server limit of {max_pixels} pixels.")
     images = payload.get("images")
     if not isinstance(images, list) or not images:
         raise ValueError("'images' must be a non-empty list of base64 strings.")
-    arrays = []
+    if len(images) * height * width > max_pixels:
+        raise ImageBudgetError(
+            f"{len(images)} images of {height}x{width} are {len(images) * height * width} pixels, over the "
+            f"server's max_pixels = {max_pixels} per request."
+        )
+    pixels = np.empty((len(images), height, width, 3), dtype=np.uint8)
     for i, item in enumerate(images):
         if not isinstance(item, str):
             raise ValueError(f"images[{i}] is not a base64 string.")
@@ -111,20 +136,29 @@ def decode_images(payload: Mapping[str, Any], max_pixels: int = 4096 * 4096) -> 
                 raise ValueError(
                     f"images[{i}] has {len(data)} bytes; {height}x{width}x3 = {height * width * 3} expected."
                 )
-            arrays.append(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3))
+            pixels[i] = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
         else:
-            try:
-                image = Image.open(io.BytesIO(data), formats=["PNG"])
-            except Exception as error:  # PIL raises several types for undecodable data
-                raise ValueError(f"images[{i}] is not a PNG image: {error}") from None
-            if image.size != (width, height):
-                raise ValueError(f"images[{i}] is {image.size[0]}x{image.size[1]} (WxH); {width}x{height} declared.")
-            try:
-                arrays.append(np.asarray(image.convert("RGB")))
-            except Exception as error:
-                raise ValueError(f"images[{i}] could not be decoded: {error}") from None
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return batch.float().div_(255.0)
+            _decode_png(data, f"images[{i}]", pixels[i])
+        del data
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _decode_png(data: bytes, label: str, out: np.ndarray) -> None:
+    """Decode one PNG into ``out`` (uint8 ``(H, W, 3)``) once its header shows the declared size."""
+    height, width = out.shape[:2]
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+    except Exception as error:  # PIL raises several types for undecodable data
+        raise ValueError(f"{label} is not a PNG image: {error}") from None
+    # Image.open reads the header only: the size and mode are known before a pixel is decoded.
+    if image.size != (width, height):
+        raise ValueError(f"{label} is {image.size[0]}x{image.size[1]} (WxH); {width}x{height} declared.")
+    if image.mode not in _PNG_MODES:
+        raise ValueError(f"{label} is a PNG of mode {image.mode!r}; send 8-bit RGB images.")
+    try:
+        out[...] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except Exception as error:
+        raise ValueError(f"{label} could not be decoded: {error}") from None
 
 
 def is_loopback_host(host: str) -> bool:
