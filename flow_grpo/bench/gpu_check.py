@@ -124,20 +124,29 @@ def _first_ratio(models: Any, settings: Any) -> float:
     return float(out.ratio_mean)
 
 
-def _memory(args: GpuCheckOptions) -> dict[str, Any]:
-    from flow_grpo.training.memory import load_preset, predict_memory
+def benchmark_memory_config(settings: Any) -> Any:
+    """The training config whose preflight describes the benchmark `settings`: the SD3 preset with the
+    benchmark's batch, steps, window, bounds and LoRA, one process, one batch per epoch, text encoders
+    offloaded (the benchmark has none)."""
+    from flow_grpo.training.memory import load_preset
 
-    settings = _settings(args, compiled=False)
     config = load_preset("pickscore_sd3")
     sample = config.sample
     sample.batch_size = sample.group_size = settings.prompts
     sample.prompts_per_epoch = 1
     sample.num_steps, sample.window_size, sample.window_range = settings.num_steps, settings.window_size, (0, settings.window_size)
-    sample.state_buckets, sample.max_states_per_call, sample.decode_chunk = (), 0, settings.decode_chunk
+    sample.state_buckets, sample.max_states_per_call = tuple(settings.state_buckets), settings.max_states_per_call
+    sample.decode_chunk = settings.decode_chunk
     config.train.batch_size, config.train.beta, config.train.updates_per_epoch = settings.micro_batch, settings.beta, 1
     config.train.lora_rank, config.train.lora_alpha = settings.lora_rank, settings.lora_alpha
     config.offload_text_encoders = True
-    report = predict_memory(config, 1)
+    return config
+
+
+def _memory(args: GpuCheckOptions) -> dict[str, Any]:
+    from flow_grpo.training.memory import predict_memory
+
+    report = predict_memory(benchmark_memory_config(_settings(args, compiled=False)), 1)
     return {phase.name: phase.total / GIB for phase in report.phases}
 
 
