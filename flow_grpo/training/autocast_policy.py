@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FLOAT32_OPS", "cuda_autocast"]
+__all__ = ["FLOAT32_OPS", "cuda_autocast", "float32_norms"]
 
 FLOAT32_OPS: tuple[str, ...] = ("group_norm", "layer_norm")
 """`torch.nn.functional` normalisations CUDA autocast runs in float32 (the ones these models call)."""
@@ -41,21 +41,28 @@ def _in_float32(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
 
 
 @contextlib.contextmanager
-def cuda_autocast(dtype: torch.dtype) -> Iterator[None]:
-    """CPU autocast to `dtype` with CUDA's float32 normalisations (`FLOAT32_OPS`); float32 = no autocast.
+def float32_norms() -> Iterator[None]:
+    """`FLOAT32_OPS` run in float32 whenever CPU autocast is on, for the duration of the block.
 
-    The normalisations are swapped in `torch.nn.functional` for the duration of the block (the
-    preflight traces in one thread before any model is loaded) and restored afterwards.
+    They are swapped in `torch.nn.functional` (the preflight traces in one thread before any model
+    is loaded) and restored afterwards. A backward that recomputes checkpointed activations must
+    run inside it too, so the recomputation sees the forward's dtypes.
     """
-    if dtype == torch.float32:
-        yield
-        return
     originals = {name: getattr(F, name) for name in FLOAT32_OPS}
     try:
         for name, function in originals.items():
             setattr(F, name, _in_float32(function))
-        with torch.autocast("cpu", dtype=dtype):
-            yield
+        yield
     finally:
         for name, function in originals.items():
             setattr(F, name, function)
+
+
+@contextlib.contextmanager
+def cuda_autocast(dtype: torch.dtype) -> Iterator[None]:
+    """CPU autocast to `dtype` with CUDA's float32 normalisations (`float32_norms`); float32 = no autocast."""
+    if dtype == torch.float32:
+        yield
+        return
+    with float32_norms(), torch.autocast("cpu", dtype=dtype):
+        yield

@@ -45,7 +45,7 @@ from accelerate.logging import get_logger
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flow_grpo.training import tracing
-from flow_grpo.training.autocast_policy import cuda_autocast
+from flow_grpo.training.autocast_policy import cuda_autocast, float32_norms
 from flow_grpo.run.config_checks import Layout, derive_layout
 from flow_grpo.models import ModelAdapter
 from flow_grpo.precision import mixed_precision_dtype
@@ -171,9 +171,10 @@ def traced_update(
     """
     transformer = adapter.transformer
     transformer.train()
-    with saved if saved is not None else contextlib.nullcontext():
-        out = training_step(adapter, transformer, transformer, batch, advantages, settings, lambda: _autocast(dtype))
-    out.loss.backward()
+    with float32_norms():  # also around the backward: checkpointed blocks recompute their forward there
+        with saved if saved is not None else contextlib.nullcontext():
+            out = training_step(adapter, transformer, transformer, batch, advantages, settings, lambda: _autocast(dtype))
+        out.loss.backward()
     transformer.eval()
 
 
