@@ -110,12 +110,16 @@ def sd3_large_tp_grpo() -> ml_collections.ConfigDict:
     SD3 adapter's. bf16, the published checkpoint's dtype. The memory preflight decides the rest
     (benchmarks/RESULTS.md): at 8 processes the update of micro-batch 9 with CFG (18 transformer
     rows) needs 127 GB per process without gradient checkpointing and 45.8 GB peak with it, so it is
-    on; the text encoders stay on the device (offloading would take 10.4 GB more off).
+    on; the text encoders stay on the device (offloading would take 10.4 GB more off). With the
+    update checkpointed, the rollout's unbounded transformer call (90 states, 180 rows) became the
+    peak; `sample.max_states_per_call = 27` and `sample.decode_chunk = 6` keep sampling below the update.
     """
     config = sd3_tp_grpo()
     config.pretrained.model = "stabilityai/stable-diffusion-3.5-large"
     config.mixed_precision = "bf16"
     config.train.gradient_checkpointing = True
+    config.sample.max_states_per_call = 27
+    config.sample.decode_chunk = 6
     return config
 
 

@@ -121,5 +121,7 @@ def test_published_presets_fit_80gb_at_8_processes(capsys: pytest.CaptureFixture
     for name in PUBLISHED:
         report = predict_memory(load_preset(name), 8)
         margins[name] = (DEVICE_80GB - report.peak) / GIB
-    summary = ", ".join(f"{name} {margin:+.1f} GB" for name, margin in margins.items())
+        # The shipped bounds (decode_chunk, state buckets) keep the rollout under the update's peak.
+        assert report.phase("sampling").total <= report.phase("update").total, (name, report.phase("sampling").total / GIB)
+    summary = ", ".join(f"{name} {margin:+.1f} GiB" for name, margin in margins.items())
     assert all(margin > 0 for margin in margins.values()), f"margin to 80 GB per process at 8 processes: {summary}"

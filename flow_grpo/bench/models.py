@@ -25,7 +25,7 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 
-from flow_grpo.training.compile import CompiledPhases
+from flow_grpo.training.compile import CompiledPhases, phase_budget
 from flow_grpo.bench.settings import BenchmarkSettings, resolve_device
 from flow_grpo.training.tracing import default_dtype
 from flow_grpo.models import ModelAdapter
@@ -203,8 +203,8 @@ def build_models(
     compiled = None
     if optimized and settings.compile:  # the trainer's phases: rollouts, policy and reference forward
         rollout_graphs = len(settings.state_buckets) or settings.window_size + 1
-        budget = {"rollout": rollout_graphs, "policy": 1, "reference": 1 if settings.beta > 0 else 0}
         rows = settings.micro_batch * (2 if adapter.uses_cfg else 1)
+        budget = phase_budget(rollout_graphs, settings.beta > 0)
         compiled = CompiledPhases(transformer, model, rows, budget, backend=settings.compile_backend)
         adapter.inference_forward = compiled.rollout
     loss_settings = LossSettings(

@@ -207,6 +207,13 @@ class PhaseResult:
         return self.flops / self.seconds if self.seconds and self.flops is not None else None
 
     @property
+    def compile_seconds(self) -> float | None:
+        """The first warm-up run minus the steady (median) run: compilation and other first-call costs."""
+        if not self.warmup_times or self.seconds is None:
+            return None
+        return max(0.0, self.warmup_times[0] - self.seconds)
+
+    @property
     def fraction_of_ceiling(self) -> float | None:
         """`flops_per_second` over the matrix-product ceiling."""
         if self.flops_per_second is None or not self.ceiling_flops_per_second:
@@ -221,6 +228,7 @@ class PhaseResult:
             "tflops": self.flops / 1e12,
             "tflops_per_second": rate / 1e12 if rate is not None else None,
             "fraction_of_ceiling": self.fraction_of_ceiling,
+            "compile_seconds": self.compile_seconds,
         }
 
 

@@ -18,7 +18,20 @@ from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.sampling.rollouts import states_per_call
 from flow_grpo.testing.architectures import model_spec
 
-__all__ = ["BenchmarkReport", "CompletionMode", "MatmulCeiling", "completion_modes", "describe_device", "format_report", "matmul_ceiling", "run_benchmark"]
+GIB = 2**30
+"""Bytes of one GiB: memory is reported in GiB everywhere (the preflight's unit too)."""
+
+__all__ = [
+    "GIB",
+    "BenchmarkReport",
+    "CompletionMode",
+    "MatmulCeiling",
+    "completion_modes",
+    "describe_device",
+    "format_report",
+    "matmul_ceiling",
+    "run_benchmark",
+]
 
 
 @dataclass(frozen=True)
@@ -277,17 +290,18 @@ def format_report(report: BenchmarkReport) -> str:
             for m in report.modes
         ]
         lines += _table(("completion", "transformer rows / trajectory", "TP-GRPO rollout FLOP", "epoch FLOP TP / Flow"), mode_rows)
-    header = ("phase", "seconds", "first run s", "FLOP", "FLOP/s", "of matmul", "peak memory")
+    header = ("phase", "seconds", "first run s", "compile s", "FLOP", "FLOP/s", "of matmul", "peak memory")
     rows = []
     for phase in report.phases:
         fraction = phase.fraction_of_ceiling
-        memory = f"{phase.peak_memory_bytes / 1e9:.2f} GB" if phase.peak_memory_bytes is not None else "n/a"
+        memory = f"{phase.peak_memory_bytes / GIB:.2f} GiB" if phase.peak_memory_bytes is not None else "n/a"
         seconds = f"{phase.seconds:.3f}" if phase.seconds is not None else (phase.error or "-")
         rows.append(
             (
                 _phase_title(phase, s),
                 seconds,
                 f"{phase.warmup_times[0]:.3f}" if phase.warmup_times else "-",
+                f"{phase.compile_seconds:.2f}" if phase.compile_seconds is not None else "-",
                 _si(phase.flops),
                 _si(phase.flops_per_second),
                 f"{100 * fraction:.1f}%" if fraction is not None else "-",

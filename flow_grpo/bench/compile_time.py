@@ -1,0 +1,187 @@
+"""Compile seconds of the trainer's phases: the whole transformer against its repeated blocks (regional).
+
+    python -m flow_grpo.bench.compile_time                 # inductor on the CPU, 24 layers: minutes
+    python -m flow_grpo.bench.compile_time --backend eager # traces only: seconds
+
+The model is the SD3.5-Medium transformer's depth and layout (24 layers, dual attention in layers
+0-12, the last block context-pre-only, rms qk-norm) at a small width, with the trainer's LoRA, so
+that compile time (which grows with the graph, not with the width) dominates. For each scope
+(`flow_grpo.training.compile.SCOPES`) a fresh transformer is compiled through `CompiledPhases` and
+each phase runs as the trainer runs it: the rollout without gradients in eval mode, the policy
+forward and backward in train mode, the LoRA-disabled reference forward without gradients.
+A phase's compile seconds are its first run minus its steady run (the median of `repeats`
+later runs). Each scope runs in a process of its own with an empty inductor cache directory
+(inductor also caches compiled kernels by their source, which would let the second scope reuse
+the first one's), after one small warm-up compile that pays inductor's one-time start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from absl import flags
+from accelerate import PartialState
+
+from flow_grpo.command_flags import parse_flags
+from flow_grpo.models.sd3 import SD3Adapter
+from flow_grpo.training.compile import PHASES, SCOPES, CompiledPhases
+from flow_grpo.training.step import adapters_disabled, add_lora
+
+__all__ = ["CompileTiming", "deep_narrow_sd3", "format_timings", "time_compilation"]
+
+
+@dataclass(frozen=True)
+class CompileTiming:
+    """One phase under one scope: first-run and steady seconds, and the graphs compiled."""
+
+    scope: str
+    phase: str
+    first_s: float
+    steady_s: float
+    graphs: int
+
+    @property
+    def compile_s(self) -> float:
+        return max(0.0, self.first_s - self.steady_s)
+
+
+def deep_narrow_sd3(layers: int = 24, heads: int = 2, head_dim: int = 16) -> torch.nn.Module:
+    """An SD3 transformer of SD3.5-Medium's depth and block layout at a small width (float32, random weights)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=64,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=32, pos_embed_max_size=16,
+        dual_attention_layers=tuple(range(min(13, layers - 1))), qk_norm="rms_norm",
+    ).eval()
+
+
+def _inputs(rows: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(rows, 16, 16, 16, generator=generator),
+        "timestep": torch.full((rows,), 500.0),
+        "encoder_hidden_states": torch.randn(rows, 8, 64, generator=generator),
+        "pooled_projections": torch.randn(rows, 32, generator=generator),
+    }
+
+
+def _phase_run(phase: str, compiled: CompiledPhases, transformer: torch.nn.Module, inputs: dict[str, Any]):
+    """The zero-argument run of `phase` as the trainer calls it."""
+
+    def rollout() -> None:
+        transformer.eval()
+        with torch.no_grad():
+            compiled.rollout(**inputs, return_dict=False)
+
+    def policy() -> None:
+        transformer.train()
+        compiled.policy(**inputs, return_dict=False)[0].square().mean().backward()
+
+    def reference() -> None:
+        transformer.train()
+        with torch.no_grad(), adapters_disabled(transformer):
+            compiled.reference(**inputs, return_dict=False)
+
+    return {"rollout": rollout, "policy": policy, "reference": reference}[phase]
+
+
+def _timed(run: Any) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def time_compilation(
+    scope: str, layers: int = 24, backend: str = "inductor", rows: int = 2, repeats: int = 3
+) -> list[CompileTiming]:
+    """First-run and steady seconds of every phase (`PHASES` order) under `scope`, on a fresh `deep_narrow_sd3`."""
+    PartialState()  # accelerate's logging needs its process state
+    torch._dynamo.reset()
+    transformer = deep_narrow_sd3(layers)
+    add_lora(transformer, 4, 4, SD3Adapter.lora_target_modules, seed=0)
+    compiled = CompiledPhases(transformer, transformer, rows, dict.fromkeys(PHASES, 1), backend=backend, scope=scope)
+    inputs = _inputs(rows)
+    timings = []
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        for phase in PHASES:
+            run = _phase_run(phase, compiled, transformer, inputs)
+            first = _timed(run)
+            steady = statistics.median(_timed(run) for _ in range(repeats))
+            graphs = sum(kind.get(phase, 0) for kind in compiled.graphs_by_kind().values())
+            timings.append(CompileTiming(scope, phase, first, steady, graphs))
+            transformer.zero_grad(set_to_none=True)
+    return timings
+
+
+def format_timings(timings: list[CompileTiming]) -> str:
+    """Per phase and scope: first run, steady run, compile seconds and graphs; then totals and the ratio."""
+    lines = [f"{'scope':<8}{'phase':<11}{'first s':>10}{'steady s':>10}{'compile s':>11}{'graphs':>8}"]
+    totals: dict[str, float] = {}
+    for t in timings:
+        lines.append(f"{t.scope:<8}{t.phase:<11}{t.first_s:>10.2f}{t.steady_s:>10.3f}{t.compile_s:>11.2f}{t.graphs:>8}")
+        totals[t.scope] = totals.get(t.scope, 0.0) + t.compile_s
+    lines.append("compile s in all: " + ", ".join(f"{scope} {seconds:.1f}" for scope, seconds in totals.items()))
+    if totals.get("blocks"):
+        lines.append(f"whole model / regional: {totals.get('model', 0.0) / totals['blocks']:.1f}x")
+    return "\n".join(lines)
+
+
+def _warm_up(backend: str) -> None:
+    """One tiny compile, so that inductor's one-time start-up (imports, compile workers) is in no phase."""
+    compiled = torch.compile(lambda x: (x * 2).sin(), backend=backend, fullgraph=True)
+    compiled(torch.ones(4))
+    torch._dynamo.reset()
+
+
+def _isolated(scope: str, layers: int, backend: str, threads: int) -> list[CompileTiming]:
+    """`time_compilation(scope)` in a child process with an empty inductor cache directory."""
+    with tempfile.TemporaryDirectory() as cache:
+        command = [sys.executable, "-m", "flow_grpo.bench.compile_time", "--scopes", scope, "--layers", str(layers),
+                   "--backend", backend, "--threads", str(threads), "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache})
+    if done.returncode != 0:
+        raise RuntimeError(f"compile timing of scope {scope} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return [CompileTiming(**row) for row in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+_FLAGS = flags.FlagValues()
+flags.DEFINE_integer("layers", 24, "Transformer layers (SD3.5-Medium: 24).", lower_bound=2, flag_values=_FLAGS)
+flags.DEFINE_string("backend", "inductor", "dynamo backend ('eager' only traces).", flag_values=_FLAGS)
+flags.DEFINE_list("scopes", list(SCOPES), "Scopes to time, in order.", flag_values=_FLAGS)
+flags.DEFINE_integer("threads", 0, "torch CPU threads; 0 = torch's default.", lower_bound=0, flag_values=_FLAGS)
+flags.DEFINE_bool("json", False, "Time the scopes in this process and print their timings as JSON (internal).", flag_values=_FLAGS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every scope of `--scopes`, each in its own process, and print the table (last)."""
+    parsed = parse_flags(_FLAGS, argv, __doc__ or "", "python -m flow_grpo.bench.compile_time")
+    unknown = [scope for scope in parsed.scopes if scope not in SCOPES]
+    if unknown:
+        print(f"error: --scopes takes {','.join(SCOPES)}; got {','.join(unknown)}", file=sys.stderr)
+        return 2
+    if parsed.threads:
+        torch.set_num_threads(parsed.threads)
+    if parsed.json:
+        _warm_up(parsed.backend)
+        timings = [t for scope in parsed.scopes for t in time_compilation(scope, parsed.layers, parsed.backend)]
+        print(json.dumps([asdict(t) for t in timings]), flush=True)
+        return 0
+    timings = [t for scope in parsed.scopes for t in _isolated(scope, parsed.layers, parsed.backend, parsed.threads)]
+    print(format_timings(timings), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
