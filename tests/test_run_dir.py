@@ -167,3 +167,11 @@ def test_default_run_name_is_the_main_process_name(tmp_path, monkeypatch) -> Non
     name = directory.default_run_name(str(tmp_path))
     os.makedirs(tmp_path / name)
     assert directory.default_run_name(str(tmp_path)) != name  # never an existing directory
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/abs/run", ".", "..", "a/b"])
+def test_a_run_name_that_leaves_logdir_is_refused_before_writing(tmp_path, name) -> None:
+    logdir = tmp_path / "logs"
+    with pytest.raises(ConfigError, match=r"config\.run_name: .* is not a single directory name"):
+        plan_run(_config(logdir, run_name=name), name)
+    assert list(tmp_path.iterdir()) == []

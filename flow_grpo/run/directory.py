@@ -30,7 +30,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list
 
 from flow_grpo.run import checkpoint_files
-from flow_grpo.run.config_checks import ConfigError
+from flow_grpo.run.config_checks import ConfigError, check_run_name
 
 logger = get_logger(__name__)
 
@@ -189,6 +189,7 @@ def plan_run(config: ml_collections.ConfigDict, run_name: str) -> RunPlan:
         ConfigError: an existing run without resume, a missing or unloadable checkpoint, a finished
             run, or a change of a key in `FIXED_KEYS`; the message says what to do.
     """
+    check_run_name(run_name)
     logdir, source = config.logdir, config.resume_from
     if not source:
         run_dir = os.path.join(logdir, run_name)
