@@ -175,3 +175,28 @@ def test_a_run_name_that_leaves_logdir_is_refused_before_writing(tmp_path, name)
     with pytest.raises(ConfigError, match=r"config\.run_name: .* is not a single directory name"):
         plan_run(_config(logdir, run_name=name), name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_overwrite_twice_from_the_same_checkpoint_gives_unique_set_aside_names(tmp_path) -> None:
+    parent = _make_run(tmp_path, "test", [0, 1, 2])
+    config = _config(tmp_path, resume_from=checkpoint_files.checkpoint_dir(parent, 0), resume_overwrite=True)
+    prepare(plan_run(config, "test"), config)
+    for epoch in (1, 2):  # the resumed run writes its own epochs 1 and 2 again
+        path = checkpoint_files.checkpoint_dir(parent, epoch)
+        os.makedirs(path)
+        checkpoint_files.save_file({"epoch": epoch}, os.path.join(path, checkpoint_files.STATE_FILE))
+    prepare(plan_run(config, "test"), config)
+    assert sorted(os.listdir(os.path.join(parent, "checkpoints"))) == [
+        "epoch_00000", "epoch_00001.orphaned", "epoch_00001.orphaned-2", "epoch_00002.orphaned", "epoch_00002.orphaned-2",
+    ]
+
+
+def test_a_launch_that_failed_before_its_first_epoch_does_not_block_the_same_command(tmp_path) -> None:
+    config = _config(tmp_path, run_name="test")
+    prepare(plan_run(config, "test"), config)  # config.json written, then the launch failed (e.g. a bad prompt file)
+    os.makedirs(tmp_path / "test" / "checkpoints")
+    (tmp_path / "test" / "metrics.jsonl").write_text("")
+    plan = plan_run(config, "test")  # the same command, once fixed, simply starts
+    assert plan.checkpoint is None and plan.run_dir == str(tmp_path / "test")
+    prepare(plan, config)
+    assert json.loads((tmp_path / "test" / "config.json").read_text())["run_name"] == "test"

@@ -84,8 +84,18 @@ class RunPlan:
 
 
 def holds_run(path: str) -> bool:
-    """True when `path` already holds a run (a config, metrics or checkpoints)."""
-    return any(os.path.exists(os.path.join(path, name)) for name in (CONFIG_FILE, METRICS_FILE, "checkpoints"))
+    """True when `path` already holds a run: a complete checkpoint or a metrics line.
+
+    A launch that failed before its first epoch leaves at most `config.json` (and empty
+    directories): that is not yet a run, so the same command, once fixed, simply starts.
+    """
+    if checkpoint_files.list_checkpoints(path):
+        return True
+    metrics = os.path.join(path, METRICS_FILE)
+    if not os.path.isfile(metrics):
+        return False
+    with open(metrics, "rb") as f:
+        return any(line.strip() for line in f)
 
 
 def default_run_name(logdir: str) -> str:
@@ -103,6 +113,14 @@ def _unused_name(logdir: str, name: str) -> str:
     candidate, number = name, 2
     while os.path.exists(os.path.join(logdir, candidate)):
         candidate, number = f"{name}-{number}", number + 1
+    return candidate
+
+
+def _unused_path(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ...: the first that does not exist (set-aside names never collide)."""
+    candidate, number = path, 2
+    while os.path.lexists(candidate):
+        candidate, number = f"{path}-{number}", number + 1
     return candidate
 
 
@@ -247,8 +265,9 @@ def prepare(plan: RunPlan, config: ml_collections.ConfigDict) -> None:
         assert plan.checkpoint is not None and plan.epoch is not None
         for later in checkpoint_files.list_checkpoints(plan.run_dir):
             if _epoch_of(later) > plan.epoch:
-                logger.warning(f"setting aside {later} (later than the resumed epoch {plan.epoch}) as {later}{ORPHANED_SUFFIX}")
-                os.replace(later, later + ORPHANED_SUFFIX)
+                aside = _unused_path(later + ORPHANED_SUFFIX)
+                logger.warning(f"setting aside {later} (later than the resumed epoch {plan.epoch}) as {aside}")
+                os.replace(later, aside)
         cut_metrics(plan.run_dir, plan.epoch)
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": plan.checkpoint, "epoch": plan.epoch}
         with open(os.path.join(plan.run_dir, RESUMES_FILE), "a") as f:
