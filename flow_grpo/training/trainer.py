@@ -323,7 +323,8 @@ class Trainer:
     def train(self) -> list[dict[str, float]]:
         """Run epochs `start_epoch ... config.num_epochs - 1`; returns their metrics.
 
-        Each epoch's metrics are appended to `<run>/metrics.jsonl` as soon as the epoch ends. With
+        Each epoch's metrics are appended to `<run>/metrics.jsonl` as soon as the epoch ends, before
+        its checkpoint is written (`time/epoch` does not include the checkpoint). With
         `config.eval_before_training`, a fresh run first evaluates the initial LoRA (the base model)
         and records it as epoch -1, sent to the tracker at step 0 before epoch 0's metrics.
         """
@@ -351,8 +352,6 @@ class Trainer:
                     completed, steps = self.last_curves
                     self._log_image(epoch, "reward_curves", trackers.reward_curves_image(completed, steps, epoch, min(config.log_images, 6)))
                     trackers.log_histograms(accelerator, config.report_to, {"tp/d_j": steps.incremental, "tp/g_j": steps.aggregated}, epoch)
-            if last or (config.save_freq and (epoch + 1) % config.save_freq == 0):
-                self.save_checkpoint(epoch)
             metrics.update(
                 {
                     "epoch": epoch,
@@ -365,11 +364,15 @@ class Trainer:
             if self.compiled is not None:  # graphs may appear in the first epoch and at the first evaluation
                 first_eval = "eval/avg" in metrics and not any("eval/avg" in h for h in self.history)
                 metrics.update(self.compiled.check(epoch, epoch == self.start_epoch or first_eval))
-            accelerator.log(metrics, step=epoch)
             self.history.append(metrics)
+            # The line goes out before the checkpoint is published: a kill after publishing never
+            # leaves a checkpoint without its line (a resume from an older one cuts the extra line).
             if accelerator.is_main_process:
                 with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
                     f.write(metrics_line(metrics))
+            if last or (config.save_freq and (epoch + 1) % config.save_freq == 0):
+                self.save_checkpoint(epoch)
+            accelerator.log(metrics, step=epoch)
             logger.info(trackers.epoch_line(metrics, self.is_tp), main_process_only=True)
             progress = trackers.progress_line(epoch, self.start_epoch, config.num_epochs, time.perf_counter() - run_started)
             logger.info(progress, main_process_only=True)
