@@ -200,3 +200,40 @@ def test_a_launch_that_failed_before_its_first_epoch_does_not_block_the_same_com
     assert plan.checkpoint is None and plan.run_dir == str(tmp_path / "test")
     prepare(plan, config)
     assert json.loads((tmp_path / "test" / "config.json").read_text())["run_name"] == "test"
+
+
+def test_files_the_trainer_writes_are_never_written_through_a_symlink(tmp_path) -> None:
+    from flow_grpo.run.directory import append_metrics, wandb_id
+    from flow_grpo.run.files import SymlinkRefusedError
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    run_dir = tmp_path / "logs" / "test"
+    run_dir.mkdir(parents=True)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    (run_dir / "metrics.jsonl").symlink_to(empty)  # no metrics line: not yet a run
+    for name in ("wandb_id.txt", "config.json"):
+        (run_dir / name).symlink_to(outside)
+    config = _config(tmp_path / "logs")
+    plan = plan_run(config, "test")
+    with pytest.raises(SymlinkRefusedError, match=r"config\.json is a symbolic link"):
+        prepare(plan, config)
+    with pytest.raises(SymlinkRefusedError, match=r"metrics\.jsonl is a symbolic link"):
+        append_metrics(str(run_dir), {"epoch": 0})
+    with pytest.raises(SymlinkRefusedError, match=r"wandb_id\.txt is a symbolic link"):
+        wandb_id(plan)
+    assert outside.read_text() == "precious\n" and empty.read_text() == ""
+
+
+def test_pruning_never_follows_a_symlinked_checkpoint(tmp_path) -> None:
+    run_dir = _make_run(tmp_path, "test", [1, 2])
+    elsewhere = tmp_path / "elsewhere" / "epoch_00000"
+    elsewhere.mkdir(parents=True)
+    checkpoint_files.save_file({"epoch": 0}, str(elsewhere / checkpoint_files.STATE_FILE))
+    link = checkpoint_files.checkpoint_dir(run_dir, 0)
+    os.symlink(elsewhere, link)
+    checkpoint_files.prune(run_dir, keep=1)
+    assert (elsewhere / checkpoint_files.STATE_FILE).is_file()  # the target is untouched
+    assert not os.path.lexists(link)
+    assert [os.path.basename(p) for p in checkpoint_files.list_checkpoints(run_dir)] == ["epoch_00002"]

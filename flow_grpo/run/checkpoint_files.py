@@ -185,12 +185,30 @@ def temporary_dir(target: str) -> str:
 def publish(target: str, keep: int) -> None:
     """Rename the finished temporary directory to `target` (atomic on one file system) and prune.
 
-    Only the newest `keep` complete checkpoints of the run stay (0 keeps all).
+    Only the newest `keep` complete checkpoints of the run stay (0 keeps all; see `prune`).
     """
-    if os.path.exists(target):
+    if os.path.islink(target):
+        os.unlink(target)
+    elif os.path.exists(target):
         shutil.rmtree(target)
     os.replace(temporary_dir(target), target)
     if keep > 0:
-        run_dir = os.path.dirname(os.path.dirname(target))
-        for old in list_checkpoints(run_dir)[:-keep]:
+        prune(os.path.dirname(os.path.dirname(target)), keep)
+
+
+def prune(run_dir: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints of `run_dir`, never following a symbolic link.
+
+    A checkpoint that is a link is unlinked (its target stays); under a `checkpoints/` that is
+    itself a link nothing is deleted, since the checkpoints live outside the run directory.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    if os.path.islink(root):
+        logger.warning(f"{root} is a symbolic link: old checkpoints are not pruned (they live outside the run)")
+        return
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if os.path.islink(old):
+            logger.warning(f"pruning {old}: removing the symbolic link only; its target is left as it is")
+            os.unlink(old)
+        else:
             shutil.rmtree(old)

@@ -30,6 +30,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list
 
 from flow_grpo.run import checkpoint_files
+from flow_grpo.run.files import open_to_write
 from flow_grpo.run.config_checks import ConfigError, check_run_name
 
 logger = get_logger(__name__)
@@ -270,7 +271,7 @@ def prepare(plan: RunPlan, config: ml_collections.ConfigDict) -> None:
                 os.replace(later, aside)
         cut_metrics(plan.run_dir, plan.epoch)
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": plan.checkpoint, "epoch": plan.epoch}
-        with open(os.path.join(plan.run_dir, RESUMES_FILE), "a") as f:
+        with open_to_write(os.path.join(plan.run_dir, RESUMES_FILE), "a") as f:
             f.write(json.dumps(record | {"overrides": plan.overrides}) + "\n")
         if plan.overrides:
             logger.info(f"resume overrides (recorded in {RESUMES_FILE}): {plan.overrides}")
@@ -282,9 +283,9 @@ def prepare(plan: RunPlan, config: ml_collections.ConfigDict) -> None:
         parent_metrics = os.path.join(os.path.dirname(os.path.dirname(plan.checkpoint)), METRICS_FILE)
         if os.path.isfile(parent_metrics):
             kept, _ = _split_metrics(parent_metrics, plan.epoch)
-            with open(os.path.join(plan.run_dir, METRICS_FILE), "w") as f:
+            with open_to_write(os.path.join(plan.run_dir, METRICS_FILE), "w") as f:
                 f.writelines(kept)
-    with open(os.path.join(plan.run_dir, CONFIG_FILE), "w") as f:
+    with open_to_write(os.path.join(plan.run_dir, CONFIG_FILE), "w") as f:
         json.dump(recorded, f, indent=2)
 
 
@@ -316,9 +317,9 @@ def cut_metrics(run_dir: str, epoch: int) -> int:
         return 0
     kept, later = _split_metrics(path, epoch)
     if later:
-        with open(path + ORPHANED_SUFFIX, "a") as f:
+        with open_to_write(path + ORPHANED_SUFFIX, "a") as f:
             f.writelines(later)
-        with open(path + ".part", "w") as f:
+        with open_to_write(path + ".part", "w") as f:
             f.writelines(kept)
         os.replace(path + ".part", path)
         logger.warning(f"moved {len(later)} metrics lines past epoch {epoch} to {path}{ORPHANED_SUFFIX}")
@@ -334,6 +335,12 @@ def metrics_line(metrics: dict[str, Any]) -> str:
     return json.dumps(row, allow_nan=False) + "\n"
 
 
+def append_metrics(run_dir: str, metrics: dict[str, Any]) -> None:
+    """Append `metrics` as one strict-JSON line to `<run_dir>/metrics.jsonl` (never through a symlink)."""
+    with open_to_write(os.path.join(run_dir, METRICS_FILE), "a") as f:
+        f.write(metrics_line(metrics))
+
+
 def wandb_id(plan: RunPlan) -> str:
     """The wandb run id of this run: read from `wandb_id.txt` when continuing, else made and written there."""
     path = os.path.join(plan.run_dir, WANDB_ID_FILE)
@@ -341,6 +348,6 @@ def wandb_id(plan: RunPlan) -> str:
         with open(path) as f:
             return f.read().strip()
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    with open(path, "w") as f:
+    with open_to_write(path, "w") as f:
         f.write(run_id + "\n")
     return run_id

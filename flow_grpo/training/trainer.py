@@ -38,7 +38,8 @@ from flow_grpo.training.state import restore_state, save_state
 from flow_grpo.training.step import UpdateStep, add_lora, loss_settings, training_step
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.rewards import build_reward
-from flow_grpo.run.directory import default_run_name, metrics_line, plan_run, prepare, wandb_id
+from flow_grpo.run.directory import append_metrics, default_run_name, plan_run, prepare, wandb_id
+from flow_grpo.run.files import open_to_write, refuse_symlink
 from flow_grpo.seeding import derived_seed
 from flow_grpo.algorithm.turning_points import StepRewards
 
@@ -302,11 +303,13 @@ class Trainer:
         Epoch -1 (before training) is saved as `<name>_before_training.png`, sent at step 0.
         """
         directory = os.path.join(self.run_dir, "images")
+        refuse_symlink(directory)
         os.makedirs(directory, exist_ok=True)
         stem = os.path.join(directory, f"{name}_before_training" if epoch < 0 else f"{name}_epoch_{epoch:05d}")
-        image.save(stem + ".png")
+        with open_to_write(stem + ".png", "wb") as f:
+            image.save(f, format="PNG")
         if captions is not None:
-            with open(stem + ".txt", "w") as f:
+            with open_to_write(stem + ".txt", "w") as f:
                 f.write("\n".join(captions) + "\n")
         caption = " || ".join(captions) if captions else None
         trackers.log_image(self.accelerator, self.config.report_to, name, image, max(epoch, 0), caption)
@@ -333,8 +336,7 @@ class Trainer:
             metrics = {"epoch": -1, **self.evaluate(-1)}
             accelerator.log(metrics, step=0)
             if accelerator.is_main_process:
-                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(metrics_line(metrics))
+                append_metrics(self.run_dir, metrics)
             logger.info(f"before training | eval {metrics['eval/avg']:.4f}", main_process_only=True)
         run_started = time.perf_counter()
         for epoch in range(self.start_epoch, config.num_epochs):
@@ -368,8 +370,7 @@ class Trainer:
             # The line goes out before the checkpoint is published: a kill after publishing never
             # leaves a checkpoint without its line (a resume from an older one cuts the extra line).
             if accelerator.is_main_process:
-                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(metrics_line(metrics))
+                append_metrics(self.run_dir, metrics)
             if last or (config.save_freq and (epoch + 1) % config.save_freq == 0):
                 self.save_checkpoint(epoch)
             accelerator.log(metrics, step=epoch)
