@@ -84,12 +84,8 @@ def test_a_full_disk_says_no_space_left_and_keeps_the_previous_file(tmp_path, mo
     path = str(tmp_path / "state.pt")
     checkpoint_files.save_file({"epoch": 1}, path)
 
-    def full_disk(value, target):
-        with open(target, "wb") as f:
-            f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
+    real_open = checkpoint_files.open_to_write
+    monkeypatch.setattr(checkpoint_files, "open_to_write", lambda target, mode: real_open("/dev/full", mode) if target.endswith(".part") else real_open(target, mode))
     with pytest.raises(OSError, match="no space left on device while writing .*state.pt"):
         checkpoint_files.save_file({"epoch": 2}, path)
     assert checkpoint_files.load_file(path) == {"epoch": 1}

@@ -50,7 +50,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_sd3_dir, tmp_path) -> None:
         assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2, 3]
 
 
-def test_crash_while_writing_keeps_last_good_checkpoint(tiny_sd3_dir, tmp_path, monkeypatch) -> None:
+def test_a_full_disk_while_writing_names_the_path_and_keeps_the_last_good_checkpoint(tiny_sd3_dir, tmp_path, monkeypatch) -> None:
     trainer = Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, save_freq=1, keep_checkpoints=1, **FAST))
     samples = trainer.sample_epoch(0)
     advantages, _ = trainer.advantages(0, samples)
@@ -60,20 +60,19 @@ def test_crash_while_writing_keeps_last_good_checkpoint(tiny_sd3_dir, tmp_path, 
     samples = trainer.sample_epoch(1)
     trainer.train_epoch(1, samples, trainer.advantages(1, samples)[0])
 
-    real_save = torch.save
+    # A full disk: the state file's writes hit /dev/full (ENOSPC), as on a full file system.
+    real_open = checkpoint_files.open_to_write
 
-    def crashing_save(obj, path, *args, **kwargs):
-        if str(path).endswith(checkpoint_files.STATE_FILE + ".part"):
-            raise OSError("disk full (simulated)")
-        return real_save(obj, path, *args, **kwargs)
+    def full_disk(target, mode="w"):
+        return real_open("/dev/full", mode) if target.endswith(checkpoint_files.STATE_FILE + ".part") else real_open(target, mode)
 
-    monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError, match="simulated"):
+    monkeypatch.setattr(checkpoint_files, "open_to_write", full_disk)
+    with pytest.raises(OSError, match=r"no space left on device while writing .*epoch_00001\.tmp/state\.pt"):
         trainer.save_checkpoint(1)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
 
     run_dir = str(tmp_path / "test")
-    assert os.path.isdir(checkpoint_files.checkpoint_dir(run_dir, 1) + ".tmp")  # the broken write is left aside
+    assert not os.path.exists(checkpoint_files.checkpoint_dir(run_dir, 1) + ".tmp")  # no half-written directory
     assert checkpoint_files.resolve_checkpoint(run_dir) == good
     resumed = Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, resume_from=run_dir, **FAST))
     assert resumed.start_epoch == 1

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 
+from flow_grpo.run.files import open_to_write
+
 logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{5,})$")
@@ -114,18 +116,26 @@ def save_file(value: Any, path: str) -> None:
     """
     partial = path + ".part"
     try:
-        torch.save(value, partial)
+        # Through a Python file: a full disk raises OSError(ENOSPC) here, where torch's own writer
+        # of a path reports only "unexpected pos".
+        with open_to_write(partial, "wb") as f:
+            torch.save(value, f)
         os.replace(partial, path)
     except OSError as error:
-        if os.path.exists(partial):
+        if os.path.lexists(partial) and not os.path.islink(partial):
             os.remove(partial)
         if error.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left on device while writing {path}; free space or point config.logdir elsewhere "
-                "(the previous checkpoint stays loadable)",
-            ) from error
+            raise no_space_error(path, error) from error
         raise
+
+
+def no_space_error(path: str, error: OSError) -> OSError:
+    """The error of a full disk while writing `path`: names the path and what to do."""
+    return OSError(
+        errno.ENOSPC,
+        f"no space left on device while writing {path}; free space or point config.logdir elsewhere "
+        f"(the previous checkpoint stays the newest) [{error.strerror or error}]",
+    )
 
 
 def load_file(path: str) -> Any:
