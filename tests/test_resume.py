@@ -117,6 +117,33 @@ def test_nonfinite_rewards_can_skip_the_batch(tiny_sd3_dir, tmp_path, nan_reward
     assert all(torch.equal(before[name], value) for name, value in _lora(trainer).items())
 
 
+def test_an_evaluation_where_every_score_is_nan_reports_counts_and_writes_strict_json(tiny_sd3_dir, tmp_path, nan_reward) -> None:
+    config = tiny_config(tiny_sd3_dir, tmp_path, num_epochs=1, eval_freq=1, **FAST)
+    config.eval_reward_fn = ml_collections.ConfigDict({"test_nan": 1.0})
+    Trainer(config).train()
+    strict = {"parse_constant": lambda name: pytest.fail(f"non-strict JSON constant {name}")}
+    with open(tmp_path / "test" / "metrics.jsonl") as f:
+        (row,) = [json.loads(line, **strict) for line in f]
+    assert "eval/test_nan" not in row and "eval/avg" not in row  # no mean over zero finite scores, no null
+    assert row["eval/test_nan_nonfinite"] == row["eval/avg_nonfinite"] == 12.0  # every test prompt
+    lora = checkpoint_files.checkpoint_dir(str(tmp_path / "test"), 0) + "/lora/README.md"
+    card = open(lora, encoding="utf-8").read()
+    settings = json.loads(card.split("```json\n", 1)[1].split("\n```", 1)[0], **strict)
+    assert settings["eval"] == {"test_nan": None, "avg": None}
+
+
+def test_score_summaries_are_means_over_finite_scores_with_a_count(tmp_path) -> None:
+    from flow_grpo.run.outputs import summarize_scores, write_json
+
+    records = [{"r": 1.0}, {"r": float("nan")}, {"r": 3.0}, {"s": 0}]
+    summary = summarize_scores(records[:3], ["r"])
+    assert summary["r"] == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "nonfinite": 1}
+    empty = summarize_scores([{"r": float("nan")}], ["r"])["r"]
+    assert empty["mean"] is None and empty["nonfinite"] == 1
+    write_json(tmp_path / "s.json", {"x": float("inf"), "y": [float("nan")]})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"x": None, "y": [None]}
+
+
 def test_exported_lora_reproduces_trained_images(tiny_sd3_dir, tmp_path) -> None:
     # alpha != rank: the export must carry the LoRA scale.
     config = tiny_config(

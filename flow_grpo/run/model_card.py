@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from flow_grpo.precision import mixed_precision_dtype
+from flow_grpo.run.outputs import strict_json_value
 from flow_grpo.seeding import derived_seed
 
 __all__ = ["card_settings", "read_card_settings", "write_model_card", "write_trainer_card"]
@@ -113,24 +114,13 @@ images = pipe(prompt=prompts, {arguments}, generator=generator).images
 Settings (machine-readable):
 
 ```json
-{json.dumps(_strict(settings), indent=2, allow_nan=False)}
+{json.dumps(strict_json_value(settings), indent=2, allow_nan=False)}
 ```
 """
 
 
 def _score_text(value: float | None) -> str:
     return "not finite" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
-def _strict(value: Any) -> Any:
-    """`value` with every NaN / inf float replaced by None, so the settings block is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _strict(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(item) for item in value]
-    return value
 
 
 def write_model_card(lora_dir: str | os.PathLike[str], settings: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import time
 
@@ -276,7 +277,8 @@ class Trainer:
             captions = [f"{prompt} | {score:.4f}" for prompt, score in zip(prompts, scores)]
             self._log_image(epoch, "eval_images", pictures.image_grid(images, prompts=prompts, scores=scores), captions)
             trackers.log_eval_samples(accelerator, config.report_to, images, prompts, scores, max(epoch, 0))
-        metrics = {f"eval/{name}": value for name, value in result.means.items()}
+        # Means over the finite scores; a reward with none left is reported only by its count.
+        metrics = {f"eval/{name}": value for name, value in result.means.items() if math.isfinite(value)}
         self.last_eval = (epoch, dict(result.means))
         return metrics | {f"eval/{name}_nonfinite": float(n) for name, n in result.nonfinite.items() if n}
 
@@ -337,7 +339,7 @@ class Trainer:
             accelerator.log(metrics, step=0)
             if accelerator.is_main_process:
                 append_metrics(self.run_dir, metrics)
-            logger.info(f"before training | eval {metrics['eval/avg']:.4f}", main_process_only=True)
+            logger.info(f"before training | eval {metrics.get('eval/avg', float('nan')):.4f}", main_process_only=True)
         run_started = time.perf_counter()
         for epoch in range(self.start_epoch, config.num_epochs):
             started = time.perf_counter()
