@@ -30,6 +30,11 @@ def _config(logdir: Path, **changes):
     return tiny_config("unused-model", logdir, **{"num_epochs": 10, **changes})
 
 
+def _state(epoch: int) -> dict:
+    """The smallest state.pt with the structure the trainer writes."""
+    return {"epoch": epoch, "optimizer_updates": 0, "lora": {"w": torch.ones(2)}, "optimizer": {}}
+
+
 def _make_run(logdir: Path, name: str, epochs: list[int], **changes) -> str:
     """A run directory as the trainer leaves it: config.json, metrics for 0..max(epochs), checkpoints."""
     config = _config(logdir, run_name=name, **changes)
@@ -38,7 +43,7 @@ def _make_run(logdir: Path, name: str, epochs: list[int], **changes) -> str:
     for epoch in epochs:
         path = checkpoint_files.checkpoint_dir(plan.run_dir, epoch)
         os.makedirs(path)
-        checkpoint_files.save_file({"epoch": epoch, "weights": torch.ones(2)}, os.path.join(path, checkpoint_files.STATE_FILE))
+        checkpoint_files.save_file(_state(epoch), os.path.join(path, checkpoint_files.STATE_FILE))
     with open(os.path.join(plan.run_dir, directory.METRICS_FILE), "w") as f:
         f.writelines(metrics_line({"epoch": epoch, "reward/avg": 0.1 * epoch}) for epoch in range(max(epochs) + 1))
     return plan.run_dir
@@ -184,7 +189,7 @@ def test_resume_overwrite_twice_from_the_same_checkpoint_gives_unique_set_aside_
     for epoch in (1, 2):  # the resumed run writes its own epochs 1 and 2 again
         path = checkpoint_files.checkpoint_dir(parent, epoch)
         os.makedirs(path)
-        checkpoint_files.save_file({"epoch": epoch}, os.path.join(path, checkpoint_files.STATE_FILE))
+        checkpoint_files.save_file(_state(epoch), os.path.join(path, checkpoint_files.STATE_FILE))
     prepare(plan_run(config, "test"), config)
     assert sorted(os.listdir(os.path.join(parent, "checkpoints"))) == [
         "epoch_00000", "epoch_00001.orphaned", "epoch_00001.orphaned-2", "epoch_00002.orphaned", "epoch_00002.orphaned-2",
@@ -230,7 +235,7 @@ def test_pruning_never_follows_a_symlinked_checkpoint(tmp_path) -> None:
     run_dir = _make_run(tmp_path, "test", [1, 2])
     elsewhere = tmp_path / "elsewhere" / "epoch_00000"
     elsewhere.mkdir(parents=True)
-    checkpoint_files.save_file({"epoch": 0}, str(elsewhere / checkpoint_files.STATE_FILE))
+    checkpoint_files.save_file(_state(0), str(elsewhere / checkpoint_files.STATE_FILE))
     link = checkpoint_files.checkpoint_dir(run_dir, 0)
     os.symlink(elsewhere, link)
     checkpoint_files.prune(run_dir, keep=1)

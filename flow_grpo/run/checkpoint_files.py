@@ -161,8 +161,35 @@ def load_file(path: str) -> Any:
 
 
 def load_checkpoint_state(path: str) -> dict[str, Any]:
-    """The training state (`state.pt`) of the checkpoint directory `path`."""
-    return load_file(os.path.join(path, STATE_FILE))
+    """The training state (`state.pt`) of the checkpoint directory `path`, checked for its structure.
+
+    Raises:
+        CheckpointError: the file does not load, or does not hold what `save_state` writes.
+    """
+    file = os.path.join(path, STATE_FILE)
+    state = load_file(file)
+    problem = _state_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint file {file} is not a training state of this trainer: {problem}")
+    return state
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with the structure of a loaded `state.pt`, or None."""
+    if not isinstance(state, dict):
+        return f"it holds {type(state).__name__}, not a dict"
+    missing = [key for key in ("epoch", "optimizer_updates", "lora", "optimizer") if key not in state]
+    if missing:
+        return f"keys {missing} are missing"
+    for key in ("epoch", "optimizer_updates"):
+        if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+            return f"{key} is {state[key]!r}, not a non-negative integer"
+    lora = state["lora"]
+    if not isinstance(lora, dict) or not all(isinstance(value, torch.Tensor) for value in lora.values()):
+        return "lora is not a mapping of parameter names to tensors"
+    if not isinstance(state["optimizer"], dict):
+        return "optimizer is not an optimizer state dict"
+    return None
 
 
 def newest_loadable(run_dir: str) -> tuple[str, dict[str, Any]]:

@@ -404,7 +404,14 @@ def _check_model_path(model: str) -> None:
             "Point it at a diffusers pipeline directory or a hub id; for the tiny CPU presets run "
             "`make tiny-model` first.",
         )
-    if os.path.isdir(os.path.expanduser(model)) and not os.listdir(os.path.expanduser(model)):
+    directory = os.path.expanduser(model)
+    if os.path.isdir(directory) and os.listdir(directory) and not os.path.isfile(os.path.join(directory, "model_index.json")):
+        _fail(
+            "pretrained.model",
+            f"directory {model!r} is not a diffusers pipeline (it has no model_index.json)",
+            "Point it at the pipeline's top directory (the one with model_index.json), or give a hub id.",
+        )
+    if os.path.isdir(directory) and not os.listdir(directory):
         _fail(
             "pretrained.model",
             f"directory {model!r} is empty",
@@ -414,14 +421,18 @@ def _check_model_path(model: str) -> None:
 
 
 def _check_dataset(config: ml_collections.ConfigDict) -> None:
-    from flow_grpo.data import dataset_paths
+    from flow_grpo.data import dataset_paths, load_prompts
 
     if not os.path.isdir(config.dataset):
         _fail("dataset", f"directory {config.dataset!r} does not exist", "Point it at a directory with train/test prompt files.")
     # The test split is read only when the run evaluates.
     for split in ("train", "test") if config.eval_freq else ("train",):
         try:
-            dataset_paths(config.dataset, split)
+            path = dataset_paths(config.dataset, split)
         except FileNotFoundError as error:
             fix = "Add the file." if split == "train" else "Add the file, or set config.eval_freq=0 (no evaluation)."
             _fail("dataset", str(error).rstrip("."), fix)
+        try:  # read now: a bad prompt file costs seconds, not a model load
+            load_prompts(path)
+        except ValueError as error:
+            raise ConfigError(f"config.dataset: {error}") from None

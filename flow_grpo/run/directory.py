@@ -16,6 +16,7 @@ Everything here runs before the model loads, so a wrong resume costs seconds.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -193,8 +194,17 @@ def _read_config(run_dir: str) -> dict[str, Any]:
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"{path} is truncated or not JSON ({error}); restore it from a copy, or start a fresh run "
+            "with another --config.run_name"
+        ) from None
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{path} holds {type(recorded).__name__}, not a config object; restore it or start a fresh run")
+    return recorded
 
 
 def plan_run(config: ml_collections.ConfigDict, run_name: str) -> RunPlan:
@@ -260,7 +270,24 @@ def prepare(plan: RunPlan, config: ml_collections.ConfigDict) -> None:
     parent's metrics up to the checkpoint's epoch). Continuation: `config.json` stays unchanged;
     later metrics lines and later checkpoints are set aside as `.orphaned`, and the overrides are
     appended to `resumes.jsonl`.
+
+    Raises:
+        ConfigError: the run directory cannot be written (a read-only or foreign `config.logdir`).
     """
+    try:
+        _write_records(plan, config)
+    except PermissionError as error:
+        raise ConfigError(
+            f"config.logdir: cannot write {error.filename or plan.run_dir} ({error.strerror}); "
+            "choose a writable --config.logdir or fix its permissions"
+        ) from None
+    except OSError as error:
+        if error.errno != errno.EROFS:
+            raise
+        raise ConfigError(f"config.logdir: {plan.run_dir} is on a read-only file system; choose a writable --config.logdir") from None
+
+
+def _write_records(plan: RunPlan, config: ml_collections.ConfigDict) -> None:
     os.makedirs(plan.run_dir, exist_ok=True)
     if plan.continues:
         assert plan.checkpoint is not None and plan.epoch is not None

@@ -116,7 +116,15 @@ def restore_state(trainer: Trainer, path: str, state: dict[str, Any] | None = No
     """
     state = checkpoint_files.load_checkpoint_state(path) if state is None else state
     if list(state["lora"]) != trainer.trainable_names:
-        raise ValueError(f"checkpoint {path} holds a different LoRA (rank or target modules) than this config")
+        raise checkpoint_files.CheckpointError(
+            f"checkpoint {path} holds a different LoRA (target modules) than this config; resume with the config it was trained with"
+        )
+    for name, param, saved in zip(trainer.trainable_names, trainer.trainable, state["lora"].values()):
+        if saved.shape != param.shape:
+            raise checkpoint_files.CheckpointError(
+                f"checkpoint {path}: LoRA tensor {name} has shape {tuple(saved.shape)}, the model's has "
+                f"{tuple(param.shape)}; resume with the train.lora_rank and model it was trained with"
+            )
     with torch.no_grad():
         for param, saved in zip(trainer.trainable, state["lora"].values()):
             param.copy_(saved)
