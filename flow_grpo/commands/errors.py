@@ -67,4 +67,4 @@ def user_errors(debug: bool, hint: str = "") -> Iterator[None]:
         message = str(error) if not isinstance(error, OSError) or error.strerror is None or error.filename is None else (
             f"{error.filename}: {error.strerror.lower()}; free space or choose another config.logdir"
         )
-        exit_with_error(f"{message}; {hint}" if hint else message)
+        exit_with_error(f"{message.rstrip().rstrip('.')}; {hint}" if hint else message)
