@@ -41,6 +41,10 @@ PROMPT_KEY = "prompt"
 """Key holding the prompt text in a ``.jsonl`` line."""
 
 
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read: missing, empty, binary, not UTF-8, or a bad line; names the path."""
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One prompt and its metadata (``{}`` for plain-text prompt files)."""
@@ -53,26 +57,30 @@ def load_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
     """Read a ``.txt`` or ``.jsonl`` prompt file (see the module docstring for the formats).
 
     Raises:
-        FileNotFoundError: if the file does not exist.
-        ValueError: on another extension, an empty file, or a bad line (with its line number).
+        FileNotFoundError: the file does not exist.
+        PromptFileError: the file has another extension, is empty, blank, binary or
+            not UTF-8, or has a bad line (with its line number).
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
-        raise ValueError(
+        raise PromptFileError(
             f"Prompt file {path} has extension {path.suffix!r}; use a .txt file (one prompt per line) "
             "or a .jsonl file (one JSON object with a 'prompt' key per line)."
         )
     if not path.is_file():
         raise FileNotFoundError(f"Prompt file {path} does not exist; check the dataset path in the config.")
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise PromptFileError(f"Prompt file {path} is binary (it contains NUL bytes); give a UTF-8 text file.")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as error:
-        raise ValueError(f"Prompt file {path} is not valid UTF-8 ({error}); re-save it as UTF-8.") from error
+        raise PromptFileError(f"Prompt file {path} is not valid UTF-8 ({error}); re-save it as UTF-8.") from error
 
     prompts = _parse_txt(lines) if suffix == ".txt" else _parse_jsonl(lines, path)
     if not prompts:
-        raise ValueError(f"Prompt file {path} contains no prompts; add at least one non-blank line.")
+        raise PromptFileError(f"Prompt file {path} contains no prompts; add at least one non-blank line.")
     return prompts
 
 
@@ -89,18 +97,18 @@ def _parse_jsonl(lines: list[str], path: Path) -> list[Prompt]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(
+            raise PromptFileError(
                 f"{where}: malformed JSON ({error.msg} at column {error.colno}); "
                 'each line must be one JSON object such as {"prompt": "a red apple"}.'
             ) from error
         if not isinstance(record, dict):
-            raise ValueError(
+            raise PromptFileError(
                 f"{where}: expected a JSON object, got {type(record).__name__}; "
                 'write each line as {"prompt": "...", ...}.'
             )
         text = record.pop(PROMPT_KEY, None)
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(
+            raise PromptFileError(
                 f"{where}: needs a non-empty string under the key {PROMPT_KEY!r}, got {text!r}; "
                 f"add the prompt text as \"{PROMPT_KEY}\"."
             )

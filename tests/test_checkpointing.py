@@ -28,7 +28,7 @@ class _RunsCode:
 def _checkpoint(run_dir, epoch: int, state: dict | None = None) -> str:
     path = checkpoint_files.checkpoint_dir(str(run_dir), epoch)
     os.makedirs(path)
-    checkpoint_files.save_file(state if state is not None else {"epoch": epoch}, os.path.join(path, checkpoint_files.STATE_FILE))
+    checkpoint_files.save_file(state if state is not None else {"epoch": epoch, "optimizer_updates": 0, "lora": {}, "optimizer": {}}, os.path.join(path, checkpoint_files.STATE_FILE))
     return path
 
 
@@ -73,7 +73,7 @@ def test_resume_from_a_run_falls_back_to_the_previous_complete_checkpoint(tmp_pa
     with open(os.path.join(broken, checkpoint_files.STATE_FILE), "wb") as f:
         f.write(b"\x00" * 10)
     path, state = checkpoint_files.newest_loadable(str(tmp_path))
-    assert path == good and state == {"epoch": 1}
+    assert path == good and state["epoch"] == 1
     with open(os.path.join(good, checkpoint_files.STATE_FILE), "wb"):
         pass
     with pytest.raises(FileNotFoundError, match="no loadable checkpoint"):
@@ -84,13 +84,24 @@ def test_a_full_disk_says_no_space_left_and_keeps_the_previous_file(tmp_path, mo
     path = str(tmp_path / "state.pt")
     checkpoint_files.save_file({"epoch": 1}, path)
 
-    def full_disk(value, target):
-        with open(target, "wb") as f:
-            f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
+    real_open = checkpoint_files.open_to_write
+    monkeypatch.setattr(checkpoint_files, "open_to_write", lambda target, mode: real_open("/dev/full", mode) if target.endswith(".part") else real_open(target, mode))
     with pytest.raises(OSError, match="no space left on device while writing .*state.pt"):
         checkpoint_files.save_file({"epoch": 2}, path)
     assert checkpoint_files.load_file(path) == {"epoch": 1}
     assert not os.path.exists(path + ".part")
+
+
+@pytest.mark.parametrize(
+    "state,problem",
+    [
+        ([1, 2], "it holds list, not a dict"),
+        ({"epoch": 0}, "keys .* are missing"),
+        ({"epoch": "3", "optimizer_updates": 0, "lora": {}, "optimizer": {}}, "epoch is '3', not a non-negative integer"),
+        ({"epoch": 0, "optimizer_updates": 0, "lora": {"w": [1.0]}, "optimizer": {}}, "lora is not a mapping"),
+    ],
+)
+def test_a_state_of_the_wrong_structure_names_the_file_and_the_problem(tmp_path, state, problem):
+    path = _checkpoint(tmp_path, 0, state)
+    with pytest.raises(CheckpointError, match=rf"{path}/state\.pt is not a training state of this trainer: {problem}"):
+        checkpoint_files.load_checkpoint_state(path)

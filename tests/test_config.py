@@ -167,7 +167,30 @@ CASES = [
     ("eval_reward_fn.jpeg_compressibility", float("inf"), r"config\.eval_reward_fn\.jpeg_compressibility: weight inf"),
     ("reward_fn.jpeg_compressibility", 0.0, r"config\.reward_fn: every weight is 0"),
     ("reward_fn.jpeg_compressibility", -1.0, r"config\.reward_fn: negative weights .*allow_negative_reward_weights=True"),
+    # NaN passes every `<` bound: each float key is checked for finiteness first, naming the key.
+    ("train.beta", float("nan"), r"config\.train\.beta: must be a finite number, got nan"),
+    ("sample.guidance_scale", float("nan"), r"config\.sample\.guidance_scale: must be a finite number"),
+    ("train.learning_rate", float("nan"), r"config\.train\.learning_rate: must be a finite number"),
+    ("train.learning_rate", float("inf"), r"config\.train\.learning_rate: must be a finite number, got inf"),
+    ("train.clip_range", float("nan"), r"config\.train\.clip_range: must be a finite number"),
+    ("train.adv_clip_max", float("nan"), r"config\.train\.adv_clip_max: must be a finite number"),
+    ("train.adam_beta2", 1.0, r"config\.train\.adam_beta2: 1\.0 is outside \[0, 1\)"),
+    ("train.adam_epsilon", float("nan"), r"config\.train\.adam_epsilon: must be a finite number"),
+    ("reward_options.remote.timeout", 0.0, r"config\.reward_options\.remote\.timeout: must be positive"),
+    ("distributed_timeout_s", 0, r"config\.distributed_timeout_s: must be positive, got 0"),
+    ("pretrained.max_sequence_length", 0, r"config\.pretrained\.max_sequence_length: 0 is outside \[1, inf\)"),
+    ("run_name", "../../escaped", r"config\.run_name: '\.\./\.\./escaped' is not a single directory name"),
+    ("run_name", "/tmp/absolute", r"config\.run_name: '/tmp/absolute' is not a single directory name"),
+    ("run_name", ".", r"config\.run_name: '\.' is not a single directory name"),
 ]
+
+
+def test_an_infinite_clip_means_no_clip_and_is_accepted(tiny_sd3_real_dir) -> None:
+    config = tiny()
+    config.pretrained.model = tiny_sd3_real_dir
+    config.train.adv_clip_max = float("inf")
+    config.train.max_grad_norm = float("inf")
+    validate_config(config)
 
 
 @pytest.mark.parametrize("key,value,message", CASES, ids=[f"{c[0]}={c[1]}" for c in CASES])

@@ -64,3 +64,29 @@ def test_card_settings_reproduce_the_trainer_eval_images(family, card_models, tm
     assert images.shape == expected.shape
     torch.testing.assert_close(images.float(), expected, atol=2e-3, rtol=0)
     assert (plain.float() - expected).abs().max() > 1e-2  # the LoRA matters: the base model's images differ
+
+
+def _snippet(card: str) -> str:
+    return card.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_a_quote_in_the_model_path_stays_a_string_and_nan_scores_stay_strict_json(tmp_path) -> None:
+    import ast
+    import json
+
+    from flow_grpo.run.model_card import card_settings, write_model_card
+    from tests.test_trainer import tiny_config as make_config
+
+    hostile = 'models/x", torch_dtype=None); import os; os.system("echo pwned'
+    config = make_config(hostile, tmp_path)
+    settings = card_settings(config, "StableDiffusion3Pipeline", 0, {"jpeg_compressibility": float("nan")}, ['say "hi"'], "cpu")
+    path = write_model_card(tmp_path, settings)
+    card = open(path, encoding="utf-8").read()
+    tree = ast.parse(_snippet(card))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained"]
+    assert [call.args[0].value for call in calls] == [hostile]  # the whole path is one string literal
+    assert not any(isinstance(node, ast.Import) and node.names[0].name == "os" for node in ast.walk(tree))
+    block = card.split("```json\n", 1)[1].split("\n```", 1)[0]
+    parsed = json.loads(block, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
+    assert parsed["eval"] == {"jpeg_compressibility": None}
+    assert "not finite" in card

@@ -50,7 +50,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_sd3_dir, tmp_path) -> None:
         assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2, 3]
 
 
-def test_crash_while_writing_keeps_last_good_checkpoint(tiny_sd3_dir, tmp_path, monkeypatch) -> None:
+def test_a_full_disk_while_writing_names_the_path_and_keeps_the_last_good_checkpoint(tiny_sd3_dir, tmp_path, monkeypatch) -> None:
     trainer = Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, save_freq=1, keep_checkpoints=1, **FAST))
     samples = trainer.sample_epoch(0)
     advantages, _ = trainer.advantages(0, samples)
@@ -60,20 +60,19 @@ def test_crash_while_writing_keeps_last_good_checkpoint(tiny_sd3_dir, tmp_path, 
     samples = trainer.sample_epoch(1)
     trainer.train_epoch(1, samples, trainer.advantages(1, samples)[0])
 
-    real_save = torch.save
+    # A full disk: the state file's writes hit /dev/full (ENOSPC), as on a full file system.
+    real_open = checkpoint_files.open_to_write
 
-    def crashing_save(obj, path, *args, **kwargs):
-        if str(path).endswith(checkpoint_files.STATE_FILE + ".part"):
-            raise OSError("disk full (simulated)")
-        return real_save(obj, path, *args, **kwargs)
+    def full_disk(target, mode="w"):
+        return real_open("/dev/full", mode) if target.endswith(checkpoint_files.STATE_FILE + ".part") else real_open(target, mode)
 
-    monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError, match="simulated"):
+    monkeypatch.setattr(checkpoint_files, "open_to_write", full_disk)
+    with pytest.raises(OSError, match=r"no space left on device while writing .*epoch_00001\.tmp/state\.pt"):
         trainer.save_checkpoint(1)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
 
     run_dir = str(tmp_path / "test")
-    assert os.path.isdir(checkpoint_files.checkpoint_dir(run_dir, 1) + ".tmp")  # the broken write is left aside
+    assert not os.path.exists(checkpoint_files.checkpoint_dir(run_dir, 1) + ".tmp")  # no half-written directory
     assert checkpoint_files.resolve_checkpoint(run_dir) == good
     resumed = Trainer(tiny_config(tiny_sd3_dir, tmp_path, num_epochs=2, resume_from=run_dir, **FAST))
     assert resumed.start_epoch == 1
@@ -116,6 +115,33 @@ def test_nonfinite_rewards_can_skip_the_batch(tiny_sd3_dir, tmp_path, nan_reward
     history = trainer.train()
     assert "train/loss" not in history[0] and trainer.optimizer_updates == 0
     assert all(torch.equal(before[name], value) for name, value in _lora(trainer).items())
+
+
+def test_an_evaluation_where_every_score_is_nan_reports_counts_and_writes_strict_json(tiny_sd3_dir, tmp_path, nan_reward) -> None:
+    config = tiny_config(tiny_sd3_dir, tmp_path, num_epochs=1, eval_freq=1, **FAST)
+    config.eval_reward_fn = ml_collections.ConfigDict({"test_nan": 1.0})
+    Trainer(config).train()
+    strict = {"parse_constant": lambda name: pytest.fail(f"non-strict JSON constant {name}")}
+    with open(tmp_path / "test" / "metrics.jsonl") as f:
+        (row,) = [json.loads(line, **strict) for line in f]
+    assert "eval/test_nan" not in row and "eval/avg" not in row  # no mean over zero finite scores, no null
+    assert row["eval/test_nan_nonfinite"] == row["eval/avg_nonfinite"] == 12.0  # every test prompt
+    lora = checkpoint_files.checkpoint_dir(str(tmp_path / "test"), 0) + "/lora/README.md"
+    card = open(lora, encoding="utf-8").read()
+    settings = json.loads(card.split("```json\n", 1)[1].split("\n```", 1)[0], **strict)
+    assert settings["eval"] == {"test_nan": None, "avg": None}
+
+
+def test_score_summaries_are_means_over_finite_scores_with_a_count(tmp_path) -> None:
+    from flow_grpo.run.outputs import summarize_scores, write_json
+
+    records = [{"r": 1.0}, {"r": float("nan")}, {"r": 3.0}, {"s": 0}]
+    summary = summarize_scores(records[:3], ["r"])
+    assert summary["r"] == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "nonfinite": 1}
+    empty = summarize_scores([{"r": float("nan")}], ["r"])["r"]
+    assert empty["mean"] is None and empty["nonfinite"] == 1
+    write_json(tmp_path / "s.json", {"x": float("inf"), "y": [float("nan")]})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"x": None, "y": [None]}
 
 
 def test_exported_lora_reproduces_trained_images(tiny_sd3_dir, tmp_path) -> None:

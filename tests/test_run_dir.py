@@ -30,6 +30,11 @@ def _config(logdir: Path, **changes):
     return tiny_config("unused-model", logdir, **{"num_epochs": 10, **changes})
 
 
+def _state(epoch: int) -> dict:
+    """The smallest state.pt with the structure the trainer writes."""
+    return {"epoch": epoch, "optimizer_updates": 0, "lora": {"w": torch.ones(2)}, "optimizer": {}}
+
+
 def _make_run(logdir: Path, name: str, epochs: list[int], **changes) -> str:
     """A run directory as the trainer leaves it: config.json, metrics for 0..max(epochs), checkpoints."""
     config = _config(logdir, run_name=name, **changes)
@@ -38,7 +43,7 @@ def _make_run(logdir: Path, name: str, epochs: list[int], **changes) -> str:
     for epoch in epochs:
         path = checkpoint_files.checkpoint_dir(plan.run_dir, epoch)
         os.makedirs(path)
-        checkpoint_files.save_file({"epoch": epoch, "weights": torch.ones(2)}, os.path.join(path, checkpoint_files.STATE_FILE))
+        checkpoint_files.save_file(_state(epoch), os.path.join(path, checkpoint_files.STATE_FILE))
     with open(os.path.join(plan.run_dir, directory.METRICS_FILE), "w") as f:
         f.writelines(metrics_line({"epoch": epoch, "reward/avg": 0.1 * epoch}) for epoch in range(max(epochs) + 1))
     return plan.run_dir
@@ -167,3 +172,73 @@ def test_default_run_name_is_the_main_process_name(tmp_path, monkeypatch) -> Non
     name = directory.default_run_name(str(tmp_path))
     os.makedirs(tmp_path / name)
     assert directory.default_run_name(str(tmp_path)) != name  # never an existing directory
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/abs/run", ".", "..", "a/b"])
+def test_a_run_name_that_leaves_logdir_is_refused_before_writing(tmp_path, name) -> None:
+    logdir = tmp_path / "logs"
+    with pytest.raises(ConfigError, match=r"config\.run_name: .* is not a single directory name"):
+        plan_run(_config(logdir, run_name=name), name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_overwrite_twice_from_the_same_checkpoint_gives_unique_set_aside_names(tmp_path) -> None:
+    parent = _make_run(tmp_path, "test", [0, 1, 2])
+    config = _config(tmp_path, resume_from=checkpoint_files.checkpoint_dir(parent, 0), resume_overwrite=True)
+    prepare(plan_run(config, "test"), config)
+    for epoch in (1, 2):  # the resumed run writes its own epochs 1 and 2 again
+        path = checkpoint_files.checkpoint_dir(parent, epoch)
+        os.makedirs(path)
+        checkpoint_files.save_file(_state(epoch), os.path.join(path, checkpoint_files.STATE_FILE))
+    prepare(plan_run(config, "test"), config)
+    assert sorted(os.listdir(os.path.join(parent, "checkpoints"))) == [
+        "epoch_00000", "epoch_00001.orphaned", "epoch_00001.orphaned-2", "epoch_00002.orphaned", "epoch_00002.orphaned-2",
+    ]
+
+
+def test_a_launch_that_failed_before_its_first_epoch_does_not_block_the_same_command(tmp_path) -> None:
+    config = _config(tmp_path, run_name="test")
+    prepare(plan_run(config, "test"), config)  # config.json written, then the launch failed (e.g. a bad prompt file)
+    os.makedirs(tmp_path / "test" / "checkpoints")
+    (tmp_path / "test" / "metrics.jsonl").write_text("")
+    plan = plan_run(config, "test")  # the same command, once fixed, simply starts
+    assert plan.checkpoint is None and plan.run_dir == str(tmp_path / "test")
+    prepare(plan, config)
+    assert json.loads((tmp_path / "test" / "config.json").read_text())["run_name"] == "test"
+
+
+def test_files_the_trainer_writes_are_never_written_through_a_symlink(tmp_path) -> None:
+    from flow_grpo.run.directory import append_metrics, wandb_id
+    from flow_grpo.run.files import SymlinkRefusedError
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    run_dir = tmp_path / "logs" / "test"
+    run_dir.mkdir(parents=True)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    (run_dir / "metrics.jsonl").symlink_to(empty)  # no metrics line: not yet a run
+    for name in ("wandb_id.txt", "config.json"):
+        (run_dir / name).symlink_to(outside)
+    config = _config(tmp_path / "logs")
+    plan = plan_run(config, "test")
+    with pytest.raises(SymlinkRefusedError, match=r"config\.json is a symbolic link"):
+        prepare(plan, config)
+    with pytest.raises(SymlinkRefusedError, match=r"metrics\.jsonl is a symbolic link"):
+        append_metrics(str(run_dir), {"epoch": 0})
+    with pytest.raises(SymlinkRefusedError, match=r"wandb_id\.txt is a symbolic link"):
+        wandb_id(plan)
+    assert outside.read_text() == "precious\n" and empty.read_text() == ""
+
+
+def test_pruning_never_follows_a_symlinked_checkpoint(tmp_path) -> None:
+    run_dir = _make_run(tmp_path, "test", [1, 2])
+    elsewhere = tmp_path / "elsewhere" / "epoch_00000"
+    elsewhere.mkdir(parents=True)
+    checkpoint_files.save_file(_state(0), str(elsewhere / checkpoint_files.STATE_FILE))
+    link = checkpoint_files.checkpoint_dir(run_dir, 0)
+    os.symlink(elsewhere, link)
+    checkpoint_files.prune(run_dir, keep=1)
+    assert (elsewhere / checkpoint_files.STATE_FILE).is_file()  # the target is untouched
+    assert not os.path.lexists(link)
+    assert [os.path.basename(p) for p in checkpoint_files.list_checkpoints(run_dir)] == ["epoch_00002"]

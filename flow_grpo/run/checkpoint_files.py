@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 
+from flow_grpo.run.files import open_to_write
+
 logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{5,})$")
@@ -114,18 +116,26 @@ def save_file(value: Any, path: str) -> None:
     """
     partial = path + ".part"
     try:
-        torch.save(value, partial)
+        # Through a Python file: a full disk raises OSError(ENOSPC) here, where torch's own writer
+        # of a path reports only "unexpected pos".
+        with open_to_write(partial, "wb") as f:
+            torch.save(value, f)
         os.replace(partial, path)
     except OSError as error:
-        if os.path.exists(partial):
+        if os.path.lexists(partial) and not os.path.islink(partial):
             os.remove(partial)
         if error.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left on device while writing {path}; free space or point config.logdir elsewhere "
-                "(the previous checkpoint stays loadable)",
-            ) from error
+            raise no_space_error(path, error) from error
         raise
+
+
+def no_space_error(path: str, error: OSError) -> OSError:
+    """The error of a full disk while writing `path`: names the path and what to do."""
+    return OSError(
+        errno.ENOSPC,
+        f"no space left on device while writing {path}; free space or point config.logdir elsewhere "
+        f"(the previous checkpoint stays the newest) [{error.strerror or error}]",
+    )
 
 
 def load_file(path: str) -> Any:
@@ -151,8 +161,35 @@ def load_file(path: str) -> Any:
 
 
 def load_checkpoint_state(path: str) -> dict[str, Any]:
-    """The training state (`state.pt`) of the checkpoint directory `path`."""
-    return load_file(os.path.join(path, STATE_FILE))
+    """The training state (`state.pt`) of the checkpoint directory `path`, checked for its structure.
+
+    Raises:
+        CheckpointError: the file does not load, or does not hold what `save_state` writes.
+    """
+    file = os.path.join(path, STATE_FILE)
+    state = load_file(file)
+    problem = _state_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint file {file} is not a training state of this trainer: {problem}")
+    return state
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with the structure of a loaded `state.pt`, or None."""
+    if not isinstance(state, dict):
+        return f"it holds {type(state).__name__}, not a dict"
+    missing = [key for key in ("epoch", "optimizer_updates", "lora", "optimizer") if key not in state]
+    if missing:
+        return f"keys {missing} are missing"
+    for key in ("epoch", "optimizer_updates"):
+        if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+            return f"{key} is {state[key]!r}, not a non-negative integer"
+    lora = state["lora"]
+    if not isinstance(lora, dict) or not all(isinstance(value, torch.Tensor) for value in lora.values()):
+        return "lora is not a mapping of parameter names to tensors"
+    if not isinstance(state["optimizer"], dict):
+        return "optimizer is not an optimizer state dict"
+    return None
 
 
 def newest_loadable(run_dir: str) -> tuple[str, dict[str, Any]]:
@@ -185,12 +222,30 @@ def temporary_dir(target: str) -> str:
 def publish(target: str, keep: int) -> None:
     """Rename the finished temporary directory to `target` (atomic on one file system) and prune.
 
-    Only the newest `keep` complete checkpoints of the run stay (0 keeps all).
+    Only the newest `keep` complete checkpoints of the run stay (0 keeps all; see `prune`).
     """
-    if os.path.exists(target):
+    if os.path.islink(target):
+        os.unlink(target)
+    elif os.path.exists(target):
         shutil.rmtree(target)
     os.replace(temporary_dir(target), target)
     if keep > 0:
-        run_dir = os.path.dirname(os.path.dirname(target))
-        for old in list_checkpoints(run_dir)[:-keep]:
+        prune(os.path.dirname(os.path.dirname(target)), keep)
+
+
+def prune(run_dir: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints of `run_dir`, never following a symbolic link.
+
+    A checkpoint that is a link is unlinked (its target stays); under a `checkpoints/` that is
+    itself a link nothing is deleted, since the checkpoints live outside the run directory.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    if os.path.islink(root):
+        logger.warning(f"{root} is a symbolic link: old checkpoints are not pruned (they live outside the run)")
+        return
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if os.path.islink(old):
+            logger.warning(f"pruning {old}: removing the symbolic link only; its target is left as it is")
+            os.unlink(old)
+        else:
             shutil.rmtree(old)

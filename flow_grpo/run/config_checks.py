@@ -57,7 +57,7 @@ class Layout:
 
 
 def _fail(key: str, problem: str, fix: str) -> None:
-    raise ConfigError(f"config.{key}: {problem}. {fix}")
+    raise ConfigError(f"config.{key}: {problem}; {fix[:1].lower()}{fix[1:]}" if fix else f"config.{key}: {problem}")
 
 
 def _positive_int(config: ml_collections.ConfigDict, key: str) -> int:
@@ -160,6 +160,7 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
         world_size: number of processes of the job.
         check_paths: also check that a local model directory and the dataset exist.
     """
+    _check_numbers(config)
     _check_run(config)
     _check_sample(config)
     _check_completion(config)
@@ -170,6 +171,72 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
     _check_train(config)
     _check_rewards(config)
     return derive_layout(config, world_size)
+
+
+INFINITE_ALLOWED = ("train.clip_range", "train.adv_clip_max", "train.max_grad_norm")
+"""Float keys for which inf is a meaningful setting: a clip that clips nothing."""
+
+# Bounded numeric keys: (key, low, high, low inclusive, high inclusive, fix); high None = unbounded.
+BOUNDS = (
+    ("distributed_timeout_s", 0, None, False, True, "Use a positive number of seconds, e.g. 1800."),
+    ("pretrained.max_sequence_length", 1, None, True, True, "Use a positive number of tokens, e.g. 128."),
+    ("sample.guidance_scale", 0, None, True, True, "Use 0 or more (1 = no guidance)."),
+    ("train.learning_rate", 0, None, False, True, "Use e.g. 3e-4."),
+    ("train.adam_beta1", 0, 1, True, False, "Use a value in [0, 1), e.g. 0.9."),
+    ("train.adam_beta2", 0, 1, True, False, "Use a value in [0, 1), e.g. 0.999."),
+    ("train.adam_weight_decay", 0, None, True, True, "Use 0 or more, e.g. 1e-4."),
+    ("train.adam_epsilon", 0, None, False, True, "Use a small positive number, e.g. 1e-8."),
+    ("train.max_grad_norm", 0, None, True, True, "Use 0 (no clipping) or a positive norm, e.g. 1.0."),
+    ("train.clip_range", 0, None, False, True, "Use e.g. 1e-5 (published)."),
+    ("train.adv_clip_max", 0, None, False, True, "Use e.g. 5."),
+    ("train.beta", 0, None, True, True, "Use 0 to skip the KL term."),
+    ("train.lora_alpha", 0, None, False, True, "Use a positive number, e.g. twice the LoRA rank."),
+    ("reward_options.clipscore_hessel.scale", 0, None, False, True, "Use e.g. 2.5 (Hessel et al.)."),
+)
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a nested dict."""
+    leaves = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            leaves.extend(_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves.append((prefix + key, value))
+    return leaves
+
+
+def _range_problem(value: float, low: float, high: float | None, low_inclusive: bool, high_inclusive: bool) -> str:
+    if high is None and low == 0:
+        return f"must be {'0 or more' if low_inclusive else 'positive'}, got {value!r}"
+    right = "inf)" if high is None else f"{high}{']' if high_inclusive else ')'}"
+    return f"{value!r} is outside {'[' if low_inclusive else '('}{low}, {right}"
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Every float key finite (inf only where `INFINITE_ALLOWED`), every key of `BOUNDS` in its range.
+
+    NaN compares false with every bound, so a NaN would otherwise pass any `value < low` check.
+    Reward weights have their own check (`_check_reward_weights`).
+    """
+    values = dict(_leaves(config.to_dict()))
+    for key, value in values.items():
+        if key.split(".")[0] in ("reward_fn", "eval_reward_fn") or not isinstance(value, float):
+            continue
+        if math.isnan(value) or (math.isinf(value) and key not in INFINITE_ALLOWED):
+            _fail(key, f"must be a finite number, got {value!r}", "Set it to a finite value (the default is in config/base.py).")
+    remote = [(key, 0, None, key.endswith(".backoff"), True, "Use a number of seconds, e.g. 120.")
+              for key in values if key.startswith("reward_options.") and key.endswith((".timeout", ".backoff"))]
+    for key, low, high, low_inclusive, high_inclusive, fix in (*BOUNDS, *remote):
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, f"must be a number, got {value!r}", fix)
+        too_low = value < low if low_inclusive else value <= low
+        too_high = high is not None and (value > high if high_inclusive else value >= high)
+        if too_low or too_high:
+            _fail(key, _range_problem(value, low, high, low_inclusive, high_inclusive), fix)
+    if not isinstance(values["pretrained.max_sequence_length"], int):
+        _fail("pretrained.max_sequence_length", "must be an integer number of tokens", "Use e.g. 128.")
 
 
 def _check_run(config: ml_collections.ConfigDict) -> None:
@@ -194,6 +261,7 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
             f"directory {config.resume_from!r} does not exist",
             "Point it at logs/<run>, a checkpoint logs/<run>/checkpoints/epoch_XXXXX, or use 'latest'.",
         )
+    check_run_name(config.run_name)
     _positive_int(config, "num_epochs")
     if config.eval_freq < 0:
         _fail("eval_freq", f"must be 0 or more, got {config.eval_freq}", "Use 0 to disable evaluation.")
@@ -206,6 +274,24 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
             _fail("attention_backend", f"unknown backend {config.attention_backend!r}", f"Use '' or one of {names}.")
 
 
+def check_run_name(run_name: str) -> None:
+    """Fail unless `run_name` is empty (a timestamp name) or one path component inside `config.logdir`.
+
+    Raises:
+        ConfigError: for `..`, `.`, an absolute path, a separator or a NUL, which would write outside
+            (or over) `config.logdir`.
+    """
+    if not isinstance(run_name, str):
+        _fail("run_name", f"must be a string, got {run_name!r}", "Give a name such as 'sd3-pickscore'.")
+    separators = {"/", "\\", os.sep, "\0"} | ({os.altsep} if os.altsep else set())
+    if run_name in (".", "..") or any(character in run_name for character in separators):
+        _fail(
+            "run_name",
+            f"{run_name!r} is not a single directory name (the run would be written outside config.logdir)",
+            "Give one path component such as 'sd3-pickscore'; put the parent directory in config.logdir.",
+        )
+
+
 def _check_sample(config: ml_collections.ConfigDict) -> None:
     """`config.sample`: step kind, noise, guidance, call bounds and buckets, batch and image sizes."""
     sample = config.sample
@@ -215,8 +301,6 @@ def _check_sample(config: ml_collections.ConfigDict) -> None:
         _fail("sample.noise_level", f"{sample.noise_level} is outside [0, 1]", "Use a value in [0, 1], e.g. 0.7.")
     if sample.noise_level == 0.0:
         _fail("sample.noise_level", "is 0: the window steps are deterministic", "Use a value in (0, 1].")
-    if sample.guidance_scale < 0:
-        _fail("sample.guidance_scale", f"is negative ({sample.guidance_scale})", "Use 0 or more (1 = no guidance).")
     if sample.max_states_per_call < 0:
         _fail("sample.max_states_per_call", "is negative", "Use 0 (no bound) or a positive number of states.")
     if sample.decode_chunk < 0:
@@ -252,16 +336,8 @@ def _check_completion(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_train(config: ml_collections.ConfigDict) -> None:
-    """`config.train`: loss clips, KL weight, learning rate, LoRA rank, EMA."""
+    """`config.train`: LoRA rank and EMA (the float keys are checked by `_check_numbers`)."""
     train = config.train
-    if train.clip_range <= 0:
-        _fail("train.clip_range", f"must be positive, got {train.clip_range}", "Use e.g. 1e-5 (published).")
-    if train.adv_clip_max <= 0:
-        _fail("train.adv_clip_max", f"must be positive, got {train.adv_clip_max}", "Use e.g. 5.")
-    if train.beta < 0:
-        _fail("train.beta", f"must be 0 or more, got {train.beta}", "Use 0 to skip the KL term.")
-    if train.learning_rate <= 0:
-        _fail("train.learning_rate", f"must be positive, got {train.learning_rate}", "Use e.g. 3e-4.")
     _positive_int(config, "train.lora_rank")
     if train.ema:
         if not 0.0 < train.ema_decay < 1.0:
@@ -346,7 +422,14 @@ def _check_model_path(model: str) -> None:
             "Point it at a diffusers pipeline directory or a hub id; for the tiny CPU presets run "
             "`make tiny-model` first.",
         )
-    if os.path.isdir(os.path.expanduser(model)) and not os.listdir(os.path.expanduser(model)):
+    directory = os.path.expanduser(model)
+    if os.path.isdir(directory) and os.listdir(directory) and not os.path.isfile(os.path.join(directory, "model_index.json")):
+        _fail(
+            "pretrained.model",
+            f"directory {model!r} is not a diffusers pipeline (it has no model_index.json)",
+            "Point it at the pipeline's top directory (the one with model_index.json), or give a hub id.",
+        )
+    if os.path.isdir(directory) and not os.listdir(directory):
         _fail(
             "pretrained.model",
             f"directory {model!r} is empty",
@@ -356,14 +439,18 @@ def _check_model_path(model: str) -> None:
 
 
 def _check_dataset(config: ml_collections.ConfigDict) -> None:
-    from flow_grpo.data import dataset_paths
+    from flow_grpo.data import dataset_paths, load_prompts
 
     if not os.path.isdir(config.dataset):
         _fail("dataset", f"directory {config.dataset!r} does not exist", "Point it at a directory with train/test prompt files.")
     # The test split is read only when the run evaluates.
     for split in ("train", "test") if config.eval_freq else ("train",):
         try:
-            dataset_paths(config.dataset, split)
+            path = dataset_paths(config.dataset, split)
         except FileNotFoundError as error:
             fix = "Add the file." if split == "train" else "Add the file, or set config.eval_freq=0 (no evaluation)."
             _fail("dataset", str(error).rstrip("."), fix)
+        try:  # read now: a bad prompt file costs seconds, not a model load
+            load_prompts(path)
+        except ValueError as error:
+            raise ConfigError(f"config.dataset: {error}") from None

@@ -16,6 +16,7 @@ Everything here runs before the model loads, so a wrong resume costs seconds.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -30,7 +31,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list
 
 from flow_grpo.run import checkpoint_files
-from flow_grpo.run.config_checks import ConfigError
+from flow_grpo.run.files import open_to_write
+from flow_grpo.run.config_checks import ConfigError, check_run_name
 
 logger = get_logger(__name__)
 
@@ -84,8 +86,18 @@ class RunPlan:
 
 
 def holds_run(path: str) -> bool:
-    """True when `path` already holds a run (a config, metrics or checkpoints)."""
-    return any(os.path.exists(os.path.join(path, name)) for name in (CONFIG_FILE, METRICS_FILE, "checkpoints"))
+    """True when `path` already holds a run: a complete checkpoint or a metrics line.
+
+    A launch that failed before its first epoch leaves at most `config.json` (and empty
+    directories): that is not yet a run, so the same command, once fixed, simply starts.
+    """
+    if checkpoint_files.list_checkpoints(path):
+        return True
+    metrics = os.path.join(path, METRICS_FILE)
+    if not os.path.isfile(metrics):
+        return False
+    with open(metrics, "rb") as f:
+        return any(line.strip() for line in f)
 
 
 def default_run_name(logdir: str) -> str:
@@ -103,6 +115,14 @@ def _unused_name(logdir: str, name: str) -> str:
     candidate, number = name, 2
     while os.path.exists(os.path.join(logdir, candidate)):
         candidate, number = f"{name}-{number}", number + 1
+    return candidate
+
+
+def _unused_path(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ...: the first that does not exist (set-aside names never collide)."""
+    candidate, number = path, 2
+    while os.path.lexists(candidate):
+        candidate, number = f"{path}-{number}", number + 1
     return candidate
 
 
@@ -174,8 +194,17 @@ def _read_config(run_dir: str) -> dict[str, Any]:
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"{path} is truncated or not JSON ({error}); restore it from a copy, or start a fresh run "
+            "with another --config.run_name"
+        ) from None
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{path} holds {type(recorded).__name__}, not a config object; restore it or start a fresh run")
+    return recorded
 
 
 def plan_run(config: ml_collections.ConfigDict, run_name: str) -> RunPlan:
@@ -189,6 +218,7 @@ def plan_run(config: ml_collections.ConfigDict, run_name: str) -> RunPlan:
         ConfigError: an existing run without resume, a missing or unloadable checkpoint, a finished
             run, or a change of a key in `FIXED_KEYS`; the message says what to do.
     """
+    check_run_name(run_name)
     logdir, source = config.logdir, config.resume_from
     if not source:
         run_dir = os.path.join(logdir, run_name)
@@ -240,17 +270,35 @@ def prepare(plan: RunPlan, config: ml_collections.ConfigDict) -> None:
     parent's metrics up to the checkpoint's epoch). Continuation: `config.json` stays unchanged;
     later metrics lines and later checkpoints are set aside as `.orphaned`, and the overrides are
     appended to `resumes.jsonl`.
+
+    Raises:
+        ConfigError: the run directory cannot be written (a read-only or foreign `config.logdir`).
     """
+    try:
+        _write_records(plan, config)
+    except PermissionError as error:
+        raise ConfigError(
+            f"config.logdir: cannot write {error.filename or plan.run_dir} ({error.strerror}); "
+            "choose a writable --config.logdir or fix its permissions"
+        ) from None
+    except OSError as error:
+        if error.errno != errno.EROFS:
+            raise
+        raise ConfigError(f"config.logdir: {plan.run_dir} is on a read-only file system; choose a writable --config.logdir") from None
+
+
+def _write_records(plan: RunPlan, config: ml_collections.ConfigDict) -> None:
     os.makedirs(plan.run_dir, exist_ok=True)
     if plan.continues:
         assert plan.checkpoint is not None and plan.epoch is not None
         for later in checkpoint_files.list_checkpoints(plan.run_dir):
             if _epoch_of(later) > plan.epoch:
-                logger.warning(f"setting aside {later} (later than the resumed epoch {plan.epoch}) as {later}{ORPHANED_SUFFIX}")
-                os.replace(later, later + ORPHANED_SUFFIX)
+                aside = _unused_path(later + ORPHANED_SUFFIX)
+                logger.warning(f"setting aside {later} (later than the resumed epoch {plan.epoch}) as {aside}")
+                os.replace(later, aside)
         cut_metrics(plan.run_dir, plan.epoch)
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": plan.checkpoint, "epoch": plan.epoch}
-        with open(os.path.join(plan.run_dir, RESUMES_FILE), "a") as f:
+        with open_to_write(os.path.join(plan.run_dir, RESUMES_FILE), "a") as f:
             f.write(json.dumps(record | {"overrides": plan.overrides}) + "\n")
         if plan.overrides:
             logger.info(f"resume overrides (recorded in {RESUMES_FILE}): {plan.overrides}")
@@ -262,9 +310,9 @@ def prepare(plan: RunPlan, config: ml_collections.ConfigDict) -> None:
         parent_metrics = os.path.join(os.path.dirname(os.path.dirname(plan.checkpoint)), METRICS_FILE)
         if os.path.isfile(parent_metrics):
             kept, _ = _split_metrics(parent_metrics, plan.epoch)
-            with open(os.path.join(plan.run_dir, METRICS_FILE), "w") as f:
+            with open_to_write(os.path.join(plan.run_dir, METRICS_FILE), "w") as f:
                 f.writelines(kept)
-    with open(os.path.join(plan.run_dir, CONFIG_FILE), "w") as f:
+    with open_to_write(os.path.join(plan.run_dir, CONFIG_FILE), "w") as f:
         json.dump(recorded, f, indent=2)
 
 
@@ -296,9 +344,9 @@ def cut_metrics(run_dir: str, epoch: int) -> int:
         return 0
     kept, later = _split_metrics(path, epoch)
     if later:
-        with open(path + ORPHANED_SUFFIX, "a") as f:
+        with open_to_write(path + ORPHANED_SUFFIX, "a") as f:
             f.writelines(later)
-        with open(path + ".part", "w") as f:
+        with open_to_write(path + ".part", "w") as f:
             f.writelines(kept)
         os.replace(path + ".part", path)
         logger.warning(f"moved {len(later)} metrics lines past epoch {epoch} to {path}{ORPHANED_SUFFIX}")
@@ -314,6 +362,12 @@ def metrics_line(metrics: dict[str, Any]) -> str:
     return json.dumps(row, allow_nan=False) + "\n"
 
 
+def append_metrics(run_dir: str, metrics: dict[str, Any]) -> None:
+    """Append `metrics` as one strict-JSON line to `<run_dir>/metrics.jsonl` (never through a symlink)."""
+    with open_to_write(os.path.join(run_dir, METRICS_FILE), "a") as f:
+        f.write(metrics_line(metrics))
+
+
 def wandb_id(plan: RunPlan) -> str:
     """The wandb run id of this run: read from `wandb_id.txt` when continuing, else made and written there."""
     path = os.path.join(plan.run_dir, WANDB_ID_FILE)
@@ -321,6 +375,6 @@ def wandb_id(plan: RunPlan) -> str:
         with open(path) as f:
             return f.read().strip()
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    with open(path, "w") as f:
+    with open_to_write(path, "w") as f:
         f.write(run_id + "\n")
     return run_id

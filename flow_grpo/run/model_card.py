@@ -9,6 +9,7 @@ in one fenced JSON block (`read_card_settings` parses it) and in a runnable snip
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from flow_grpo.precision import mixed_precision_dtype
+from flow_grpo.run.outputs import strict_json_value
 from flow_grpo.seeding import derived_seed
 
 __all__ = ["card_settings", "read_card_settings", "write_model_card", "write_trainer_card"]
@@ -73,13 +75,17 @@ def _card_text(settings: dict[str, Any]) -> str:
     call = settings["call"]
     noise = settings["noise"]
     score = (
-        ", ".join(f"{name} {value:.4f}" for name, value in settings["eval"].items())
+        ", ".join(f"{name} {_score_text(value)}" for name, value in settings["eval"].items())
         if settings["eval"]
         else "not evaluated at this epoch"
     )
     rewards = ", ".join(f"{name} (weight {weight:g})" for name, weight in settings["reward"].items())
     algorithm = {"tp_grpo": "TP-GRPO", "flow_grpo": "Flow-GRPO"}.get(settings["algorithm"], settings["algorithm"])
+    # Every value placed into the Python snippet goes through repr (a quote in a path stays a string).
     arguments = ", ".join(f"{key}={value!r}" for key, value in call.items())
+    device = str(noise["generator_device"])
+    if not settings["pipeline"].isidentifier() or not settings["torch_dtype"].isidentifier():
+        raise ValueError(f"pipeline {settings['pipeline']!r} and dtype {settings['torch_dtype']!r} must be Python names")
     return f"""# LoRA: {algorithm} on {settings['base_model']}
 
 - Base model: `{settings['base_model']}` (`{settings['pipeline']}`, {settings['torch_dtype']})
@@ -90,27 +96,31 @@ def _card_text(settings: dict[str, Any]) -> str:
 - Sampling: {call['num_inference_steps']} steps, guidance {call['guidance_scale']}, {call['width']}x{call['height']} px,
   text-encoder max_sequence_length {call['max_sequence_length']}
 - Initial noise: the trainer's first evaluation batch (the prompts below) draws its noise as the
-  pipeline does from `torch.Generator("{noise['generator_device']}").manual_seed({noise['first_eval_batch_seed']})`
+  pipeline does from `torch.Generator({device!r}).manual_seed({int(noise['first_eval_batch_seed'])})`
   for the whole batch; the call below reproduces those evaluation images.
 
 ```python
 import torch
 from diffusers import {settings['pipeline']}
 
-pipe = {settings['pipeline']}.from_pretrained("{settings['base_model']}", torch_dtype=torch.{settings['torch_dtype']})
+pipe = {settings['pipeline']}.from_pretrained({settings['base_model']!r}, torch_dtype=torch.{settings['torch_dtype']})
 pipe.load_lora_weights("path/to/this/directory")
-pipe.to("{noise['generator_device']}")
+pipe.to({device!r})
 prompts = {noise['first_eval_batch_prompts']!r}
-generator = torch.Generator("{noise['generator_device']}").manual_seed({noise['first_eval_batch_seed']})
+generator = torch.Generator({device!r}).manual_seed({int(noise['first_eval_batch_seed'])})
 images = pipe(prompt=prompts, {arguments}, generator=generator).images
 ```
 
 Settings (machine-readable):
 
 ```json
-{json.dumps(settings, indent=2)}
+{json.dumps(strict_json_value(settings), indent=2, allow_nan=False)}
 ```
 """
+
+
+def _score_text(value: float | None) -> str:
+    return "not finite" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
 def write_model_card(lora_dir: str | os.PathLike[str], settings: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["save_png", "summarize_scores", "write_json", "write_jsonl", "write_scores_csv"]
+__all__ = ["save_png", "strict_json_value", "summarize_scores", "write_json", "write_jsonl", "write_scores_csv"]
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> None:
@@ -21,18 +22,30 @@ def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> None:
     Image.fromarray(pixels).save(path, format="PNG")
 
 
-def summarize_scores(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per reward name: mean, population std, min and max over the records."""
+def summarize_scores(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
+    """Per reward name: mean, population std, min and max over the finite scores, and how many were not finite.
+
+    With no finite score the statistics are None (strict JSON has no NaN).
+    """
     summary = {}
     for name in names:
         values = np.asarray([record[name] for record in records], dtype=np.float64)
-        summary[name] = {
-            "mean": float(values.mean()),
-            "std": float(values.std()),
-            "min": float(values.min()),
-            "max": float(values.max()),
-        }
+        finite = values[np.isfinite(values)]
+        stats = (finite.mean(), finite.std(), finite.min(), finite.max()) if finite.size else (None,) * 4
+        summary[name] = {key: None if v is None else float(v) for key, v in zip(("mean", "std", "min", "max"), stats)}
+        summary[name]["nonfinite"] = int(values.size - finite.size)
     return summary
+
+
+def strict_json_value(value: Any) -> Any:
+    """`value` with every NaN / inf float replaced by None (recursively), so it dumps as strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    return value
 
 
 def write_scores_csv(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
@@ -49,13 +62,13 @@ def write_scores_csv(path: str | os.PathLike[str], records: Sequence[Mapping[str
 
 
 def write_json(path: str | os.PathLike[str], value: Any) -> None:
-    """Write `value` as indented UTF-8 JSON with a final newline."""
+    """Write `value` as indented strict UTF-8 JSON (NaN / inf as null) with a final newline."""
     with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+        f.write(json.dumps(strict_json_value(value), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Sequence[Any]) -> None:
-    """Write one JSON value per line (UTF-8)."""
+    """Write one strict JSON value per line (UTF-8; NaN / inf as null)."""
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(strict_json_value(row), ensure_ascii=False, allow_nan=False) + "\n")

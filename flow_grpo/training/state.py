@@ -10,13 +10,17 @@ A checkpoint `<run>/checkpoints/epoch_XXXXX/` holds:
 
 Everything is written into a temporary directory that is renamed once complete
 (`flow_grpo.run.checkpoint_files.publish`), so a crash while writing leaves the previous checkpoint
-intact; the newest `config.keep_checkpoints` stay.
+intact; a write that fails (a full disk) removes the temporary directory. The newest
+`config.keep_checkpoints` stay.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import ml_collections
@@ -71,23 +75,36 @@ def save_state(trainer: Trainer, epoch: int) -> str:
     target = checkpoint_files.checkpoint_dir(trainer.run_dir, epoch)
     temporary = checkpoint_files.temporary_dir(target)
     unwrapped = accelerator.unwrap_model(trainer.model)
-    if accelerator.is_main_process:
-        os.makedirs(temporary, exist_ok=True)
-        with trainer.ema_weights():
-            trainer.adapter.pipeline_class.save_lora_weights(
-                os.path.join(temporary, "lora"),
-                transformer_lora_layers=get_peft_model_state_dict(unwrapped),
-                transformer_lora_adapter_metadata=unwrapped.peft_config["default"].to_dict(),
-            )
-        model_card.write_trainer_card(os.path.join(temporary, "lora"), trainer, epoch)
-        checkpoint_files.save_file(training_state(trainer, epoch), os.path.join(temporary, checkpoint_files.STATE_FILE))
-    accelerator.wait_for_everyone()
-    checkpoint_files.save_file(checkpoint_files.rng_state(), os.path.join(temporary, f"rng_{accelerator.process_index}.pt"))
-    accelerator.wait_for_everyone()
+    with _removed_on_failure(temporary):
+        if accelerator.is_main_process:
+            os.makedirs(temporary, exist_ok=True)
+            with trainer.ema_weights():
+                trainer.adapter.pipeline_class.save_lora_weights(
+                    os.path.join(temporary, "lora"),
+                    transformer_lora_layers=get_peft_model_state_dict(unwrapped),
+                    transformer_lora_adapter_metadata=unwrapped.peft_config["default"].to_dict(),
+                )
+            model_card.write_trainer_card(os.path.join(temporary, "lora"), trainer, epoch)
+            checkpoint_files.save_file(training_state(trainer, epoch), os.path.join(temporary, checkpoint_files.STATE_FILE))
+        accelerator.wait_for_everyone()
+        checkpoint_files.save_file(checkpoint_files.rng_state(), os.path.join(temporary, f"rng_{accelerator.process_index}.pt"))
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint_files.publish(target, trainer.config.keep_checkpoints)
     accelerator.wait_for_everyone()
     return target
+
+
+@contextlib.contextmanager
+def _removed_on_failure(temporary: str) -> Iterator[None]:
+    """Remove the half-written checkpoint `temporary` when the block fails; a full disk names the path."""
+    try:
+        yield
+    except Exception as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC and "no space left" not in str(error):
+            raise checkpoint_files.no_space_error(temporary, error) from error
+        raise
 
 
 def restore_state(trainer: Trainer, path: str, state: dict[str, Any] | None = None) -> None:
@@ -99,7 +116,15 @@ def restore_state(trainer: Trainer, path: str, state: dict[str, Any] | None = No
     """
     state = checkpoint_files.load_checkpoint_state(path) if state is None else state
     if list(state["lora"]) != trainer.trainable_names:
-        raise ValueError(f"checkpoint {path} holds a different LoRA (rank or target modules) than this config")
+        raise checkpoint_files.CheckpointError(
+            f"checkpoint {path} holds a different LoRA (target modules) than this config; resume with the config it was trained with"
+        )
+    for name, param, saved in zip(trainer.trainable_names, trainer.trainable, state["lora"].values()):
+        if saved.shape != param.shape:
+            raise checkpoint_files.CheckpointError(
+                f"checkpoint {path}: LoRA tensor {name} has shape {tuple(saved.shape)}, the model's has "
+                f"{tuple(param.shape)}; resume with the train.lora_rank and model it was trained with"
+            )
     with torch.no_grad():
         for param, saved in zip(trainer.trainable, state["lora"].values()):
             param.copy_(saved)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import time
 
@@ -38,7 +39,8 @@ from flow_grpo.training.state import restore_state, save_state
 from flow_grpo.training.step import UpdateStep, add_lora, loss_settings, training_step
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.rewards import build_reward
-from flow_grpo.run.directory import default_run_name, metrics_line, plan_run, prepare, wandb_id
+from flow_grpo.run.directory import append_metrics, default_run_name, plan_run, prepare, wandb_id
+from flow_grpo.run.files import open_to_write, refuse_symlink
 from flow_grpo.seeding import derived_seed
 from flow_grpo.algorithm.turning_points import StepRewards
 
@@ -275,7 +277,8 @@ class Trainer:
             captions = [f"{prompt} | {score:.4f}" for prompt, score in zip(prompts, scores)]
             self._log_image(epoch, "eval_images", pictures.image_grid(images, prompts=prompts, scores=scores), captions)
             trackers.log_eval_samples(accelerator, config.report_to, images, prompts, scores, max(epoch, 0))
-        metrics = {f"eval/{name}": value for name, value in result.means.items()}
+        # Means over the finite scores; a reward with none left is reported only by its count.
+        metrics = {f"eval/{name}": value for name, value in result.means.items() if math.isfinite(value)}
         self.last_eval = (epoch, dict(result.means))
         return metrics | {f"eval/{name}_nonfinite": float(n) for name, n in result.nonfinite.items() if n}
 
@@ -302,11 +305,13 @@ class Trainer:
         Epoch -1 (before training) is saved as `<name>_before_training.png`, sent at step 0.
         """
         directory = os.path.join(self.run_dir, "images")
+        refuse_symlink(directory)
         os.makedirs(directory, exist_ok=True)
         stem = os.path.join(directory, f"{name}_before_training" if epoch < 0 else f"{name}_epoch_{epoch:05d}")
-        image.save(stem + ".png")
+        with open_to_write(stem + ".png", "wb") as f:
+            image.save(f, format="PNG")
         if captions is not None:
-            with open(stem + ".txt", "w") as f:
+            with open_to_write(stem + ".txt", "w") as f:
                 f.write("\n".join(captions) + "\n")
         caption = " || ".join(captions) if captions else None
         trackers.log_image(self.accelerator, self.config.report_to, name, image, max(epoch, 0), caption)
@@ -323,7 +328,8 @@ class Trainer:
     def train(self) -> list[dict[str, float]]:
         """Run epochs `start_epoch ... config.num_epochs - 1`; returns their metrics.
 
-        Each epoch's metrics are appended to `<run>/metrics.jsonl` as soon as the epoch ends. With
+        Each epoch's metrics are appended to `<run>/metrics.jsonl` as soon as the epoch ends, before
+        its checkpoint is written (`time/epoch` does not include the checkpoint). With
         `config.eval_before_training`, a fresh run first evaluates the initial LoRA (the base model)
         and records it as epoch -1, sent to the tracker at step 0 before epoch 0's metrics.
         """
@@ -332,9 +338,8 @@ class Trainer:
             metrics = {"epoch": -1, **self.evaluate(-1)}
             accelerator.log(metrics, step=0)
             if accelerator.is_main_process:
-                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(metrics_line(metrics))
-            logger.info(f"before training | eval {metrics['eval/avg']:.4f}", main_process_only=True)
+                append_metrics(self.run_dir, metrics)
+            logger.info(f"before training | eval {metrics.get('eval/avg', float('nan')):.4f}", main_process_only=True)
         run_started = time.perf_counter()
         for epoch in range(self.start_epoch, config.num_epochs):
             started = time.perf_counter()
@@ -351,8 +356,6 @@ class Trainer:
                     completed, steps = self.last_curves
                     self._log_image(epoch, "reward_curves", trackers.reward_curves_image(completed, steps, epoch, min(config.log_images, 6)))
                     trackers.log_histograms(accelerator, config.report_to, {"tp/d_j": steps.incremental, "tp/g_j": steps.aggregated}, epoch)
-            if last or (config.save_freq and (epoch + 1) % config.save_freq == 0):
-                self.save_checkpoint(epoch)
             metrics.update(
                 {
                     "epoch": epoch,
@@ -365,11 +368,14 @@ class Trainer:
             if self.compiled is not None:  # graphs may appear in the first epoch and at the first evaluation
                 first_eval = "eval/avg" in metrics and not any("eval/avg" in h for h in self.history)
                 metrics.update(self.compiled.check(epoch, epoch == self.start_epoch or first_eval))
-            accelerator.log(metrics, step=epoch)
             self.history.append(metrics)
+            # The line goes out before the checkpoint is published: a kill after publishing never
+            # leaves a checkpoint without its line (a resume from an older one cuts the extra line).
             if accelerator.is_main_process:
-                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(metrics_line(metrics))
+                append_metrics(self.run_dir, metrics)
+            if last or (config.save_freq and (epoch + 1) % config.save_freq == 0):
+                self.save_checkpoint(epoch)
+            accelerator.log(metrics, step=epoch)
             logger.info(trackers.epoch_line(metrics, self.is_tp), main_process_only=True)
             progress = trackers.progress_line(epoch, self.start_epoch, config.num_epochs, time.perf_counter() - run_started)
             logger.info(progress, main_process_only=True)
