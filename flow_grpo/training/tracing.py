@@ -15,8 +15,8 @@ under the target default dtype, buffers are cast by assignment and peft's adapte
 with `Module.to` as a no-op (the LoRA weights are created in float32 on the same fake device).
 
 `architecture(config)` names what a preset builds: the transformer, VAE and scheduler configs of
-the published checkpoints, the text encoders (CLIP-L, OpenCLIP bigG, T5-XXL v1.1 encoder) and the
-reward backbones (all in `flow_grpo.testing.architectures`), or a local pipeline directory's own
+the published checkpoints, the text encoders (CLIP-L, OpenCLIP bigG, T5-XXL v1.1 encoder, Qwen3, Qwen2.5-VL) and the
+reward backbones (in `flow_grpo.testing.architectures` and `architectures_qwen`), or a local pipeline directory's own
 component configs (e.g. the tiny models).
 """
 
