@@ -7,6 +7,7 @@ TINY_MODEL := .cache/tiny-sd3
 TINY_FLUX := .cache/tiny-flux
 TINY_FLUX2_KLEIN := .cache/tiny-flux2-klein
 TINY_Z_IMAGE := .cache/tiny-z-image
+TINY_QWEN_IMAGE := .cache/tiny-qwen-image
 
 .PHONY: install demo test tiny-model clean
 
@@ -30,7 +31,11 @@ $(TINY_FLUX2_KLEIN)/model_index.json: | $(STAMP)
 $(TINY_Z_IMAGE)/model_index.json: | $(STAMP)
 	$(PYTHON) -m flow_grpo.testing $(TINY_Z_IMAGE) --family z_image --geometry minimal
 
-tiny-model: $(TINY_MODEL)/model_index.json $(TINY_FLUX)/model_index.json $(TINY_FLUX2_KLEIN)/model_index.json $(TINY_Z_IMAGE)/model_index.json
+$(TINY_QWEN_IMAGE)/model_index.json: | $(STAMP)
+	$(PYTHON) -m flow_grpo.testing $(TINY_QWEN_IMAGE) --family qwen_image --geometry minimal
+
+tiny-model: $(TINY_MODEL)/model_index.json $(TINY_FLUX)/model_index.json $(TINY_FLUX2_KLEIN)/model_index.json \
+	$(TINY_Z_IMAGE)/model_index.json $(TINY_QWEN_IMAGE)/model_index.json
 
 demo: $(STAMP) $(TINY_MODEL)/model_index.json
 	OMP_NUM_THREADS=1 $(PYTHON) train_sd3.py --config=config/grpo.py:tiny_tp_grpo --config.run_name=demo-$$(date +%Y%m%d-%H%M%S)

@@ -22,6 +22,7 @@ TINY_MODEL_DIR = os.path.join(".cache", "tiny-sd3")
 TINY_FLUX_DIR = os.path.join(".cache", "tiny-flux")
 TINY_FLUX2_KLEIN_DIR = os.path.join(".cache", "tiny-flux2-klein")
 TINY_Z_IMAGE_DIR = os.path.join(".cache", "tiny-z-image")
+TINY_QWEN_IMAGE_DIR = os.path.join(".cache", "tiny-qwen-image")
 # The tiny CLIP (`flow_grpo.testing.rewards.save_tiny_clip`) standing in for PickScore under `,tiny`.
 TINY_CLIP_DIR = os.path.join(".cache", "tiny-clip")
 
@@ -248,8 +249,9 @@ def flux2_klein_tp_grpo() -> ml_collections.ConfigDict:
     `--config.pretrained.model=black-forest-labs/FLUX.2-klein-9B`), 512 x 512 training and 10
     evaluation steps at 512 (the recipe trains at 384 and evaluates at 1024), the window over steps
     0-2 (3 of 4; the last step stays deterministic), and the paper's group, batch and optimiser
-    settings; 3 images per process per batch and gradient checkpointing, as for the 12 B FLUX.1
-    (the memory preflight does not model this family yet: README, Memory).
+    settings; 3 images per process per batch and gradient checkpointing, as for the 12 B FLUX.1. The
+    memory preflight predicts a 19.0 GB peak per process at 8 processes (benchmarks/RESULTS.md), so
+    both are far from the limit.
     """
     config = sd3_tp_grpo()
     config.pretrained.model = "black-forest-labs/FLUX.2-klein-4B"
@@ -285,7 +287,7 @@ def z_image_tp_grpo() -> ml_collections.ConfigDict:
     10 sampling and 40 evaluation steps, guidance 4.0, noise level 0.7, LoRA r64/alpha128, bf16. Our
     choices: the TP-GRPO window of SD3 (9 of 10 in (0, 9)) and the paper's group, batch and optimiser
     settings; 3 images per process per batch and gradient checkpointing (CFG doubles the rows; the
-    memory preflight does not model this family yet: README, Memory). Z-Image-Turbo (distilled, 8
+    memory preflight predicts a 30.0 GB peak per process at 8 processes). Z-Image-Turbo (distilled, 8
     steps, no CFG) is `--config.pretrained.model=Tongyi-MAI/Z-Image-Turbo --config.sample.guidance_scale=0`.
     """
     config = sd3_tp_grpo()
@@ -310,8 +312,47 @@ def pickscore_z_image_flow_grpo() -> ml_collections.ConfigDict:
     return _flow_grpo(pickscore_z_image())
 
 
+def qwen_image_tp_grpo() -> ml_collections.ConfigDict:
+    """Qwen-Image (20 B, true CFG) TP-GRPO defaults.
+
+    From Flow-GRPO's Qwen-Image PickScore recipe (config/grpo.py `pickscore_qwenimage_8gpu` of
+    yifan123/flow_grpo): 512 x 512, 10 sampling steps, guidance 4 (true CFG), LoRA, activation
+    checkpointing, no EMA, bf16. Its 50 evaluation steps are cut to the
+    project's 40; LoRA r64/alpha128 and the target list are verl's Qwen-Image Flow-GRPO run's. Our
+    choices: noise level 0.7 (the recipe's 1.2 lies outside this codebase's [0, 1] range), the TP-GRPO
+    window of SD3 (9 of 10 in (0, 9); the recipe's window of 2 belongs to its fast variant), the
+    paper's group and optimiser settings, and 3 trajectories per process per batch (the recipe's 4 do
+    not split the paper's 36 per process on 32 GPUs into 2 updates). The recipe shards
+    with FSDP; here the memory preflight decides (benchmarks/RESULTS.md): with the transformer replicated
+    (38.1 GB in bf16), gradient checkpointing and the Qwen2.5-VL encoder offloaded between encodings the
+    peak at 8 processes is 67.8 GB (the rollout's VAE decode and the PickScore call, sampling phase).
+    """
+    config = sd3_tp_grpo()
+    config.pretrained.model = "Qwen/Qwen-Image"
+    config.pretrained.family = "qwen_image"
+    config.mixed_precision = "bf16"
+    config.sample.guidance_scale = 4.0
+    config.sample.batch_size = 3
+    config.train.batch_size = 3
+    config.train.lora_rank = 64
+    config.train.lora_alpha = 128
+    config.train.ema = False
+    config.train.gradient_checkpointing = True
+    config.offload_text_encoders = True
+    return config
+
+
+def pickscore_qwen_image() -> ml_collections.ConfigDict:
+    return _task(qwen_image_tp_grpo(), "pickscore_sfw", pickscore=1.0)
+
+
+def pickscore_qwen_image_flow_grpo() -> ml_collections.ConfigDict:
+    return _flow_grpo(pickscore_qwen_image())
+
+
 _TINY_MODELS = {
     "sd3": TINY_MODEL_DIR, "flux": TINY_FLUX_DIR, "flux2_klein": TINY_FLUX2_KLEIN_DIR, "z_image": TINY_Z_IMAGE_DIR,
+    "qwen_image": TINY_QWEN_IMAGE_DIR,
 }
 _TINY_DATASETS = {"pickscore": "dataset/demo", "geneval": "dataset/demo_geneval", "ocr": "dataset/demo"}
 _TINY_STEPS = 4

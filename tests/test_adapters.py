@@ -114,7 +114,7 @@ class TestAdapterConformance:
 
             latents=adapter.pipeline_latents(noise.clone()),
             num_inference_steps=5,
-            guidance_scale=guidance,
+            **adapter.pipeline_guidance(guidance),
             height=resolution,
             width=resolution,
             max_sequence_length=MAX_SEQUENCE_LENGTH,

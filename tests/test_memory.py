@@ -23,6 +23,9 @@ PUBLISHED = [
     "pickscore_flux", "geneval_flux", "ocr_flux",
     "pickscore_flux_flow_grpo", "geneval_flux_flow_grpo", "ocr_flux_flow_grpo",
     "pickscore_sd3_large", "pickscore_sd3_large_flow_grpo",
+    "pickscore_flux2_klein", "pickscore_flux2_klein_flow_grpo",
+    "pickscore_z_image", "pickscore_z_image_flow_grpo",
+    "pickscore_qwen_image", "pickscore_qwen_image_flow_grpo",
 ]
 
 

@@ -19,7 +19,7 @@ from tests.test_trainer import tiny_config
 def card_models(tiny_sd3_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A saved tiny pipeline per family."""
     models = {"sd3": tiny_sd3_dir}
-    for family in ("flux", "flux2_klein", "z_image"):
+    for family in ("flux", "flux2_klein", "z_image", "qwen_image"):
         models[family] = save_tiny_pipeline(tmp_path_factory.mktemp(f"tiny-{family}-card"), family, "minimal")
     return models
 
@@ -30,7 +30,7 @@ def _trainer_eval_images(trainer: Trainer) -> torch.Tensor:
     return torch.stack([image for image, _, _ in result.images])
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux2_klein", "z_image"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2_klein", "z_image", "qwen_image"])
 def test_card_settings_reproduce_the_trainer_eval_images(family, card_models, tmp_path) -> None:
     preset = "tiny_flux" if family == "flux" else "tiny_tp_grpo"  # CFG 4.5 for the CFG families
     config = tiny_config(card_models[family], tmp_path, preset, eval_freq=1,

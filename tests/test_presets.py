@@ -107,6 +107,7 @@ LORA_TARGETS = {
     },
     "z_image": {"attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"},
+    "qwen_image": JOINT_ATTENTION | {"img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"},
 }
 
 
@@ -172,6 +173,26 @@ NEW_MODELS: dict[str, dict[str, Any]] = {
         "train.gradient_checkpointing": True,
         "offload_text_encoders": True,
     },
+    # Flow-GRPO's Qwen-Image PickScore recipe: 10 steps, guidance 4 (true CFG), no EMA;
+    # verl's LoRA r64/alpha128; the preflight keeps gradient checkpointing and the encoder offload.
+    "qwen_image": {
+        "pretrained.model": "Qwen/Qwen-Image",
+        "pretrained.family": "qwen_image",
+        "mixed_precision": "bf16",
+        "train.lora_rank": 64,
+        "train.lora_alpha": 128,
+        "train.ema": False,
+        "sample.num_steps": 10,
+        "sample.eval_num_steps": 40,
+        "sample.guidance_scale": 4.0,
+        "sample.window_size": 9,
+        "sample.window_range": (0, 9),
+        "sample.noise_level": 0.7,
+        "sample.batch_size": 3,
+        "train.batch_size": 3,
+        "train.gradient_checkpointing": True,
+        "offload_text_encoders": True,
+    },
 }
 NEW_MODEL_PRESETS: dict[str, dict[str, Any]] = {}
 for _model, _settings in NEW_MODELS.items():
@@ -183,7 +204,9 @@ for _model, _settings in NEW_MODELS.items():
 TRAINED = {**PUBLISHED, **NEW_MODEL_PRESETS}
 
 # Presets that are not a published setting: the family defaults and the tiny CPU presets.
-NOT_PUBLISHED = {"sd3_tp_grpo", "flux_tp_grpo", "sd3_large_tp_grpo", "flux2_klein_tp_grpo", "z_image_tp_grpo"}
+NOT_PUBLISHED = {
+    "sd3_tp_grpo", "flux_tp_grpo", "sd3_large_tp_grpo", "flux2_klein_tp_grpo", "z_image_tp_grpo", "qwen_image_tp_grpo",
+}
 
 
 def _value(config: ml_collections.ConfigDict, key: str) -> Any:

@@ -37,7 +37,7 @@ def tiny_stand_ins(tiny_sd3_dir, tmp_path_factory):
     scorers = build_scorers(["geneval", "jpeg_compressibility"], "cpu", {"geneval": geneval_options})
     scorers["ocr"] = scorers.pop("jpeg_compressibility")
     models = {"sd3": tiny_sd3_dir}
-    for family in ("flux", "flux2_klein", "z_image"):
+    for family in ("flux", "flux2_klein", "z_image", "qwen_image"):
         models[family] = save_tiny_pipeline(directory / family, family, "minimal")
     with RewardServer(scorers, host="127.0.0.1", port=0) as server:
         yield models, clip, server.url

@@ -34,6 +34,7 @@ from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.rewards.clip_models import PICKSCORE_DIVISOR, ClipEncoder, ClipSimilarityReward
 from flow_grpo.rewards.options import resolve_dtype
 from flow_grpo.rewards.preprocess import ImagePreprocess
+from flow_grpo.testing.architectures_qwen import RandomTextQwenImageAdapter
 from flow_grpo.testing.architectures import (
     ModelSpec,
     RandomTextFlux2KleinAdapter,
@@ -92,6 +93,13 @@ def build_adapter(
             text_encoder=None, tokenizer=None,
         )
         return RandomTextZImageAdapter(pipeline, guidance_scale=guidance_scale, text_tokens=spec.text_tokens, seed=seed)
+    if spec.family == "qwen_image":
+        cls = RandomTextQwenImageAdapter
+        pipeline = cls.pipeline_class(
+            transformer=_build(cls.component_class("transformer"), spec.transformer, device, dtype), scheduler=scheduler,
+            vae=_build(cls.component_class("vae"), spec.vae, device, torch.float32), text_encoder=None, tokenizer=None,
+        )
+        return cls(pipeline, guidance_scale=guidance_scale, text_tokens=spec.text_tokens, seed=seed)
     raise ValueError(f"unknown model family {spec.family!r}")
 
 

@@ -180,6 +180,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # The FLUX.2-klein and Z-Image presets of config/grpo.py (Flow-Factory's recipes).
     "flux2_klein": {"num_steps": 4, "window_size": 3, "guidance_scale": 1.0, "noise_level": 0.5, "lora_rank": 64, "lora_alpha": 128},
     "z_image": {"guidance_scale": 4.0, "lora_rank": 64, "lora_alpha": 128},
+    # The Qwen-Image presets (Flow-GRPO's recipe): true CFG 4, LoRA r64, 3 trajectories per process.
+    "qwen_image": {"prompts": 3, "guidance_scale": 4.0, "lora_rank": 64, "lora_alpha": 128},
     # The FLUX presets of config/grpo.py: 6 steps, window 5, guidance embedding 3.5, LoRA r64.
     "flux": {"num_steps": 6, "window_size": 5, "guidance_scale": 3.5, "lora_rank": 64, "lora_alpha": 128},
     # Seconds on a CPU: the tiny models at 64 x 64 pixels (8 x 8 latents, 16 image tokens).

@@ -21,6 +21,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 from flow_grpo.models.flux import FluxAdapter  # noqa: E402
 from flow_grpo.models.flux2_klein import Flux2KleinAdapter  # noqa: E402
+from flow_grpo.models.qwen_image import QwenImageAdapter  # noqa: E402
 from flow_grpo.models.sd3 import SD3Adapter  # noqa: E402
 from flow_grpo.models.z_image import ZImageAdapter  # noqa: E402
 
@@ -44,6 +45,7 @@ __all__ = [
     "FluxAdapter",
     "ModelAdapter",
     "PromptEmbeds",
+    "QwenImageAdapter",
     "SD3Adapter",
     "ZImageAdapter",
     "adapter_class",

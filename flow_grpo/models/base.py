@@ -80,6 +80,11 @@ class ModelAdapter(abc.ABC):
         return int(transformer_config.get("patch_size", 1))
 
     @classmethod
+    def vae_factor(cls, vae_config: dict) -> int:
+        """Pixels per latent pixel side of the family's VAE, from its config."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    @classmethod
     def resolution_multiple(cls, model: str) -> int:
         """The image side must be a multiple of this: VAE factor x token patch.
 
@@ -93,7 +98,7 @@ class ModelAdapter(abc.ABC):
             vae = json.load(f)
         with open(os.path.join(root, "transformer", "config.json")) as f:
             transformer = json.load(f)
-        return 2 ** (len(vae["block_out_channels"]) - 1) * cls.token_patch(transformer)
+        return cls.vae_factor(vae) * cls.token_patch(transformer)
 
     def __init__(self, pipeline: DiffusionPipeline, *, guidance_scale: float, max_sequence_length: int) -> None:
         self.pipeline = pipeline
@@ -167,6 +172,47 @@ class ModelAdapter(abc.ABC):
     def uses_cfg(self) -> bool:
         """Whether the velocity uses classifier-free guidance (two transformer rows per state)."""
         return False
+
+    @classmethod
+    def pipeline_guidance(cls, guidance_scale: float) -> dict[str, Any]:
+        """Keyword arguments that make the family's diffusers pipeline guide as the adapter does at `guidance_scale`.
+
+        Most pipelines take `guidance_scale` itself; a family whose pipeline names its guidance otherwise
+        (Qwen-Image's `true_cfg_scale` with a negative prompt) says so here.
+        """
+        return {"guidance_scale": guidance_scale}
+
+    @classmethod
+    def prompt_tokens(cls, max_sequence_length: int) -> int:
+        """Tokens of `prompt_embeds` for prompts encoded at `max_sequence_length` (SD3 adds its 77 CLIP tokens)."""
+        return max_sequence_length
+
+    @classmethod
+    def from_components(
+        cls, transformer: torch.nn.Module, vae: torch.nn.Module, scheduler: Any, *, guidance_scale: float,
+        max_sequence_length: int,
+    ) -> "ModelAdapter":
+        """The adapter over a pipeline of `transformer`, `vae` and `scheduler` with no text encoders or tokenizers.
+
+        For byte counting and benchmarks: prompt embeddings then come from elsewhere (`prompt_shapes`).
+        """
+        modules, _ = cls.pipeline_class._get_signature_keys(cls.pipeline_class)
+        parts = {name: None for name in modules}
+        parts.update(transformer=transformer, vae=vae, scheduler=scheduler)
+        return cls(cls.pipeline_class(**parts), guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
+
+    @classmethod
+    def component_class(cls, name: str) -> type:
+        """The class the family's pipeline takes as component `name` (e.g. "transformer", "vae")."""
+        return cls.pipeline_class._get_signature_types()[name][0]
+
+    @abc.abstractmethod
+    def prompt_shapes(self, text_tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-row shape and dtype of each PromptEmbeds tensor for a prompt of `text_tokens` tokens.
+
+        Every token is kept, so per-token masks are left out (a PromptEmbeds without its mask means
+        all tokens are valid); the memory preflight builds its placeholder prompts from this.
+        """
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:

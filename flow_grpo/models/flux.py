@@ -46,6 +46,15 @@ class FluxAdapter(ModelAdapter):
     def token_patch(cls, transformer_config: dict) -> int:
         return 2  # latents are packed 2x2 into tokens
 
+    def prompt_shapes(self, text_tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """`prompt_embeds` (L, joint_attention_dim), `pooled` (pooled_projection_dim,) and `text_ids` (L, 3)."""
+        config = self.transformer.config
+        return {
+            "prompt_embeds": ((text_tokens, config.joint_attention_dim), self.dtype),
+            "pooled": ((config.pooled_projection_dim,), self.dtype),
+            "text_ids": ((text_tokens, 3), self.dtype),
+        }
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         self.text_encoders_to_device()

@@ -55,6 +55,13 @@ class Flux2KleinAdapter(ModelAdapter):
         """CFG on the base variants only; the step-distilled ones ignore the guidance scale, as the pipeline does."""
         return self.guidance_scale > 1.0 and not self.pipeline.config.is_distilled
 
+    def prompt_shapes(self, text_tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """`prompt_embeds` (L, joint_attention_dim) and integer `text_ids` (L, 4)."""
+        return {
+            "prompt_embeds": ((text_tokens, self.transformer.config.joint_attention_dim), self.dtype),
+            "text_ids": ((text_tokens, 4), torch.int64),
+        }
+
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
         self.text_encoders_to_device()

@@ -11,6 +11,9 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from flow_grpo.models.base import JOINT_ATTENTION_LORA_TARGETS, ModelAdapter, PromptEmbeds
 from flow_grpo.models.registry import register_adapter
 
+SD3_CLIP_TOKENS = 77
+"""Tokens of the SD3 CLIP text encoders; the T5 tokens follow them in `prompt_embeds`."""
+
 
 @register_adapter("sd3")
 class SD3Adapter(ModelAdapter):
@@ -26,6 +29,19 @@ class SD3Adapter(ModelAdapter):
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+    @classmethod
+    def prompt_tokens(cls, max_sequence_length: int) -> int:
+        """77 CLIP tokens, then the T5 tokens."""
+        return SD3_CLIP_TOKENS + max_sequence_length
+
+    def prompt_shapes(self, text_tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """`prompt_embeds` (L, joint_attention_dim) and `pooled` (pooled_projection_dim,)."""
+        config = self.transformer.config
+        return {
+            "prompt_embeds": ((text_tokens, config.joint_attention_dim), self.dtype),
+            "pooled": ((config.pooled_projection_dim,), self.dtype),
+        }
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> PromptEmbeds:

@@ -65,6 +65,10 @@ class ZImageAdapter(ModelAdapter):
             mask[row, : feature.shape[0]] = True
         return PromptEmbeds({"prompt_embeds": embeds, "prompt_mask": mask})
 
+    def prompt_shapes(self, text_tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """`prompt_embeds` (L, cap_feat_dim); without `prompt_mask` every token is a caption token."""
+        return {"prompt_embeds": ((text_tokens, self.transformer.config.cap_feat_dim), self.dtype)}
+
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         if self.uses_cfg:
             self.negative_prompt()  # cached now, while the text encoder is on the device
@@ -101,7 +105,9 @@ class ZImageAdapter(ModelAdapter):
 
     @staticmethod
     def _captions(prompts: PromptEmbeds) -> list[torch.Tensor]:
-        """The per-sample caption features (L_i, D) the transformer takes."""
+        """The per-sample caption features (L_i, D) the transformer takes (all L rows where there is no mask)."""
+        if "prompt_mask" not in prompts.tensors:
+            return list(prompts["prompt_embeds"].unbind(0))
         return [embeds[mask] for embeds, mask in zip(prompts["prompt_embeds"], prompts["prompt_mask"])]
 
     def velocity(

@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from flow_grpo.models import adapter_class
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.run.outputs import strict_json_value
 from flow_grpo.seeding import derived_seed
@@ -50,13 +51,15 @@ def card_settings(
         "pipeline": pipeline_class,
         "torch_dtype": dtype,
         "algorithm": config.algorithm,
+        "guidance_scale": sample.guidance_scale,
         "reward": dict(config.reward_fn),
         "eval_reward": dict(config.eval_reward_fn),
         "epoch": epoch,
         "eval": dict(eval_means) if eval_means is not None else None,
         "call": {
             "num_inference_steps": sample.eval_num_steps,
-            "guidance_scale": sample.guidance_scale,
+            # The pipeline's own guidance arguments (e.g. Qwen-Image: `true_cfg_scale` and a negative prompt).
+            **adapter_class(config.pretrained.family).pipeline_guidance(sample.guidance_scale),
             "height": sample.resolution,
             "width": sample.resolution,
             "max_sequence_length": config.pretrained.max_sequence_length,
@@ -93,7 +96,7 @@ def _card_text(settings: dict[str, Any]) -> str:
 - Training reward: {rewards}
 - Epoch: {settings['epoch']} (0-based)
 - Eval score: {score}
-- Sampling: {call['num_inference_steps']} steps, guidance {call['guidance_scale']}, {call['width']}x{call['height']} px,
+- Sampling: {call['num_inference_steps']} steps, guidance {settings['guidance_scale']}, {call['width']}x{call['height']} px,
   text-encoder max_sequence_length {call['max_sequence_length']}
 - Initial noise: the trainer's first evaluation batch (the prompts below) draws its noise as the
   pipeline does from `torch.Generator({device!r}).manual_seed({int(noise['first_eval_batch_seed'])})`

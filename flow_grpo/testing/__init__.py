@@ -1,6 +1,6 @@
 """Tiny, randomly initialised models of the real classes for offline tests, the demo and CPU benchmarks.
 
-`pipelines` builds tiny SD3 and FLUX pipelines, `pipelines_qwen` tiny FLUX.2-klein and Z-Image ones; `rewards` builds tiny CLIP, open_clip, aesthetic and
+`pipelines` builds tiny SD3 and FLUX pipelines, `pipelines_qwen` tiny FLUX.2-klein, Z-Image and Qwen-Image ones; `rewards` builds tiny CLIP, open_clip, aesthetic and
 detector models for the reward tests. Nothing here downloads anything.
 """
 
@@ -17,7 +17,12 @@ from flow_grpo.testing.pipelines import (
     tiny_flux_pipeline,
     tiny_sd3_pipeline,
 )
-from flow_grpo.testing.pipelines_qwen import qwen_tokenizer, tiny_flux2_klein_pipeline, tiny_z_image_pipeline
+from flow_grpo.testing.pipelines_qwen import (
+    qwen_tokenizer,
+    tiny_flux2_klein_pipeline,
+    tiny_qwen_image_pipeline,
+    tiny_z_image_pipeline,
+)
 
 __all__ = [
     "BUILDERS",
@@ -32,6 +37,7 @@ __all__ = [
     "qwen_tokenizer",
     "tiny_flux2_klein_pipeline",
     "tiny_flux_pipeline",
+    "tiny_qwen_image_pipeline",
     "tiny_sd3_pipeline",
     "tiny_z_image_pipeline",
 ]

@@ -18,6 +18,7 @@ import torch
 from diffusers import Flux2KleinPipeline, FluxPipeline, StableDiffusion3Pipeline, ZImagePipeline
 
 from flow_grpo.models import Flux2KleinAdapter, FluxAdapter, PromptEmbeds, SD3Adapter, ZImageAdapter
+from flow_grpo.testing.architectures_qwen import QWEN_IMAGE_SCHEDULER, QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_VAE
 from flow_grpo.testing.pipelines import BUILDERS, CLIP_MAX_LENGTH, T5_MAX_LENGTH
 
 __all__ = [
@@ -292,7 +293,7 @@ Z_IMAGE_TRANSFORMER: dict[str, Any] = {
 Z_IMAGE_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 """`FlowMatchEulerDiscreteScheduler` of Z-Image."""
 
-SIZES: tuple[str, ...] = ("tiny", "tiny_flux", "sd3", "sd3_large", "flux", "flux2_klein", "z_image")
+SIZES: tuple[str, ...] = ("tiny", "tiny_flux", "sd3", "sd3_large", "flux", "flux2_klein", "z_image", "qwen_image")
 """Model sizes `--size` accepts: the tiny test models (CPU) and the real ones (GPU)."""
 
 
@@ -366,6 +367,11 @@ def model_spec(size: str) -> ModelSpec:
         return ModelSpec(
             name="Z-Image", family="z_image", transformer=Z_IMAGE_TRANSFORMER, vae=FLUX_VAE,
             scheduler=Z_IMAGE_SCHEDULER, text_tokens=128, reward=CLIP_VIT_H_14, reward_image_size=224,
+        )
+    if size == "qwen_image":
+        return ModelSpec(
+            name="Qwen-Image", family="qwen_image", transformer=QWEN_IMAGE_TRANSFORMER, vae=QWEN_IMAGE_VAE,
+            scheduler=QWEN_IMAGE_SCHEDULER, text_tokens=128, reward=CLIP_VIT_H_14, reward_image_size=224,
         )
     raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
 

@@ -233,6 +233,7 @@ def _diffusion_traces(
         "transformer_bytes": tracing.module_bytes(adapter.transformer, dtype, exclude=lora_ids),
         "vae_bytes": tracing.module_bytes(adapter.pipeline.vae, torch.float32),
         "lora_numel": sum(p.numel() for p in trainable),
+        "cfg_rows": 2 if adapter.uses_cfg else 1,
     }
 
     def inputs(rows: int) -> tuple:
@@ -240,6 +241,9 @@ def _diffusion_traces(
         return latents, torch.full((rows,), 0.5), tracing.fake_prompts(adapter, rows, arch.text_tokens)
 
     with build.mode:
+        latents, _, prompts = inputs(1)
+        result["latent_numel"] = latents.numel()
+        result["prompt_bytes"] = sum(t.numel() * t.element_size() for t in prompts.tensors.values())
         key = _key(base, "update", train_rows, settings.beta > 0)  # step kind and noise level change no shape
         if key not in _TRACES:
             batch = update_trace_batch(adapter, train_rows, resolution, arch.text_tokens)
@@ -309,15 +313,15 @@ def rollout_call_states(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return call, decode
 
 
-def _epoch_buffers(config: ml_collections.ConfigDict, arch: tracing.Architecture, layout: Layout, dtype: torch.dtype) -> tuple[int, int]:
-    """Bytes a process keeps for the epoch: (at the end of sampling, during the update)."""
+def _epoch_buffers(config: ml_collections.ConfigDict, layout: Layout, latent_numel: int, prompt: int) -> tuple[int, int]:
+    """Bytes a process keeps for the epoch: (at the end of sampling, during the update).
+
+    `latent_numel`: elements of one state's latents; `prompt`: bytes of one prompt's embeddings
+    (both as the family's adapter lays them out).
+    """
     sample = config.sample
     window = sample.window_size
-    transformer = arch.components["transformer"]
-    prompt = (arch.text_tokens * transformer["joint_attention_dim"] + transformer["pooled_projection_dim"]) * dtype.itemsize
-    if arch.family == "flux":
-        prompt += arch.text_tokens * 3 * dtype.itemsize  # text_ids
-    recorded = 2 * window * arch.latent_numel(sample.resolution) * 4 + window * (4 + 4 + 4 + 8)  # latents, next, log-probs, sigmas, steps
+    recorded = 2 * window * latent_numel * 4 + window * (4 + 4 + 4 + 8)  # latents, next, log-probs, sigmas, steps
     image = 3 * sample.resolution**2  # uint8
     images = image * (window + 1 if config.algorithm == "tp_grpo" else 1)
     per_process = layout.trajectories_per_process
@@ -333,7 +337,6 @@ def predict_memory(config: ml_collections.ConfigDict, world_size: int) -> Memory
     dtype = mixed_precision_dtype(config.mixed_precision)
     arch = tracing.architecture(config)
     sample, train = config.sample, config.train
-    cfg_rows = 2 if arch.family == "sd3" and sample.guidance_scale > 1.0 else 1
     rollout_states, decode_states = rollout_call_states(config)
     traces = _diffusion_traces(
         arch, dtype, resolution=sample.resolution, guidance_scale=sample.guidance_scale,
@@ -360,7 +363,7 @@ def predict_memory(config: ml_collections.ConfigDict, world_size: int) -> Memory
     weights = sum(v for k, v in components.items() if k in ("transformer", "vae") or k.startswith("reward:"))
     resident = weights + (0 if config.offload_text_encoders else text)  # outside the encoding phase
     state = components["lora"] + components["adamw"] + components["ema"] + components["ddp_buckets"]
-    sampling_buffers, update_buffers = _epoch_buffers(config, arch, layout, dtype)
+    sampling_buffers, update_buffers = _epoch_buffers(config, layout, traces["latent_numel"], traces["prompt_bytes"])
     allowance = 1.0 + TRANSIENT_ALLOWANCE
     rollout = math.ceil(allowance * max(traces["rollout_live"], traces["decode_live"]))
     scoring = math.ceil(allowance * max((r["live"] for r in rewards.values()), default=0))
@@ -379,7 +382,7 @@ def predict_memory(config: ml_collections.ConfigDict, world_size: int) -> Memory
         "train.batch_size": train.batch_size, "train.gradient_checkpointing": train.gradient_checkpointing,
         "sample.max_states_per_call": sample.max_states_per_call, "sample.decode_chunk": sample.decode_chunk,
         "offload_text_encoders": config.offload_text_encoders, "rollout_states": rollout_states,
-        "decode_states": decode_states, "train_rows": train.batch_size * cfg_rows,
+        "decode_states": decode_states, "train_rows": train.batch_size * traces["cfg_rows"],
         "trajectories_per_process": layout.trajectories_per_process,
     }
     return MemoryReport(arch.name, world_size, phases, components, settings)

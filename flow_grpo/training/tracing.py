@@ -15,8 +15,8 @@ under the target default dtype, buffers are cast by assignment and peft's adapte
 with `Module.to` as a no-op (the LoRA weights are created in float32 on the same fake device).
 
 `architecture(config)` names what a preset builds: the transformer, VAE and scheduler configs of
-the published checkpoints, the text encoders (CLIP-L, OpenCLIP bigG, T5-XXL v1.1 encoder) and the
-reward backbones (all in `flow_grpo.testing.architectures`), or a local pipeline directory's own
+the published checkpoints, the text encoders (CLIP-L, OpenCLIP bigG, T5-XXL v1.1 encoder, Qwen3, Qwen2.5-VL) and the
+reward backbones (in `flow_grpo.testing.architectures` and `architectures_qwen`), or a local pipeline directory's own
 component configs (e.g. the tiny models).
 """
 
@@ -34,35 +34,38 @@ from unittest import mock
 import ml_collections
 import torch
 import transformers
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
 from peft import LoraConfig
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from flow_grpo.models import FluxAdapter, ModelAdapter, PromptEmbeds, SD3Adapter
+from flow_grpo.models import ModelAdapter, PromptEmbeds, adapter_class
 from flow_grpo.rewards.remote import NAMED_REMOTE_REWARDS
 from flow_grpo.testing.architectures import (
     CLIP_L_TEXT,
     CLIP_VIT_H_14,
     CLIP_VIT_L_14,
+    FLUX2_KLEIN_4B_TRANSFORMER,
+    FLUX2_SCHEDULER,
+    FLUX2_VAE,
     FLUX_DEV_TRANSFORMER,
     FLUX_SCHEDULER,
     FLUX_VAE,
     OPENCLIP_BIGG_TEXT,
     SD35_LARGE_TRANSFORMER,
     SD35_MEDIUM_TRANSFORMER,
-    SD3_CLIP_TOKENS,
     SD3_SCHEDULER,
     SD3_VAE,
     T5_XXL_ENCODER,
+    Z_IMAGE_SCHEDULER,
+    Z_IMAGE_TRANSFORMER,
+)
+from flow_grpo.testing.architectures_qwen import (
+    QWEN25_VL_7B,
+    QWEN3_4B,
+    QWEN_IMAGE_SCHEDULER,
+    QWEN_IMAGE_TRANSFORMER,
+    QWEN_IMAGE_VAE,
 )
 
 __all__ = [
@@ -93,23 +96,34 @@ REMOTE_REWARDS = frozenset({"remote", *NAMED_REMOTE_REWARDS})
 
 _CPU_REWARDS = frozenset({"jpeg_compressibility", "jpeg_incompressibility"})
 
-_HUB = {
-    "stabilityai/stable-diffusion-3.5-medium": ("sd3", SD35_MEDIUM_TRANSFORMER, SD3_VAE, SD3_SCHEDULER),
-    "stabilityai/stable-diffusion-3.5-large": ("sd3", SD35_LARGE_TRANSFORMER, SD3_VAE, SD3_SCHEDULER),
-    "black-forest-labs/FLUX.1-dev": ("flux", FLUX_DEV_TRANSFORMER, FLUX_VAE, FLUX_SCHEDULER),
+_SD3_TEXT = {
+    "text_encoder": ("CLIPTextModelWithProjection", CLIP_L_TEXT),
+    "text_encoder_2": ("CLIPTextModelWithProjection", OPENCLIP_BIGG_TEXT),
+    "text_encoder_3": ("T5EncoderModel", T5_XXL_ENCODER),
 }
+_FLUX_TEXT = {"text_encoder": ("CLIPTextModel", CLIP_L_TEXT), "text_encoder_2": ("T5EncoderModel", T5_XXL_ENCODER)}
+_SD3 = {"vae": SD3_VAE, "scheduler": SD3_SCHEDULER}
+_FLUX2_KLEIN_4B = ("flux2_klein", {"transformer": FLUX2_KLEIN_4B_TRANSFORMER, "vae": FLUX2_VAE, "scheduler": FLUX2_SCHEDULER},
+                   {"text_encoder": ("Qwen3ForCausalLM", QWEN3_4B)})
+_Z_IMAGE = ("z_image", {"transformer": Z_IMAGE_TRANSFORMER, "vae": FLUX_VAE, "scheduler": Z_IMAGE_SCHEDULER},
+            {"text_encoder": ("Qwen3Model", QWEN3_4B)})
 
-_HUB_TEXT_ENCODERS = {
-    "sd3": {
-        "text_encoder": ("CLIPTextModelWithProjection", CLIP_L_TEXT),
-        "text_encoder_2": ("CLIPTextModelWithProjection", OPENCLIP_BIGG_TEXT),
-        "text_encoder_3": ("T5EncoderModel", T5_XXL_ENCODER),
-    },
-    "flux": {
-        "text_encoder": ("CLIPTextModel", CLIP_L_TEXT),
-        "text_encoder_2": ("T5EncoderModel", T5_XXL_ENCODER),
-    },
+_HUB: dict[str, tuple[str, dict[str, Mapping[str, Any]], dict[str, tuple[str, Mapping[str, Any]]]]] = {
+    "stabilityai/stable-diffusion-3.5-medium": ("sd3", {"transformer": SD35_MEDIUM_TRANSFORMER, **_SD3}, _SD3_TEXT),
+    "stabilityai/stable-diffusion-3.5-large": ("sd3", {"transformer": SD35_LARGE_TRANSFORMER, **_SD3}, _SD3_TEXT),
+    "black-forest-labs/FLUX.1-dev": (
+        "flux", {"transformer": FLUX_DEV_TRANSFORMER, "vae": FLUX_VAE, "scheduler": FLUX_SCHEDULER}, _FLUX_TEXT,
+    ),
+    "black-forest-labs/FLUX.2-klein-4B": _FLUX2_KLEIN_4B,
+    "black-forest-labs/FLUX.2-klein-base-4B": _FLUX2_KLEIN_4B,
+    "Tongyi-MAI/Z-Image": _Z_IMAGE,
+    "Tongyi-MAI/Z-Image-Turbo": _Z_IMAGE,
+    "Qwen/Qwen-Image": (
+        "qwen_image", {"transformer": QWEN_IMAGE_TRANSFORMER, "vae": QWEN_IMAGE_VAE, "scheduler": QWEN_IMAGE_SCHEDULER},
+        {"text_encoder": ("Qwen2_5_VLForConditionalGeneration", QWEN25_VL_7B)},
+    ),
 }
+"""Hub id -> (family, component configs, text encoders as (transformers class, config)) of the published checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -118,10 +132,10 @@ class Architecture:
 
     Attributes:
         name: label in reports.
-        family: "sd3" or "flux".
+        family: the adapter family (`config.pretrained.family`).
         components: diffusers configs of "transformer", "vae" and "scheduler".
         text_encoders: component name -> (transformers class name, config keyword arguments).
-        text_tokens: tokens of the prompt embeddings (SD3: 77 CLIP + T5 length; FLUX: T5 length).
+        text_tokens: tokens of the prompt embeddings (`ModelAdapter.prompt_tokens`; SD3: 77 CLIP + T5 length).
     """
 
     name: str
@@ -130,22 +144,13 @@ class Architecture:
     text_encoders: Mapping[str, tuple[str, Mapping[str, Any]]]
     text_tokens: int
 
-    def vae_factor(self) -> int:
-        """Pixels per latent pixel side."""
-        return 2 ** (len(self.components["vae"]["block_out_channels"]) - 1)
-
-    def latent_numel(self, resolution: int) -> int:
-        """Elements of one state's latents (SD3 (C, h, w); FLUX packed (S, 4 C): the same count)."""
-        side = resolution // self.vae_factor()
-        return int(self.components["vae"]["latent_channels"]) * side * side
-
 
 def _read_json(*parts: str) -> dict[str, Any]:
     with open(os.path.join(*parts)) as f:
         return json.load(f)
 
 
-def _local(root: str, family: str) -> tuple[dict, dict]:
+def _local(root: str) -> tuple[dict, dict]:
     components = {
         "transformer": _read_json(root, "transformer", "config.json"),
         "vae": _read_json(root, "vae", "config.json"),
@@ -166,21 +171,19 @@ def architecture(config: ml_collections.ConfigDict) -> Architecture:
     family = pretrained.family
     root = os.path.expanduser(pretrained.model)
     if os.path.isdir(root):
-        components, encoders = _local(root, family)
+        components, encoders = _local(root)
         name = os.path.basename(os.path.normpath(root))
     elif pretrained.model in _HUB:
-        hub_family, transformer, vae, scheduler = _HUB[pretrained.model]
+        hub_family, components, encoders = _HUB[pretrained.model]
         if hub_family != family:
             raise ValueError(f"config.pretrained.family={family!r} does not match {pretrained.model} ({hub_family})")
-        components = {"transformer": transformer, "vae": vae, "scheduler": scheduler}
-        encoders = _HUB_TEXT_ENCODERS[family]
         name = pretrained.model.split("/")[-1]
     else:
         raise ValueError(
             f"no architecture known for config.pretrained.model={pretrained.model!r}: use one of {sorted(_HUB)} "
             "or a local pipeline directory (its component configs are read, no weights)"
         )
-    tokens = pretrained.max_sequence_length + (SD3_CLIP_TOKENS if family == "sd3" else 0)
+    tokens = adapter_class(family).prompt_tokens(pretrained.max_sequence_length)
     return Architecture(name, family, components, encoders, tokens)
 
 
@@ -407,44 +410,30 @@ def build_fake_adapter(
     """The family's adapter over a transformer (in `dtype`, with LoRA) and a float32 VAE, no text encoders.
 
     Call inside a fake mode. `components` holds the diffusers configs "transformer", "vae" and
-    "scheduler"; `lora` is (rank, alpha) or None. Returns the adapter and the LoRA parameters.
+    "scheduler"; `lora` is (rank, alpha) or None. The component classes are the ones the family's
+    pipeline takes; a CFG negative prompt is a placeholder row (`fake_prompts`). Returns the adapter
+    and the LoRA parameters.
     """
-    transformer_class = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
-    transformer = build_frozen(transformer_class, components["transformer"], dtype)
-    vae = build_frozen(AutoencoderKL, components["vae"], torch.float32)
+    cls = adapter_class(family)
+    transformer = build_frozen(cls.component_class("transformer"), components["transformer"], dtype)
+    vae = build_frozen(cls.component_class("vae"), components["vae"], torch.float32)
     with unset_fake_temporarily():  # the scheduler computes its grid with real tensors
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(components["scheduler"]))
-    adapter_class = SD3Adapter if family == "sd3" else FluxAdapter
-    trainable = add_lora(transformer, *lora, adapter_class.lora_target_modules) if lora else []
+        scheduler = cls.component_class("scheduler").from_config(dict(components["scheduler"]))
+    trainable = add_lora(transformer, *lora, cls.lora_target_modules) if lora else []
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    if family == "sd3":
-        pipeline = StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=scheduler, vae=vae,
-            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-        )
-        adapter: ModelAdapter = SD3Adapter(pipeline, guidance_scale=guidance_scale, max_sequence_length=text_tokens)
-        adapter._negative = fake_prompts(adapter, 1, text_tokens)
-    else:
-        pipeline = FluxPipeline(
-            transformer=transformer, scheduler=scheduler, vae=vae,
-            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-        )
-        adapter = FluxAdapter(pipeline, guidance_scale=guidance_scale, max_sequence_length=text_tokens)
+    adapter = cls.from_components(
+        transformer, vae, scheduler, guidance_scale=guidance_scale, max_sequence_length=text_tokens
+    )
+    if adapter.uses_cfg:
+        adapter._negative = fake_prompts(adapter, 1, text_tokens)  # what `negative_prompt()` returns
     return adapter, trainable
 
 
 def fake_prompts(adapter: ModelAdapter, rows: int, text_tokens: int) -> PromptEmbeds:
-    """Prompt embeddings of `rows` prompts with the shapes and dtype the family's encoders give."""
-    config = adapter.transformer.config
-    dtype = adapter.dtype
-    tensors = {
-        "prompt_embeds": torch.empty(rows, text_tokens, config.joint_attention_dim, dtype=dtype),
-        "pooled": torch.empty(rows, config.pooled_projection_dim, dtype=dtype),
-    }
-    if isinstance(adapter, FluxAdapter):
-        tensors["text_ids"] = torch.zeros(rows, text_tokens, 3, dtype=dtype)
-    return PromptEmbeds(tensors)
+    """Prompt embeddings of `rows` prompts of `text_tokens` tokens, shaped as the family's encoders give them."""
+    shapes = adapter.prompt_shapes(text_tokens)
+    return PromptEmbeds({name: torch.empty(rows, *shape, dtype=dtype) for name, (shape, dtype) in shapes.items()})
 
 
 def module_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:
