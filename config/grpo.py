@@ -269,6 +269,9 @@ def flux2_klein_tp_grpo() -> ml_collections.ConfigDict:
     config.train.lora_alpha = 128
     config.train.gradient_checkpointing = True
     config.offload_text_encoders = True
+    # Bounds chosen here (memory preflight, 8 processes) so that sampling stays below the checkpointed update.
+    config.sample.max_states_per_call = 4
+    config.sample.decode_chunk = 1
     return config
 
 
@@ -301,6 +304,9 @@ def z_image_tp_grpo() -> ml_collections.ConfigDict:
     config.train.lora_alpha = 128
     config.train.gradient_checkpointing = True
     config.offload_text_encoders = True
+    # Bounds chosen here (memory preflight, 8 processes) so that sampling stays below the checkpointed update.
+    config.sample.max_states_per_call = 6
+    config.sample.decode_chunk = 3
     return config
 
 
@@ -339,6 +345,9 @@ def qwen_image_tp_grpo() -> ml_collections.ConfigDict:
     config.train.ema = False
     config.train.gradient_checkpointing = True
     config.offload_text_encoders = True
+    # Bounds chosen here (memory preflight, 8 processes) so that sampling stays below the checkpointed update.
+    config.sample.max_states_per_call = 9
+    config.sample.decode_chunk = 2
     return config
 
 
