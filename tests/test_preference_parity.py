@@ -82,7 +82,7 @@ def test_hpsv3_scores_match_the_package(hpsv3_scorer) -> None:
     images, prompts = parity_inputs()
     batch = hpsv3_scorer.inputs(_pil(images), prompts)
     with torch.no_grad():
-        mu_sigma = hpsv3_scorer.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
+        mu_sigma = hpsv3_scorer.model(**{key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")})
     torch.testing.assert_close(mu_sigma, reference, atol=2e-6, rtol=0)
     # the reward is mu, scored in chunks of batch_size (here 2 + 1: padding differs from the reference batch)
     hpsv3_scorer.batch_size = 2
@@ -94,7 +94,8 @@ def test_bfloat16_runs_the_models_in_bfloat16_and_the_heads_in_float32(imagerewa
     hpsv3 = make_hpsv3(torch.device("cpu"), {**hpsv3_options, "dtype": "bfloat16"})
     imagereward = make_imagereward(torch.device("cpu"), {**imagereward_options, "dtype": "bfloat16"})
     assert hpsv3.model.backbone.dtype == torch.bfloat16 and hpsv3.model.head[0].weight.dtype == torch.float32
-    assert imagereward.model.vision.dtype == torch.bfloat16 and imagereward.model.head.layers[0].weight.dtype == torch.float32
+    assert imagereward.model.vision.dtype == torch.bfloat16
+    assert imagereward.model.head.layers[0].weight.dtype == torch.float32
     images, prompts = parity_inputs()
     scores = {"hpsv3": hpsv3(images, prompts, [{}] * 3), "imagereward": imagereward(images, prompts, [{}] * 3)}
     hpsv3_reference = torch.tensor(_reference("hpsv3")["mu_sigma"])[:, 0]

@@ -255,9 +255,8 @@ class HPSv3Scorer:
         scores = []
         for part in chunk_slices(len(pil), self.batch_size):
             batch = self.inputs(pil[part], prompts[part]).to(self.device)
-            scores.append(
-                self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])[:, 0].cpu()
-            )
+            mu_sigma = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
+            scores.append(mu_sigma[:, 0].cpu())
         return torch.cat(scores)
 
 

@@ -199,7 +199,9 @@ def load_imagereward(checkpoint: str, med_config: str) -> ImageRewardModel:
 class ImageRewardScorer:
     """``reward(images, prompts, metadata) -> ImageReward score``; ``model`` is the :class:`ImageRewardModel`."""
 
-    def __init__(self, model: ImageRewardModel, tokenizer: Any, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+    def __init__(
+        self, model: ImageRewardModel, tokenizer: Any, device: torch.device, dtype: torch.dtype, batch_size: int
+    ) -> None:
         if len(tokenizer) > model.text.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(tokenizer)} tokens, more than the text encoder's {model.text.config.vocab_size}; "

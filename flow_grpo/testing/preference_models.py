@@ -36,7 +36,8 @@ __all__ = [
 
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
@@ -114,14 +115,16 @@ def save_tiny_imagereward(path: str | os.PathLike, seed: int = 0) -> dict[str, s
         "pad_token_id": 0, "add_cross_attention": True, "encoder_width": 128,
     }
     _write_json(path / "med_config.json", med_config)
-    shapes = {
+    # imagereward_configs reads the ViT's sizes from the checkpoint's tensors: these are the ones it looks at.
+    vit_shapes = {
         "blip.visual_encoder.cls_token": (1, 1, 128),
         "blip.visual_encoder.pos_embed": (1, 50, 128),
         "blip.visual_encoder.patch_embed.proj.weight": (128, 3, 32, 32),
         "blip.visual_encoder.blocks.0.mlp.fc1.weight": (512, 128),
         **{f"blip.visual_encoder.blocks.{i}.attn.qkv.weight": (384, 128) for i in range(2)},
     }
-    vision_config, text_config = imagereward_configs({key: torch.empty(shape) for key, shape in shapes.items()}, med_config)
+    vit_tensors = {key: torch.empty(shape) for key, shape in vit_shapes.items()}
+    vision_config, text_config = imagereward_configs(vit_tensors, med_config)
     with torch.device("meta"):
         module = ImageRewardModel(vision_config, text_config)
     published = IMAGEREWARD_KEYS.to_published(module.state_dict())

@@ -55,7 +55,7 @@ def main(input_dir: Path, output: Path) -> None:
         batch = inferencer.prepare_batch(images, prompts)
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     reference = {
-        "package": f"hpsv3 {version('hpsv3')}, transformers {version('transformers')}, torch {version('torch')}",
+        "package": ", ".join(f"{name} {version(name)}" for name in ("hpsv3", "transformers", "torch")),
         "checkpoint_digest": tensor_digest(load_file(options["checkpoint"])),
         "prompts": prompts,
         "input_ids_sha256": [token_digest(ids) for ids in rows],

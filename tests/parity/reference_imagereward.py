@@ -67,7 +67,7 @@ def main(input_dir: Path, output: Path) -> None:
         scores = [float(model.score(prompt, image)) for prompt, image in zip(prompts, images)]
         tokens = model.blip.tokenizer(prompts, truncation=True, max_length=35)["input_ids"]
     reference = {
-        "package": f"image-reward {version('image-reward')}, transformers {version('transformers')}, torch {version('torch')}",
+        "package": ", ".join(f"{name} {version(name)}" for name in ("image-reward", "transformers", "torch")),
         "checkpoint_digest": tensor_digest(state),
         "prompts": prompts,
         "input_ids": [" ".join(map(str, ids)) for ids in tokens],  # before the padding to 35

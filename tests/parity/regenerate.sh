@@ -11,6 +11,7 @@
 #   transformers 4.45).
 # - hpsv3 1.0.0 with its pinned transformers 4.45.2; it imports matplotlib and tensorboard without
 #   declaring them.
+# PROJECT_PYTHON (default: python) is this project's interpreter, which writes the tiny models and inputs.
 # Then tests/test_preference_parity.py compares the in-project scorers against the JSON files written here.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
