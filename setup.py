@@ -25,7 +25,6 @@ setup(
     extras_require={
         "rewards": ["open_clip_torch>=2.29", "ftfy>=6.1"],
         "tensorboard": ["tensorboard>=2.14"],
-        "paper": ["image-reward>=1.5"],  # the ImageReward column of flow-grpo-paper-eval
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "tensorboard>=2.14"],
     },
     entry_points={

@@ -129,9 +129,15 @@ def get_config() -> ml_collections.ConfigDict:
     reward_options.hpsv2.dtype = "auto"  # model dtype: "auto", "float32", "float16", "bfloat16"
     reward_options.hpsv2.batch_size = 64  # images per model call
     reward_options.imagereward = ml_collections.ConfigDict()
-    reward_options.imagereward.model = "ImageReward-v1.0"  # ImageReward name or checkpoint path (pip install image-reward)
+    reward_options.imagereward.checkpoint = "THUDM/ImageReward:ImageReward.pt"  # ImageReward weights: file or "<org>/<repo>:<file>"
+    reward_options.imagereward.med_config = "THUDM/ImageReward:med_config.json"  # its BERT config: file or "<org>/<repo>:<file>"
+    reward_options.imagereward.tokenizer = "bert-base-uncased"  # hub id or directory of the BERT tokenizer
+    reward_options.imagereward.dtype = "float32"  # model dtype (the authors score in float32); the head runs in float32
+    reward_options.imagereward.batch_size = 32  # images per model call
     reward_options.hpsv3 = ml_collections.ConfigDict()
-    reward_options.hpsv3.checkpoint_path = ""  # HPSv3 checkpoint; empty = the hpsv3 package's download (pip install hpsv3)
+    reward_options.hpsv3.checkpoint = "MizzenAI/HPSv3:HPSv3.safetensors"  # HPSv3 weights: file or "<org>/<repo>:<file>"
+    reward_options.hpsv3.base_model = "Qwen/Qwen2-VL-7B-Instruct"  # hub id or directory: config and processor only
+    reward_options.hpsv3.dtype = "auto"  # "auto" (bfloat16 on CUDA as the authors, else float32), "float32", "float16", "bfloat16"
     reward_options.hpsv3.batch_size = 8  # images per model call
     # Remote rewards: "remote" asks the server for `scorer`; the named ones ask for a fixed scorer
     # (geneval, geneval_strict, geneval_correct: "geneval"; ocr, ocr_exact, unifiedreward, deqa: their own name).

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from flow_grpo.paper import runner
 from flow_grpo.paper.geneval_table import format_task_table, summarize_geneval
@@ -18,6 +19,8 @@ from flow_grpo.paper.report import write_report
 from flow_grpo.paper.runner import Row, parse_rows, run_paper_evaluation
 from flow_grpo.paper.suite import select_metrics
 from flow_grpo.reward_server.server import RewardServer
+from flow_grpo.rewards import build_reward
+from flow_grpo.testing.preference_models import save_tiny_hpsv3, save_tiny_imagereward
 from flow_grpo.testing.rewards import save_tiny_aesthetic_head, save_tiny_clip
 from tests.test_tools import save_lora, tiny_config
 
@@ -80,30 +83,6 @@ def judges():
         yield server
 
 
-@pytest.fixture
-def author_packages(monkeypatch):
-    """Stand-ins for the `image-reward` and `hpsv3` packages with their call signatures."""
-    image_reward = types.ModuleType("ImageReward")
-
-    class Model:
-        def score(self, prompt, image):
-            return float(len(prompt)) + image.getpixel((0, 0))[0] / 255
-
-    image_reward.load = lambda name, device: Model()
-    hpsv3 = types.ModuleType("hpsv3")
-
-    class Inferencer:
-        def __init__(self, device):
-            pass
-
-        def reward(self, prompts, image_paths):
-            return torch.tensor([[float(image.size[0]), 1.0] for image in image_paths])
-
-    hpsv3.HPSv3RewardInferencer = Inferencer
-    monkeypatch.setitem(sys.modules, "ImageReward", image_reward)
-    monkeypatch.setitem(sys.modules, "hpsv3", hpsv3)
-
-
 @pytest.fixture(scope="module")
 def dataset_root(tmp_path_factory) -> Path:
     """The four benchmarks in the layout `prepare_data --source published` writes, two or three prompts each."""
@@ -130,6 +109,8 @@ def reward_options(judges, tmp_path_factory) -> dict:
     return {
         "pickscore": {"model": clip, "processor": clip},
         "aesthetic": {"model": clip, "head": head},
+        "imagereward": save_tiny_imagereward(tmp_path_factory.mktemp("paper-imagereward")),
+        "hpsv3": save_tiny_hpsv3(tmp_path_factory.mktemp("paper-hpsv3")),
         **{name: remote for name in ("geneval_correct", "ocr", "unifiedreward", "deqa")},
     }
 
@@ -140,7 +121,7 @@ def _config(tiny_sd3_dir: str):
     return config
 
 
-def test_the_table_on_a_tiny_preset_and_a_resume(tiny_sd3_dir, dataset_root, reward_options, author_packages, tmp_path, monkeypatch) -> None:
+def test_the_table_on_a_tiny_preset_and_a_resume(tiny_sd3_dir, dataset_root, reward_options, tmp_path, monkeypatch) -> None:
     lora = save_lora(tiny_sd3_dir, tmp_path / "run" / "checkpoints" / "epoch_00001" / "lora", rank=4, alpha=4)
     rows = parse_rows(["base", f"tp_grpo={lora}"])
     metrics = select_metrics("paper")
@@ -154,7 +135,15 @@ def test_the_table_on_a_tiny_preset_and_a_resume(tiny_sd3_dir, dataset_root, rew
     # 2 of 3 GenEval prompts have a cat: single_object 1.0, counting 0.5 -> overall 0.75 (mean over prompts: 2/3).
     assert base.geneval.overall == pytest.approx(0.75) and base.geneval.tasks["counting"].images == 8
     assert base.values["geneval"] == pytest.approx(0.75)
-    assert 0 < base.values["pickscore"] and base.values["hpsv3"] == 32.0  # PickScore x 26; HPSv3 stand-in = width
+    assert 0 < base.values["pickscore"]  # PickScore x 26
+    # ImageReward and HPSv3 (tiny weights): the mean of their scores of the DrawBench images written
+    drawbench = sorted((out / "base" / "drawbench" / "images").glob("*.png"))
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(file).convert("RGB"))).permute(2, 0, 1) for file in drawbench])
+    preference = build_reward({"imagereward": 1.0, "hpsv3": 1.0}, "cpu", reward_options)
+    scores = preference(pixels, ["a blue bird", "a green fox"], [{}, {}])
+    assert [file.name for file in drawbench] == ["00000_00.png", "00001_00.png"]
+    assert base.values["imagereward"] == pytest.approx(float(scores["imagereward"].mean()), abs=1e-6)
+    assert base.values["hpsv3"] == pytest.approx(float(scores["hpsv3"].mean()), abs=1e-6)
     assert len(list((out / "base" / "geneval" / "images").glob("*.png"))) == 12
     assert results["base"].values["drawbench_pickscore"] != results["tp_grpo"].values["drawbench_pickscore"]
 

@@ -1,11 +1,9 @@
-"""The table's new scorers: DeQA behind an OpenAI-compatible API, ImageReward and HPSv3 through their packages."""
+"""The table's DeQA scorer behind an OpenAI-compatible API (ImageReward and HPSv3: tests/test_preference_parity.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -49,45 +47,3 @@ def test_deqa_without_logprobs_says_what_the_server_must_return() -> None:
     judge = DeqaJudge(dict(DEQA_SERVER_DEFAULTS))
     with pytest.raises(RuntimeError, match="top_logprobs"):
         judge.score_reply({"choices": [{"message": {"content": "good"}}]})
-
-
-def test_imagereward_and_hpsv3_call_the_authors_packages(monkeypatch) -> None:
-    calls = {}
-    image_reward = types.ModuleType("ImageReward")
-
-    class Model:
-        def score(self, prompt, image):
-            return [image.getpixel((0, 0))[0] / 255.0 + len(prompt)]
-
-    def load(name, device):
-        calls["imagereward"] = (name, device)
-        return Model()
-
-    image_reward.load = load
-    hpsv3 = types.ModuleType("hpsv3")
-
-    class Inferencer:
-        def __init__(self, device, checkpoint_path=None):
-            calls["hpsv3"] = (device, checkpoint_path)
-
-        def reward(self, prompts, image_paths):
-            calls.setdefault("hpsv3_batches", []).append(len(image_paths))
-            return torch.tensor([[float(len(p)), 9.0] for p in prompts])
-
-    hpsv3.HPSv3RewardInferencer = Inferencer
-    monkeypatch.setitem(sys.modules, "ImageReward", image_reward)
-    monkeypatch.setitem(sys.modules, "hpsv3", hpsv3)
-    images = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
-    images[1, 0] = 255
-    reward = build_reward({"imagereward": 1.0, "hpsv3": 1.0}, "cpu", {"hpsv3": {"checkpoint_path": "/w/hps.pt", "batch_size": 2}})
-    scores = reward(images, ["a", "bb", "ccc"], [{}] * 3)
-    torch.testing.assert_close(scores["imagereward"], torch.tensor([1.0, 3.0, 3.0]))
-    torch.testing.assert_close(scores["hpsv3"], torch.tensor([1.0, 2.0, 3.0]))  # column 0 (mu), not sigma
-    assert calls["imagereward"] == ("ImageReward-v1.0", "cpu") and calls["hpsv3"] == ("cpu", "/w/hps.pt")
-    assert calls["hpsv3_batches"] == [2, 1]
-
-
-def test_a_missing_package_names_the_install_command(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "hpsv3", None)  # makes `import hpsv3` fail
-    with pytest.raises(ImportError, match="pip install hpsv3"):
-        build_reward({"hpsv3": 1.0}, "cpu")

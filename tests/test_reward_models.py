@@ -28,7 +28,8 @@ from flow_grpo.rewards.clip_models import (
     load_aesthetic_head,
 )
 from flow_grpo.rewards.hpsv2 import HPSV2_DEFAULTS
-from flow_grpo.rewards.preference import HPSV3_DEFAULTS, IMAGEREWARD_DEFAULTS
+from flow_grpo.rewards.hpsv3 import HPSV3_DEFAULTS
+from flow_grpo.rewards.imagereward import IMAGEREWARD_DEFAULTS
 from flow_grpo.rewards.remote import NAMED_REMOTE_REWARDS, REMOTE_DEFAULTS
 from flow_grpo.testing.rewards import (
     OPENAI_CLIP_MEAN,

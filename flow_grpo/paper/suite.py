@@ -66,13 +66,19 @@ METRICS: dict[str, Metric] = {
         Metric("pickscore", "PickScore", "pickscore", "pickscore", "PickScore_v1 weights", scale=PICKSCORE_DIVISOR),
         Metric("aesthetic", "Aesthetic", "drawbench", "aesthetic", "CLIP ViT-L/14 + LAION aesthetic head"),
         Metric("deqa", "DeQA", "drawbench", "deqa", _SERVER.format("deqa") + " and a served DeQA-Score VLM"),
-        Metric("imagereward", "ImageReward", "drawbench", "imagereward", "pip install image-reward (ImageReward-v1.0)"),
+        Metric(
+            "imagereward", "ImageReward", "drawbench", "imagereward",
+            "THUDM/ImageReward's ImageReward.pt and med_config.json, the bert-base-uncased tokenizer",
+        ),
         Metric(
             "drawbench_pickscore", "PickScore (DrawBench)", "drawbench", "pickscore", "PickScore_v1 weights",
             scale=PICKSCORE_DIVISOR,
         ),
         Metric("unifiedreward", "UnifiedReward", "drawbench", "unifiedreward", _SERVER.format("unifiedreward") + " and a served UnifiedReward VLM"),
-        Metric("hpsv3", "HPSv3", "drawbench", "hpsv3", "the hpsv3 package in an environment of its own (it pins transformers 4.45); Qwen2-VL-7B on a GPU"),
+        Metric(
+            "hpsv3", "HPSv3", "drawbench", "hpsv3",
+            "MizzenAI/HPSv3's HPSv3.safetensors, Qwen2-VL-7B-Instruct's config and processor; a GPU (7B, ~17 GB in bfloat16)",
+        ),
     )
 }
 """Every column, in the paper's order (task metrics, then DrawBench quality metrics, then HPSv3)."""

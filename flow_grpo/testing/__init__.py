@@ -1,7 +1,8 @@
 """Tiny, randomly initialised models of the real classes for offline tests, the demo and CPU benchmarks.
 
 `pipelines` builds tiny SD3 and FLUX pipelines, `pipelines_qwen` tiny FLUX.2-klein, Z-Image and Qwen-Image ones; `rewards` builds tiny CLIP, open_clip, aesthetic and
-detector models for the reward tests. Nothing here downloads anything.
+detector models for the reward tests, `preference_models` tiny ImageReward and HPSv3 checkpoints in their published
+layouts. Nothing here downloads anything.
 """
 
 from flow_grpo.testing.pipelines import (
