@@ -176,3 +176,15 @@ def test_ending_waits_for_a_checkpoint_being_published(monkeypatch) -> None:
     ender.join(5)
     assert exits and exits[0][0] == heartbeat.EXIT_CODE and exits[0][1] >= released[0]
 
+
+def test_the_timeout_is_checked_before_the_process_group_starts(monkeypatch) -> None:
+    # Checked in the Trainer only, a timeout of 0 would already have started the group (with 10 s of margin).
+    from config import grpo as presets
+    from flow_grpo.run.config_checks import ConfigError
+    from flow_grpo.training import trainer
+
+    config = presets.tiny_tp_grpo()
+    config.distributed_timeout_s = 0
+    monkeypatch.setattr(trainer, "PartialState", lambda **kwargs: pytest.fail("the process group started"))
+    with pytest.raises(ConfigError, match=r"config\.distributed_timeout_s: must be positive, got 0"):
+        trainer.process_state(config)
