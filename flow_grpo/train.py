@@ -17,7 +17,6 @@ import sys
 
 import ml_collections
 from absl import app, flags
-from accelerate import PartialState
 from accelerate.logging import get_logger
 from ml_collections import config_flags
 
@@ -26,7 +25,8 @@ from flow_grpo.commands.options import format_config, log_lines_apart, setup_log
 from flow_grpo.run.config_checks import ConfigError
 from flow_grpo.training.distributed import check_supported_backend
 from flow_grpo.run.paths import check_model_source, resolve_config_argument, resolve_config_paths
-from flow_grpo.training.trainer import Trainer, use_cpu
+from flow_grpo.training.heartbeat import watching
+from flow_grpo.training.trainer import Trainer, process_state
 
 __all__ = ["main", "run_training"]
 
@@ -39,7 +39,7 @@ def run_training(config: ml_collections.ConfigDict, family: str | None = None) -
     """Build a Trainer for `config` and train; with `family`, first check that the preset is for it."""
     setup_logging()
     check_supported_backend()
-    PartialState(cpu=use_cpu())
+    process_state(config)
     if family is not None and config.pretrained.family != family:
         raise ConfigError(
             f"config.pretrained.family is {config.pretrained.family!r} but this entry point trains {family!r}; "
@@ -50,7 +50,8 @@ def run_training(config: ml_collections.ConfigDict, family: str | None = None) -
     if warning is not None:
         logger.warning(warning, main_process_only=True)
     logger.info("resolved config:\n" + format_config(config), main_process_only=True)
-    with log_lines_apart():  # log lines never share a line with a progress bar
+    # log lines never share a line with a progress bar; a process that stops answering ends the job
+    with log_lines_apart(), watching(config.distributed_timeout_s):
         Trainer(config).train()
 
 

@@ -160,7 +160,7 @@ def validate_config(config: ml_collections.ConfigDict, world_size: int = 1, *, c
         world_size: number of processes of the job.
         check_paths: also check that a local model directory and the dataset exist.
     """
-    _check_numbers(config)
+    check_numbers(config)
     _check_run(config)
     _check_sample(config)
     _check_completion(config)
@@ -213,7 +213,7 @@ def _range_problem(value: float, low: float, high: float | None, low_inclusive: 
     return f"{value!r} is outside {'[' if low_inclusive else '('}{low}, {right}"
 
 
-def _check_numbers(config: ml_collections.ConfigDict) -> None:
+def check_numbers(config: ml_collections.ConfigDict) -> None:
     """Every float key finite (inf only where `INFINITE_ALLOWED`), every key of `BOUNDS` in its range.
 
     NaN compares false with every bound, so a NaN would otherwise pass any `value < low` check.
@@ -336,7 +336,7 @@ def _check_completion(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_train(config: ml_collections.ConfigDict) -> None:
-    """`config.train`: LoRA rank and EMA (the float keys are checked by `_check_numbers`)."""
+    """`config.train`: LoRA rank and EMA (the float keys are checked by `check_numbers`)."""
     train = config.train
     _positive_int(config, "train.lora_rank")
     if train.ema:

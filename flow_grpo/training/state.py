@@ -32,6 +32,7 @@ from peft.utils import get_peft_model_state_dict
 from flow_grpo.models import ModelAdapter
 from flow_grpo.run import checkpoint_files, model_card
 from flow_grpo.training.ema import ParameterEMA
+from flow_grpo.training.heartbeat import uninterrupted
 
 __all__ = ["Trainer", "restore_state", "save_state", "training_state"]
 
@@ -90,7 +91,8 @@ def save_state(trainer: Trainer, epoch: int) -> str:
         checkpoint_files.save_file(checkpoint_files.rng_state(), os.path.join(temporary, f"rng_{accelerator.process_index}.pt"))
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        checkpoint_files.publish(target, trainer.config.keep_checkpoints)
+        with uninterrupted():  # a process that stops answering elsewhere does not end this one mid-rename
+            checkpoint_files.publish(target, trainer.config.keep_checkpoints)
     accelerator.wait_for_everyone()
     return target
 

@@ -10,7 +10,6 @@ trajectories with `train.updates_per_epoch` optimizer updates.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import math
 import os
 import time
@@ -19,17 +18,18 @@ import ml_collections
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from flow_grpo.run import pictures, trackers
 from flow_grpo.algorithm.advantages import informative_rows
 from flow_grpo.training.memory import preflight
 from flow_grpo.training.compile import compile_phases
-from flow_grpo.run.config_checks import Layout, validate_config
+from flow_grpo.run.config_checks import Layout, check_numbers, validate_config
 from flow_grpo.data import GroupSampler, PromptDataset, dataset_paths
 from flow_grpo.training.ema import ParameterEMA
 from flow_grpo.training.distributed import check_supported_backend
+from flow_grpo.training.heartbeat import collective_timeout
 from flow_grpo.training.credit import epoch_credit
 from flow_grpo.training.epoch import EpochSamples, sample_epoch
 from flow_grpo.sampling.evaluation import EvalResult, evaluate
@@ -59,6 +59,17 @@ def use_cpu() -> bool:
     return forced or not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
+def process_state(config: ml_collections.ConfigDict) -> PartialState:
+    """accelerate's process state; the first call of a process starts the process group.
+
+    Its collectives time out after `heartbeat.collective_timeout(config.distributed_timeout_s)`
+    (the config's numbers are checked first). accelerate applies a timeout only when it starts the
+    group, so this must be the first `PartialState` of a training process.
+    """
+    check_numbers(config)
+    return PartialState(cpu=use_cpu(), timeout=collective_timeout(config.distributed_timeout_s))
+
+
 class NonFiniteError(FloatingPointError):
     """NaN or inf in a reward, an advantage or the loss, with `config.nonfinite = "stop"`."""
 
@@ -70,7 +81,7 @@ class Trainer:
         """Validate the config, then set up accelerate, the model with LoRA, optimizer, data and rewards."""
         check_supported_backend()
         self.config = config
-        state = PartialState(cpu=use_cpu())
+        state = process_state(config)
         world_size = state.num_processes
         self.layout: Layout = validate_config(config, world_size)
         preflight(config, world_size, state.device)  # CUDA only; before any weights are loaded
@@ -119,7 +130,6 @@ class Trainer:
             gradient_accumulation_steps=self.layout.gradient_accumulation_steps,
             log_with=None if config.report_to == "none" else config.report_to,
             project_config=ProjectConfiguration(project_dir=self.run_dir, logging_dir=self.run_dir),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.distributed_timeout_s))],
         )
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
