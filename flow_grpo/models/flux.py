@@ -56,7 +56,7 @@ class FluxAdapter(ModelAdapter):
         }
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
         self.text_encoders_to_device()
         embeds, pooled, text_ids = self.pipeline.encode_prompt(
             prompt=list(prompts),
