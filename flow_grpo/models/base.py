@@ -275,3 +275,11 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode final latents (B, ...) to images float32 (B, 3, H, W) in [0, 1]."""
+
+    def _decode_scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode VAE latents (B, C, h, w), normalised by the VAE's `scaling_factor` and `shift_factor`
+        (SD3, FLUX.1, Z-Image), to images float32 (B, 3, H, W) in [0, 1]."""
+        vae = self.pipeline.vae
+        scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(scaled, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(images, output_type="pt").float()

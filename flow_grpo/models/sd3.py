@@ -112,7 +112,4 @@ class SD3Adapter(ModelAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(scaled, return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(images, output_type="pt").float()
+        return self._decode_scaled(latents)
