@@ -91,6 +91,36 @@ def _flow_grpo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def _family_preset(model: str, family: str) -> ml_collections.ConfigDict:
+    """SD3.5-Medium's defaults on another bf16 model `model` of the adapter `family`.
+
+    3 images per process per sampling batch and per micro-batch (the global batch per update is
+    unchanged; gradient accumulation grows), LoRA r64/alpha128, and the text encoders waiting on
+    the CPU while the epoch samples and trains.
+    """
+    config = sd3_tp_grpo()
+    config.pretrained.model = model
+    config.pretrained.family = family
+    config.mixed_precision = "bf16"
+    config.sample.batch_size = 3
+    config.train.batch_size = 3
+    config.train.lora_rank = 64
+    config.train.lora_alpha = 128
+    config.offload_text_encoders = True
+    return config
+
+
+def _checkpointed(
+    config: ml_collections.ConfigDict, *, max_states_per_call: int, decode_chunk: int
+) -> ml_collections.ConfigDict:
+    """Gradient checkpointing, with the sampling bounds chosen by the memory preflight at 8 processes
+    (benchmarks/RESULTS.md) so that sampling stays below the checkpointed update."""
+    config.train.gradient_checkpointing = True
+    config.sample.max_states_per_call = max_states_per_call
+    config.sample.decode_chunk = decode_chunk
+    return config
+
+
 def pickscore_sd3_flow_grpo() -> ml_collections.ConfigDict:
     return _flow_grpo(pickscore_sd3())
 
@@ -118,10 +148,7 @@ def sd3_large_tp_grpo() -> ml_collections.ConfigDict:
     config = sd3_tp_grpo()
     config.pretrained.model = "stabilityai/stable-diffusion-3.5-large"
     config.mixed_precision = "bf16"
-    config.train.gradient_checkpointing = True
-    config.sample.max_states_per_call = 27
-    config.sample.decode_chunk = 6
-    return config
+    return _checkpointed(config, max_states_per_call=27, decode_chunk=6)
 
 
 def pickscore_sd3_large() -> ml_collections.ConfigDict:
@@ -172,24 +199,14 @@ def tiny_flow_grpo() -> ml_collections.ConfigDict:
 
 def flux_tp_grpo() -> ml_collections.ConfigDict:
     """FLUX.1-dev TP-GRPO defaults shared by every FLUX preset (docs/algorithm.md, Published settings)."""
-    config = sd3_tp_grpo()
-    config.pretrained.model = "black-forest-labs/FLUX.1-dev"
-    config.pretrained.family = "flux"
+    # The text encoders `_family_preset` offloads are T5-XXL and CLIP-L here (about 9.5 GB in bf16).
+    config = _family_preset("black-forest-labs/FLUX.1-dev", "flux")
     config.pretrained.max_sequence_length = 128
-    config.mixed_precision = "bf16"
     config.sample.num_steps = 6
     config.sample.eval_num_steps = 28
     config.sample.guidance_scale = 3.5
     config.sample.window_size = 5
     config.sample.window_range = (0, 5)
-    # 3 images per process per sampling batch and per micro-batch; the global batch per update is
-    # unchanged (gradient accumulation grows).
-    config.sample.batch_size = 3
-    config.train.batch_size = 3
-    config.train.lora_rank = 64
-    config.train.lora_alpha = 128
-    # T5-XXL and CLIP-L (about 9.5 GB in bf16) wait on the CPU while the epoch samples and trains.
-    config.offload_text_encoders = True
     return config
 
 
@@ -253,26 +270,14 @@ def flux2_klein_tp_grpo() -> ml_collections.ConfigDict:
     memory preflight predicts a 19.0 GB peak per process at 8 processes (benchmarks/RESULTS.md), so
     both are far from the limit.
     """
-    config = sd3_tp_grpo()
-    config.pretrained.model = "black-forest-labs/FLUX.2-klein-4B"
-    config.pretrained.family = "flux2_klein"
-    config.mixed_precision = "bf16"
+    config = _family_preset("black-forest-labs/FLUX.2-klein-4B", "flux2_klein")
     config.sample.num_steps = 4
     config.sample.eval_num_steps = 10
     config.sample.guidance_scale = 1.0
     config.sample.noise_level = 0.5
     config.sample.window_size = 3
     config.sample.window_range = (0, 3)
-    config.sample.batch_size = 3
-    config.train.batch_size = 3
-    config.train.lora_rank = 64
-    config.train.lora_alpha = 128
-    config.train.gradient_checkpointing = True
-    config.offload_text_encoders = True
-    # Bounds chosen here (memory preflight, 8 processes) so that sampling stays below the checkpointed update.
-    config.sample.max_states_per_call = 4
-    config.sample.decode_chunk = 1
-    return config
+    return _checkpointed(config, max_states_per_call=4, decode_chunk=1)
 
 
 def pickscore_flux2_klein() -> ml_collections.ConfigDict:
@@ -293,21 +298,9 @@ def z_image_tp_grpo() -> ml_collections.ConfigDict:
     memory preflight predicts a 30.0 GB peak per process at 8 processes). Z-Image-Turbo (distilled, 8
     steps, no CFG) is `--config.pretrained.model=Tongyi-MAI/Z-Image-Turbo --config.sample.guidance_scale=0`.
     """
-    config = sd3_tp_grpo()
-    config.pretrained.model = "Tongyi-MAI/Z-Image"
-    config.pretrained.family = "z_image"
-    config.mixed_precision = "bf16"
+    config = _family_preset("Tongyi-MAI/Z-Image", "z_image")
     config.sample.guidance_scale = 4.0
-    config.sample.batch_size = 3
-    config.train.batch_size = 3
-    config.train.lora_rank = 64
-    config.train.lora_alpha = 128
-    config.train.gradient_checkpointing = True
-    config.offload_text_encoders = True
-    # Bounds chosen here (memory preflight, 8 processes) so that sampling stays below the checkpointed update.
-    config.sample.max_states_per_call = 6
-    config.sample.decode_chunk = 3
-    return config
+    return _checkpointed(config, max_states_per_call=6, decode_chunk=3)
 
 
 def pickscore_z_image() -> ml_collections.ConfigDict:
@@ -333,22 +326,10 @@ def qwen_image_tp_grpo() -> ml_collections.ConfigDict:
     (38.1 GB in bf16), gradient checkpointing and the Qwen2.5-VL encoder offloaded between encodings the
     peak at 8 processes is 67.8 GB (the rollout's VAE decode and the PickScore call, sampling phase).
     """
-    config = sd3_tp_grpo()
-    config.pretrained.model = "Qwen/Qwen-Image"
-    config.pretrained.family = "qwen_image"
-    config.mixed_precision = "bf16"
+    config = _family_preset("Qwen/Qwen-Image", "qwen_image")
     config.sample.guidance_scale = 4.0
-    config.sample.batch_size = 3
-    config.train.batch_size = 3
-    config.train.lora_rank = 64
-    config.train.lora_alpha = 128
     config.train.ema = False
-    config.train.gradient_checkpointing = True
-    config.offload_text_encoders = True
-    # Bounds chosen here (memory preflight, 8 processes) so that sampling stays below the checkpointed update.
-    config.sample.max_states_per_call = 9
-    config.sample.decode_chunk = 2
-    return config
+    return _checkpointed(config, max_states_per_call=9, decode_chunk=2)
 
 
 def pickscore_qwen_image() -> ml_collections.ConfigDict:

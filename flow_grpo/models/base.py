@@ -73,6 +73,8 @@ class ModelAdapter(abc.ABC):
     default_resolution_multiple: ClassVar[int] = 16
     # The transformer `velocity` calls when given none (`flow_grpo.training.compile` sets a compiled one); None = `transformer`.
     inference_forward: Any = None
+    # The text that `negative_prompt` encodes: the unconditional rows of classifier-free guidance.
+    negative_prompt_text: ClassVar[str] = ""
 
     @classmethod
     def token_patch(cls, transformer_config: dict) -> int:
@@ -105,6 +107,7 @@ class ModelAdapter(abc.ABC):
         self.guidance_scale = guidance_scale
         self.max_sequence_length = max_sequence_length
         self.text_encoders_offloaded = False
+        self._negative: PromptEmbeds | None = None
 
     @classmethod
     def from_pretrained(
@@ -215,12 +218,28 @@ class ModelAdapter(abc.ABC):
         """
 
     @abc.abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        """Encode `prompts` (length B) into a PromptEmbeds of B rows.
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
+        """Encode `prompts` (length B) into a PromptEmbeds of B rows with the family's text encoders.
 
         Implementations call `text_encoders_to_device()` first and compute everything else they
         need from the text encoders here, so the encoders may be offloaded afterwards.
         """
+
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """Encode `prompts` (length B) into a PromptEmbeds of B rows.
+
+        Under CFG the negative prompt is encoded (and cached) first, while the text encoders are on
+        the device.
+        """
+        if self.uses_cfg:
+            self.negative_prompt()
+        return self._encode(list(prompts))
+
+    def negative_prompt(self) -> PromptEmbeds:
+        """Embeddings of `negative_prompt_text` (1 row), computed once."""
+        if self._negative is None:
+            self._negative = self._encode([self.negative_prompt_text])
+        return self._negative
 
     @abc.abstractmethod
     def initial_latents(
@@ -256,3 +275,11 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode final latents (B, ...) to images float32 (B, 3, H, W) in [0, 1]."""
+
+    def _decode_scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode VAE latents (B, C, h, w), normalised by the VAE's `scaling_factor` and `shift_factor`
+        (SD3, FLUX.1, Z-Image), to images float32 (B, 3, H, W) in [0, 1]."""
+        vae = self.pipeline.vae
+        scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(scaled, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(images, output_type="pt").float()

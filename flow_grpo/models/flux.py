@@ -56,7 +56,7 @@ class FluxAdapter(ModelAdapter):
         }
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
         self.text_encoders_to_device()
         embeds, pooled, text_ids = self.pipeline.encode_prompt(
             prompt=list(prompts),
@@ -151,10 +151,6 @@ class FluxAdapter(ModelAdapter):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unpack (B, S, 4 C) to (B, C, h, w), undo the latent normalisation, decode to (B, 3, H, W) in [0, 1]."""
-        vae = self.pipeline.vae
         factor = self.pipeline.vae_scale_factor
         pixels = self._grid_side(latents) * 2 * factor
-        unpacked = self.pipeline._unpack_latents(latents, pixels, pixels, factor)
-        scaled = unpacked.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(scaled, return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(images, output_type="pt").float()
+        return self._decode_scaled(self.pipeline._unpack_latents(latents, pixels, pixels, factor))

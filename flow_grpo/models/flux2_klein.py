@@ -42,10 +42,6 @@ class Flux2KleinAdapter(ModelAdapter):
 
     pipeline: Flux2KleinPipeline
 
-    def __init__(self, pipeline: Flux2KleinPipeline, *, guidance_scale: float, max_sequence_length: int) -> None:
-        super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
-        self._negative: PromptEmbeds | None = None
-
     @classmethod
     def token_patch(cls, transformer_config: dict) -> int:
         return 2  # latents are patchified 2x2 into tokens
@@ -69,17 +65,6 @@ class Flux2KleinAdapter(ModelAdapter):
             prompt=list(prompts), device=self.device, max_sequence_length=self.max_sequence_length
         )
         return PromptEmbeds({"prompt_embeds": embeds.to(self.dtype), "text_ids": text_ids.to(self.device)})
-
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        if self.uses_cfg:
-            self.negative_prompt()  # cached now, while the text encoder is on the device
-        return self._encode(list(prompts))
-
-    def negative_prompt(self) -> PromptEmbeds:
-        """Embeddings of the empty prompt (1 row), the pipeline's negative prompt, computed once."""
-        if self._negative is None:
-            self._negative = self._encode([""])
-        return self._negative
 
     def initial_latents(
         self, batch_size: int, resolution: int, generator: torch.Generator | list[torch.Generator] | None

@@ -23,10 +23,6 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 from flow_grpo.models.base import JOINT_ATTENTION_LORA_TARGETS, ModelAdapter, PromptEmbeds
 from flow_grpo.models.registry import register_adapter
 
-NEGATIVE_PROMPT = " "
-"""The negative prompt of true CFG: `QwenImagePipeline`'s documentation enables CFG with `" "` (its model card's default)."""
-
-
 @register_adapter("qwen_image")
 class QwenImageAdapter(ModelAdapter):
     """Qwen-Image. PromptEmbeds tensors: `prompt_embeds` (B, L, D), the text encoder's last hidden states
@@ -44,10 +40,9 @@ class QwenImageAdapter(ModelAdapter):
     ]
 
     pipeline: QwenImagePipeline
-
-    def __init__(self, pipeline: QwenImagePipeline, *, guidance_scale: float, max_sequence_length: int) -> None:
-        super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
-        self._negative: PromptEmbeds | None = None
+    # The negative prompt of true CFG: `QwenImagePipeline`'s documentation enables CFG with `" "`
+    # (its model card's default).
+    negative_prompt_text = " "
 
     @classmethod
     def token_patch(cls, transformer_config: dict) -> int:
@@ -67,7 +62,7 @@ class QwenImageAdapter(ModelAdapter):
     def pipeline_guidance(cls, guidance_scale: float) -> dict[str, Any]:
         """`true_cfg_scale` and, where it guides, the negative prompt (the pipeline's `guidance_scale` is for distilled models)."""
         if guidance_scale > 1.0:
-            return {"true_cfg_scale": guidance_scale, "negative_prompt": NEGATIVE_PROMPT}
+            return {"true_cfg_scale": guidance_scale, "negative_prompt": cls.negative_prompt_text}
         return {"true_cfg_scale": 1.0}
 
     def prompt_shapes(self, text_tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -87,17 +82,6 @@ class QwenImageAdapter(ModelAdapter):
         keep = torch.zeros(batch, self.max_sequence_length, device=self.device, dtype=torch.bool)
         keep[:, :length] = True if mask is None else mask.to(device=self.device, dtype=torch.bool)
         return PromptEmbeds({"prompt_embeds": padded, "prompt_mask": keep})
-
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        if self.uses_cfg:
-            self.negative_prompt()  # cached now, while the text encoder is on the device
-        return self._encode(list(prompts))
-
-    def negative_prompt(self) -> PromptEmbeds:
-        """Features of `NEGATIVE_PROMPT` (1 row), computed once."""
-        if self._negative is None:
-            self._negative = self._encode([NEGATIVE_PROMPT])
-        return self._negative
 
     def initial_latents(
         self, batch_size: int, resolution: int, generator: torch.Generator | list[torch.Generator] | None

@@ -22,10 +22,6 @@ class SD3Adapter(ModelAdapter):
     pipeline_class = StableDiffusion3Pipeline
     lora_target_modules = JOINT_ATTENTION_LORA_TARGETS
 
-    def __init__(self, pipeline: StableDiffusion3Pipeline, *, guidance_scale: float, max_sequence_length: int) -> None:
-        super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
-        self._negative: PromptEmbeds | None = None
-
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
@@ -55,17 +51,6 @@ class SD3Adapter(ModelAdapter):
             max_sequence_length=self.max_sequence_length,
         )
         return PromptEmbeds({"prompt_embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)})
-
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        if self.uses_cfg:
-            self.negative_prompt()  # cached now, while the text encoders are on the device
-        return self._encode(list(prompts))
-
-    def negative_prompt(self) -> PromptEmbeds:
-        """Embeddings of the empty prompt (1 row), computed once."""
-        if self._negative is None:
-            self._negative = self._encode([""])
-        return self._negative
 
     def initial_latents(
         self, batch_size: int, resolution: int, generator: torch.Generator | list[torch.Generator] | None
@@ -127,7 +112,4 @@ class SD3Adapter(ModelAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(scaled, return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(images, output_type="pt").float()
+        return self._decode_scaled(latents)

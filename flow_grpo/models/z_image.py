@@ -40,10 +40,6 @@ class ZImageAdapter(ModelAdapter):
 
     pipeline: ZImagePipeline
 
-    def __init__(self, pipeline: ZImagePipeline, *, guidance_scale: float, max_sequence_length: int) -> None:
-        super().__init__(pipeline, guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
-        self._negative: PromptEmbeds | None = None
-
     @property
     def uses_cfg(self) -> bool:
         """The pipeline's rule: CFG for any positive guidance scale."""
@@ -68,17 +64,6 @@ class ZImageAdapter(ModelAdapter):
     def prompt_shapes(self, text_tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """`prompt_embeds` (L, cap_feat_dim); without `prompt_mask` every token is a caption token."""
         return {"prompt_embeds": ((text_tokens, self.transformer.config.cap_feat_dim), self.dtype)}
-
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        if self.uses_cfg:
-            self.negative_prompt()  # cached now, while the text encoder is on the device
-        return self._encode(list(prompts))
-
-    def negative_prompt(self) -> PromptEmbeds:
-        """Features of the empty prompt (1 row), the pipeline's default negative prompt, computed once."""
-        if self._negative is None:
-            self._negative = self._encode([""])
-        return self._negative
 
     def initial_latents(
         self, batch_size: int, resolution: int, generator: torch.Generator | list[torch.Generator] | None
@@ -141,7 +126,4 @@ class ZImageAdapter(ModelAdapter):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Undo the latent normalisation and decode (B, C, h, w) to (B, 3, H, W) in [0, 1]."""
-        vae = self.pipeline.vae
-        scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(scaled, return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(images, output_type="pt").float()
+        return self._decode_scaled(latents)

@@ -10,6 +10,7 @@ import argparse
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import (
@@ -54,6 +55,18 @@ GEOMETRIES: dict[str, TinyGeometry] = {
 
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 64
+# Latent normalisation of the tiny SD3 VAE. Its scaling factor 1.5035 is not the real SD3 VAE's 1.5305
+# (`testing.architectures.SD3_VAE`); the tiny models and the README's demo numbers were made with it.
+SD3_LATENT_NORMALISATION = {"scaling_factor": 1.5035, "shift_factor": 0.0609}
+# FLUX.1's latent normalisation, which Z-Image's VAE shares.
+FLUX1_LATENT_NORMALISATION = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+
+
+def tiny_geometry(geometry: str) -> TinyGeometry:
+    """The `GEOMETRIES` entry named `geometry`; a ValueError naming the choices for an unknown name."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown tiny geometry {geometry!r}; choose one of {sorted(GEOMETRIES)}")
+    return GEOMETRIES[geometry]
 
 
 def clip_tokenizer() -> CLIPTokenizer:
@@ -114,23 +127,31 @@ def _t5_encoder(vocab_size: int, d_model: int) -> T5EncoderModel:
     return T5EncoderModel(config).eval()
 
 
-def _vae(geometry: TinyGeometry) -> AutoencoderKL:
-    torch.manual_seed(0)
+def vae_layout(geometry: TinyGeometry) -> dict[str, Any]:
+    """Block layout of a tiny VAE of `geometry`: one block per `vae_blocks` entry, each but the last halving the side."""
     blocks = len(geometry.vae_blocks)
+    return {
+        "down_block_types": ("DownEncoderBlock2D",) * blocks,
+        "up_block_types": ("UpDecoderBlock2D",) * blocks,
+        "block_out_channels": geometry.vae_blocks,
+        "layers_per_block": 1,
+        "latent_channels": geometry.latent_channels,
+        "norm_num_groups": 4,
+        "sample_size": geometry.sample_size * 2 ** (blocks - 1),
+    }
+
+
+def tiny_vae(geometry: TinyGeometry, *, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """A tiny `AutoencoderKL` of `geometry` with random weights (seed 0) and the given latent normalisation."""
+    torch.manual_seed(0)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        block_out_channels=geometry.vae_blocks,
-        layers_per_block=1,
-        latent_channels=geometry.latent_channels,
-        norm_num_groups=4,
-        sample_size=geometry.sample_size * 2 ** (blocks - 1),
+        **vae_layout(geometry),
         use_quant_conv=False,
         use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
     ).eval()
 
 
@@ -158,9 +179,7 @@ def tiny_sd3_pipeline(geometry: str = "minimal") -> StableDiffusion3Pipeline:
         geometry: "minimal" (4 latent channels, VAE factor 1, patch 2) or "real" (16 channels,
             VAE factor 8, patch 2).
     """
-    if geometry not in GEOMETRIES:
-        raise ValueError(f"unknown tiny geometry {geometry!r}; choose one of {sorted(GEOMETRIES)}")
-    geo = GEOMETRIES[geometry]
+    geo = tiny_geometry(geometry)
     clip_tok = clip_tokenizer()
     t5_tok = t5_tokenizer()
     clip_hidden, clip_projection, t5_dim = 32, 32, 64
@@ -182,7 +201,7 @@ def tiny_sd3_pipeline(geometry: str = "minimal") -> StableDiffusion3Pipeline:
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=scheduler,
-        vae=_vae(geo),
+        vae=tiny_vae(geo, **SD3_LATENT_NORMALISATION),
         text_encoder=_clip_text_encoder(len(clip_tok), clip_hidden, clip_projection),
         tokenizer=clip_tok,
         text_encoder_2=_clip_text_encoder(len(clip_tok), clip_hidden, clip_projection),
@@ -210,9 +229,7 @@ def tiny_flux_pipeline(geometry: str = "minimal") -> FluxPipeline:
         geometry: "minimal" (4 latent channels, VAE factor 1, packed 16 channels) or "real"
             (16 latent channels, VAE factor 8, packed 64 channels).
     """
-    if geometry not in GEOMETRIES:
-        raise ValueError(f"unknown tiny geometry {geometry!r}; choose one of {sorted(GEOMETRIES)}")
-    geo = GEOMETRIES[geometry]
+    geo = tiny_geometry(geometry)
     clip_tok = clip_tokenizer()
     t5_tok = t5_tokenizer()
     clip_hidden, t5_dim = 32, 64
@@ -229,9 +246,7 @@ def tiny_flux_pipeline(geometry: str = "minimal") -> FluxPipeline:
         guidance_embeds=True,
         axes_dims_rope=(4, 2, 2),
     ).eval()
-    vae = _vae(geo)
-    # FLUX.1-dev's latent normalisation (the SD3 builder's VAE is otherwise identical).
-    vae.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
+    vae = tiny_vae(geo, **FLUX1_LATENT_NORMALISATION)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,

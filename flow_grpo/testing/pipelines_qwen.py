@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
     AutoencoderKLQwenImage,
@@ -31,7 +30,7 @@ from transformers import (
     Qwen3Model,
 )
 
-from flow_grpo.testing.pipelines import GEOMETRIES, TinyGeometry, tiny_builder
+from flow_grpo.testing.pipelines import FLUX1_LATENT_NORMALISATION, tiny_builder, tiny_geometry, tiny_vae, vae_layout
 
 __all__ = [
     "QWEN_CHAT_TEMPLATE",
@@ -77,12 +76,6 @@ def _qwen3_config(vocab_size: int) -> Qwen3Config:
     )
 
 
-def _geometry(geometry: str) -> TinyGeometry:
-    if geometry not in GEOMETRIES:
-        raise ValueError(f"unknown tiny geometry {geometry!r}; choose one of {sorted(GEOMETRIES)}")
-    return GEOMETRIES[geometry]
-
-
 @tiny_builder("flux2_klein")
 def tiny_flux2_klein_pipeline(geometry: str = "minimal", distilled: bool = False) -> Flux2KleinPipeline:
     """A tiny FLUX.2-klein pipeline (float32, CPU, eval mode): Qwen3 text encoder, BatchNorm-normalised VAE.
@@ -92,7 +85,7 @@ def tiny_flux2_klein_pipeline(geometry: str = "minimal", distilled: bool = False
             latents are patchified 2x2 and packed, so the transformer sees 4x the channels.
         distilled: the step-distilled variant (no CFG, `is_distilled=True`) instead of the base model.
     """
-    geo = _geometry(geometry)
+    geo = tiny_geometry(geometry)
     tokenizer = qwen_tokenizer()
     torch.manual_seed(0)
     text_encoder = Qwen3ForCausalLM(_qwen3_config(len(tokenizer))).eval()
@@ -109,17 +102,8 @@ def tiny_flux2_klein_pipeline(geometry: str = "minimal", distilled: bool = False
         axes_dims_rope=(2, 2, 2, 2),
         guidance_embeds=False,
     ).eval()
-    blocks = len(geo.vae_blocks)
     torch.manual_seed(0)
-    vae = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        block_out_channels=geo.vae_blocks,
-        layers_per_block=1,
-        latent_channels=geo.latent_channels,
-        norm_num_groups=4,
-        sample_size=geo.sample_size * 2 ** (blocks - 1),
-    ).eval()
+    vae = AutoencoderKLFlux2(**vae_layout(geo)).eval()
     # Non-trivial latent statistics, so decoding checks the de-normalisation.
     generator = torch.Generator().manual_seed(1)
     vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.running_mean.shape, generator=generator))
@@ -143,7 +127,7 @@ def tiny_z_image_pipeline(geometry: str = "minimal") -> ZImagePipeline:
         geometry: "minimal" (4 latent channels, VAE factor 1) or "real" (16 channels, VAE factor 8);
             the transformer patchifies 2x2 itself.
     """
-    geo = _geometry(geometry)
+    geo = tiny_geometry(geometry)
     tokenizer = qwen_tokenizer()
     torch.manual_seed(0)
     text_encoder = Qwen3Model(_qwen3_config(len(tokenizer))).eval()
@@ -161,23 +145,7 @@ def tiny_z_image_pipeline(geometry: str = "minimal") -> ZImagePipeline:
         axes_dims=[4, 6, 6],
         axes_lens=[256, 64, 64],
     ).eval()
-    blocks = len(geo.vae_blocks)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        block_out_channels=geo.vae_blocks,
-        layers_per_block=1,
-        latent_channels=geo.latent_channels,
-        norm_num_groups=4,
-        sample_size=geo.sample_size * 2 ** (blocks - 1),
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,  # Z-Image uses the FLUX.1 VAE and its latent normalisation
-        scaling_factor=0.3611,
-    ).eval()
+    vae = tiny_vae(geo, **FLUX1_LATENT_NORMALISATION)  # Z-Image uses the FLUX.1 VAE
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
     return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 
@@ -205,7 +173,7 @@ def tiny_qwen_image_pipeline(geometry: str = "minimal") -> QwenImagePipeline:
         geometry: "minimal" (4 latent channels, VAE factor 1) or "real" (16 channels, VAE factor 8);
             latents are packed 2x2, so the transformer sees 4x the channels.
     """
-    geo = _geometry(geometry)
+    geo = tiny_geometry(geometry)
     tokenizer = qwen_tokenizer()
     text = {
         "vocab_size": len(tokenizer) + 1,  # and the template-prefix token `_match_template_prefix` adds
