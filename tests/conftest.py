@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -30,6 +31,17 @@ def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError(f"network access blocked in tests: {address!r}")
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(autouse=True)
+def root_logging():
+    """Put the root logger back after a test: a command's `main` configures it for its process (the reward
+    server's handler writes to the stderr of that moment), and later tests must not log into a closed capture.
+    """
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

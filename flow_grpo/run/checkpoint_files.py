@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 
+from flow_grpo.command_flags import UserInputError
 from flow_grpo.run.files import open_to_write
 
 logger = get_logger(__name__)
@@ -64,7 +65,7 @@ def resolve_checkpoint(path: str) -> str:
     return checkpoints[-1]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserInputError, RuntimeError):
     """A checkpoint file that cannot be used: missing, empty, truncated, corrupt or not plain data."""
 
 

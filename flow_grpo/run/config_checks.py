@@ -13,13 +13,15 @@ from dataclasses import dataclass
 import ml_collections
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
+from flow_grpo.command_flags import UserInputError
+
 ALGORITHMS = ("flow_grpo", "tp_grpo")
 STEP_KINDS = ("sde", "cps")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 NONFINITE = ("stop", "skip")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """A config value that cannot work; the message names the key and the fix."""
 
 
