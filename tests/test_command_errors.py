@@ -117,6 +117,9 @@ def test_benchmark_and_memory_mistakes_are_one_line(tmp_path, capsys, monkeypatc
     assert line.startswith(f"error: {report.parent}: not a directory; a part of the path is a file; choose a directory")
     line = _error_line(capsys, benchmark.main, ["--memory", "--preset", "no_such_preset"])
     assert re.search(r"^error: unknown preset 'no_such_preset'; available presets: .*tiny_tp_grpo", line)
+    for main, flags in ((benchmark.main, ["--reward_server"]), (benchmark.reward_server_main, [])):
+        line = _error_line(capsys, main, [*flags, "--scorer", "jpeg_compressibility", "--preset", "no_such_preset"])
+        assert line.startswith("error: config/grpo.py has no preset 'no_such_preset'; give a preset of it, or --batch_size and")
     line = _error_line(capsys, memory.main, ["--preset", "tiny_tp_grpo", "--num_processes", "3"])
     assert line.startswith("error: config.sample.batch_size: ")
     monkeypatch.setenv(DEBUG_ENV, "1")

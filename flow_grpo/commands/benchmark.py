@@ -120,5 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@command_main()
+def reward_server_main(argv: Sequence[str] | None = None) -> int:
+    """`flow-grpo-reward-server-benchmark`: the reward server benchmark (its own flags), with one-line errors."""
+    from flow_grpo.reward_server import benchmark as reward_server_benchmark
+
+    return reward_server_benchmark.main(argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())
