@@ -35,12 +35,17 @@ def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def root_logging():
-    """Put the root logger back after a test: a command's `main` configures it for its process (the reward
-    server's handler writes to the stderr of that moment), and later tests must not log into a closed capture.
+    """Drop the stderr handlers a test's command added to the root logger, and put its level back.
+
+    A command's `main` configures logging for its process (`logging.basicConfig`, a handler on the
+    stderr of that moment); in the test process that stderr is a capture closed after the test, and
+    a later test must not log into it. pytest's own capture handlers (subclasses) are left alone.
     """
-    handlers, level = logging.root.handlers[:], logging.root.level
+    level, before = logging.root.level, set(logging.root.handlers)
     yield
-    logging.root.handlers[:] = handlers
+    for handler in logging.root.handlers[:]:
+        if type(handler) is logging.StreamHandler and handler not in before:
+            logging.root.removeHandler(handler)
     logging.root.setLevel(level)
 
 
