@@ -36,7 +36,7 @@ setup(
             "flow-grpo-memory=flow_grpo.commands.memory:main",
             "flow-grpo-tp-agreement=flow_grpo.commands.tp_agreement:main",
             "flow-grpo-reward-server=flow_grpo.commands.reward_server:main",
-            "flow-grpo-reward-server-benchmark=flow_grpo.reward_server.benchmark:main",
+            "flow-grpo-reward-server-benchmark=flow_grpo.commands.benchmark:reward_server_main",
             "flow-grpo-prepare-data=flow_grpo.commands.prepare_data:main",
             "flow-grpo-paper-eval=flow_grpo.commands.paper_eval:main",
         ],

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from flow_grpo.command_flags import InputNotFoundError, InputValueError, UserInputError
 from flow_grpo.seeding import stable_seed
 
 __all__ = [
@@ -41,7 +42,7 @@ PROMPT_KEY = "prompt"
 """Key holding the prompt text in a ``.jsonl`` line."""
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserInputError, ValueError):
     """A prompt file that cannot be read: missing, empty, binary, not UTF-8, or a bad line; names the path."""
 
 
@@ -57,7 +58,7 @@ def load_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
     """Read a ``.txt`` or ``.jsonl`` prompt file (see the module docstring for the formats).
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        InputNotFoundError: the file does not exist (a `FileNotFoundError`).
         PromptFileError: the file has another extension, is empty, blank, binary or
             not UTF-8, or has a bad line (with its line number).
     """
@@ -69,7 +70,7 @@ def load_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
             "or a .jsonl file (one JSON object with a 'prompt' key per line)."
         )
     if not path.is_file():
-        raise FileNotFoundError(f"Prompt file {path} does not exist; check the dataset path in the config.")
+        raise InputNotFoundError(f"Prompt file {path} does not exist; check the dataset path in the config.")
     data = path.read_bytes()
     if b"\0" in data:
         raise PromptFileError(f"Prompt file {path} is binary (it contains NUL bytes); give a UTF-8 text file.")
@@ -129,13 +130,13 @@ def dataset_paths(
     one format explicitly.
 
     Raises:
-        FileNotFoundError: listing the files that were looked for.
+        InputNotFoundError: listing the files that were looked for (a `FileNotFoundError`).
         ValueError: on an unknown ``file_format`` or an empty ``split``.
     """
     if file_format not in ("auto", "jsonl", "txt"):
         raise ValueError(f"file_format must be 'auto', 'jsonl' or 'txt', got {file_format!r}.")
     if not split:
-        raise ValueError("split must be a non-empty name such as 'train' or 'test'.")
+        raise InputValueError("split must be a non-empty name such as 'train' or 'test'.")
     directory = Path(dataset_dir)
     candidates = {
         "jsonl": directory / f"{split}_metadata.jsonl",
@@ -146,9 +147,9 @@ def dataset_paths(
         if candidates[kind].is_file():
             return candidates[kind]
     looked_for = " or ".join(str(candidates[kind]) for kind in wanted)
-    raise FileNotFoundError(
-        f"No prompt file for split {split!r}: looked for {looked_for}. "
-        "Check the dataset directory in the config or create one of these files."
+    raise InputNotFoundError(
+        f"No prompt file for split {split!r}: looked for {looked_for}; "
+        "check the dataset directory in the config or create one of these files."
     )
 
 
@@ -174,7 +175,7 @@ def resolve_prompts(
     if texts:
         prompts = [Prompt(text.strip(), {}) for text in texts if text.strip()]
         if not prompts:
-            raise ValueError("every prompt given on the command line is blank")
+            raise InputValueError("every prompt given on the command line is blank; give a prompt with text in it")
         origin = "command line"
     else:
         path = Path(source or dataset)

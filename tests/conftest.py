@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -30,6 +31,22 @@ def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError(f"network access blocked in tests: {address!r}")
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(autouse=True)
+def root_logging():
+    """Drop the stderr handlers a test's command added to the root logger, and put its level back.
+
+    A command's `main` configures logging for its process (`logging.basicConfig`, a handler on the
+    stderr of that moment); in the test process that stderr is a capture closed after the test, and
+    a later test must not log into it. pytest's own capture handlers (subclasses) are left alone.
+    """
+    level, before = logging.root.level, set(logging.root.handlers)
+    yield
+    for handler in logging.root.handlers[:]:
+        if type(handler) is logging.StreamHandler and handler not in before:
+            logging.root.removeHandler(handler)
+    logging.root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

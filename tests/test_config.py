@@ -272,7 +272,7 @@ def test_config_errors_print_the_message_and_exit_2(tmp_path, tiny_sd3_dir) -> N
     typo = _train_entry(preset, "--config.sample.noise_levle=0.5")
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
     assert 'Did you mean "noise_level"' in typo.stderr
-    from flow_grpo.train import unknown_key_message
+    from flow_grpo.commands.errors import unknown_key_message
 
     with pytest.raises(AttributeError) as caught:
         tiny().reward_fn.get_type("pickscore")  # what ml_collections raises for --config.reward_fn.pickscore

@@ -65,34 +65,40 @@ def test_published_from_a_dataset_folder(tmp_path, pinned) -> None:
     assert (out / "ocr" / "test.txt").read_bytes() == pinned["dataset/ocr/test.txt"]
 
 
+def _error(capsys, argv: list[str]) -> str:
+    """The one `error:` line of `flow-grpo-prepare-data argv`, which must exit with code 2."""
+    with pytest.raises(SystemExit) as raised:
+        prepare_data.main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    assert raised.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
 def test_a_changed_file_is_refused_and_nothing_is_written(tmp_path, pinned, capsys) -> None:
     clone, out = tmp_path / "clone", tmp_path / "out"
     changed = dict(pinned)
     changed["dataset/ocr/train.txt"] = pinned["dataset/ocr/train.txt"].replace(b"hello", b"hellO")
     _clone(clone, changed)
-    with pytest.raises(SystemExit) as raised:
-        prepare_data.main(["--source", "published", "--from", str(clone), "--out", str(out)])
-    message = str(raised.value)
+    message = _error(capsys, ["--source", "published", "--from", str(clone), "--out", str(out)])
     assert "dataset/ocr/train.txt" in message
     assert git_blob_sha1(changed["dataset/ocr/train.txt"]) in message
     assert git_blob_sha1(pinned["dataset/ocr/train.txt"]) in message
     assert not out.exists()
 
 
-def test_a_missing_file_names_where_it_was_looked_for(tmp_path, pinned) -> None:
+def test_a_missing_file_names_where_it_was_looked_for(tmp_path, pinned, capsys) -> None:
     clone = tmp_path / "clone"
     _clone(clone, {path: content for path, content in pinned.items() if "drawbench" not in path})
-    with pytest.raises(SystemExit, match="dataset/drawbench/test.txt is not in --from"):
-        prepare_data.main(["--source", "published", "--from", str(clone), "--out", str(tmp_path / "out")])
+    message = _error(capsys, ["--source", "published", "--from", str(clone), "--out", str(tmp_path / "out")])
+    assert "dataset/drawbench/test.txt is not in --from" in message
 
 
-def test_existing_files_are_kept_without_overwrite(tmp_path, pinned) -> None:
+def test_existing_files_are_kept_without_overwrite(tmp_path, pinned, capsys) -> None:
     clone, out = tmp_path / "clone", tmp_path / "out"
     _clone(clone, pinned)
     (out / "ocr").mkdir(parents=True)
     (out / "ocr" / "test.txt").write_text("mine\n")
-    with pytest.raises(SystemExit, match="--overwrite"):
-        prepare_data.main(["--source", "published", "--from", str(clone), "--out", str(out)])
+    assert "--overwrite" in _error(capsys, ["--source", "published", "--from", str(clone), "--out", str(out)])
     assert (out / "ocr" / "test.txt").read_text() == "mine\n" and not (out / "pickscore_sfw").exists()
     prepare_data.main(["--source", "published", "--from", str(clone), "--out", str(out), "--overwrite"])
     assert (out / "ocr" / "test.txt").read_bytes() == pinned["dataset/ocr/test.txt"]

@@ -1,7 +1,7 @@
 """Console commands installed by `pip install .` (see setup.py); `scripts/*.py` are thin wrappers over them.
 
 Each command module defines its absl flags at import, so each lives in its own module; the start and
-the entry point they share are here.
+the entry point they share are here, the one-line errors in `flow_grpo.commands.errors`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 from collections.abc import Callable
 
 import ml_collections
-from absl import app
 from accelerate import PartialState
 
+from flow_grpo.commands.errors import run_absl
 from flow_grpo.commands.options import setup_logging
 from flow_grpo.run.paths import resolve_config_argument, resolve_config_paths
 from flow_grpo.training.trainer import use_cpu
@@ -20,10 +20,8 @@ from flow_grpo.training.trainer import use_cpu
 __all__ = ["run_command", "start_command"]
 
 
-def start_command(argv: list[str], config: ml_collections.ConfigDict) -> PartialState:
-    """Refuse stray arguments (`argv`: what absl did not parse), set up logging and the processes, resolve `config`'s paths."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def start_command(config: ml_collections.ConfigDict) -> PartialState:
+    """Set up logging and the processes, and resolve `config`'s paths (a missing one is a `ConfigError`)."""
     setup_logging()
     state = PartialState(cpu=use_cpu())
     resolve_config_paths(config)
@@ -31,6 +29,8 @@ def start_command(argv: list[str], config: ml_collections.ConfigDict) -> Partial
 
 
 def run_command(run: Callable[[list[str]], None]) -> None:
-    """Console entry point: parse the flags from `sys.argv` (a relative `--config` file may be under the repository) and `run`."""
+    """Console entry point: parse the flags from `sys.argv` (a relative `--config` file may be under the
+    repository) and `run`; a user's mistake ends with one `error:` line and exit code 2 (`run_absl`).
+    """
     sys.argv = resolve_config_argument(sys.argv)
-    app.run(run)
+    run_absl(run)

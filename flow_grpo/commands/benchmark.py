@@ -31,6 +31,7 @@ from absl import flags
 
 from flow_grpo.bench.settings import DTYPE_FLAGS, PHASES
 from flow_grpo.command_flags import int_list, parse_flags
+from flow_grpo.commands.errors import command_main, input_errors
 from flow_grpo.testing.architectures import SIZES
 
 _FLAGS = flags.FlagValues()
@@ -84,6 +85,7 @@ for _alias, _name in (("steps", "num_steps"), ("window", "window_size"), ("cfg",
     flags.DEFINE_alias(_alias, _name, flag_values=_FLAGS)
 
 
+@command_main(hint="each setting is a flag of the same name (`flow-grpo-benchmark --help`)")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark the flags describe and print its table (`argv`: the flags, default `sys.argv[1:]`)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -105,19 +107,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides[name] = int_list(overrides[name], name)
     if "phases" in overrides:
         overrides["phases"] = tuple(name.strip() for name in overrides["phases"] if name.strip())
-    try:
+    with input_errors(ValueError):  # a setting out of range, named by default_settings
         settings = default_settings(parsed.size, **overrides)
-    except ValueError as error:
-        print(f"flow-grpo-benchmark: error: {error}", file=sys.stderr)
-        return 2
+    if parsed.json:  # before the benchmark runs: a --json that cannot be written fails in seconds
+        os.makedirs(os.path.dirname(os.path.abspath(parsed.json)), exist_ok=True)
     report = run_benchmark(settings)
     if parsed.json:
-        os.makedirs(os.path.dirname(os.path.abspath(parsed.json)), exist_ok=True)
         with open(parsed.json, "w") as f:
             json.dump(report.to_dict(), f, indent=2)
             f.write("\n")
     print(format_report(report), flush=True)
     return 0
+
+
+@command_main()
+def reward_server_main(argv: Sequence[str] | None = None) -> int:
+    """`flow-grpo-reward-server-benchmark`: the reward server benchmark (its own flags), with one-line errors."""
+    from flow_grpo.reward_server import benchmark as reward_server_benchmark
+
+    return reward_server_benchmark.main(argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ _SAVE_IMAGES = flags.DEFINE_bool("save_images", False, "Also write every image t
 
 def run(argv: list[str]) -> None:
     """Run the command under absl (`argv`: the arguments absl did not parse)."""
-    state = start_command(argv, _FLAGS.config.value)
+    state = start_command(_FLAGS.config.value)
     summary = run_evaluation(
         _FLAGS.config.value,
         _FLAGS.out.value,

@@ -24,7 +24,7 @@ _FLAGS = define_sampling_flags("Output directory for images/, index.jsonl and se
 
 def run(argv: list[str]) -> None:
     """Run the command under absl (`argv`: the arguments absl did not parse)."""
-    state = start_command(argv, _FLAGS.config.value)
+    state = start_command(_FLAGS.config.value)
     index = run_generation(_FLAGS.config.value, _FLAGS.out.value, _FLAGS.request())
     if state.is_main_process:
         print(f"images: {len(index)} in {os.path.join(_FLAGS.out.value, 'images')}")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from flow_grpo.command_flags import parse_flags
+from flow_grpo.commands.errors import command_main, input_errors
 from flow_grpo.training.memory import GIB, InsufficientMemoryError, check_fits, format_report, load_preset, predict_memory
 
 _FLAGS = flags.FlagValues()
@@ -19,10 +20,13 @@ flags.DEFINE_integer("num_processes", 8, "World size.", lower_bound=1, flag_valu
 flags.DEFINE_float("device_gb", 0.0, "Check against this many GB (2^30 bytes); 0 = no check.", flag_values=_FLAGS)
 
 
+@command_main()
 def main(argv: Sequence[str] | None = None) -> int:
     """`flow-grpo-memory --preset NAME --num_processes N [--device_gb G]`: print the table; 1 if it does not fit."""
     args = parse_flags(_FLAGS, argv, "Predict the per-process peak device memory of a preset.", "flow-grpo-memory")
-    report = predict_memory(load_preset(args.preset), args.num_processes)
+    with input_errors(ValueError):  # config/grpo.py names the presets when the name is unknown
+        config = load_preset(args.preset)
+    report = predict_memory(config, args.num_processes)
     status = 0
     if args.device_gb > 0:
         try:

@@ -21,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from flow_grpo.command_flags import InputValueError
 from flow_grpo.run.paths import REPO_ROOT
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def parse_reward_weights(spec: str) -> dict[str, float]:
     rewards). Names are checked against the registry when the rewards are built.
 
     Raises:
-        ValueError: on an empty name, a weight that is not a finite number, or a repeated name.
+        InputValueError: on an empty name, a weight that is not a finite number, or a repeated name.
     """
     weights: dict[str, float] = {}
     for item in spec.split(","):
@@ -64,15 +65,17 @@ def parse_reward_weights(spec: str) -> dict[str, float]:
         name, _, weight_text = item.partition(":")
         name = name.strip()
         if not name:
-            raise ValueError(f"reward entry {item!r} has no name; write name:weight, e.g. pickscore:1")
+            raise InputValueError(f"--rewards: entry {item!r} has no name; write name:weight, e.g. pickscore:1")
         try:
             weight = float(weight_text) if weight_text.strip() else 1.0
         except ValueError:
-            raise ValueError(f"reward {name!r} has weight {weight_text!r}, which is not a number") from None
+            raise InputValueError(
+                f"--rewards: reward {name!r} has weight {weight_text!r}, which is not a number; write name:weight, e.g. {name}:1"
+            ) from None
         if not math.isfinite(weight):
-            raise ValueError(f"reward {name!r} has a non-finite weight {weight_text!r}")
+            raise InputValueError(f"--rewards: reward {name!r} has a non-finite weight {weight_text!r}; give a finite number")
         if name in weights:
-            raise ValueError(f"reward {name!r} is given twice in {spec!r}")
+            raise InputValueError(f"--rewards: reward {name!r} is given twice in {spec!r}; give each reward once")
         weights[name] = weight
     return weights
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
+from flow_grpo.command_flags import InputNotFoundError, InputValueError
+from flow_grpo.commands.errors import input_errors
 from flow_grpo.commands.options import PRESET_FILE
 from flow_grpo.commands import run_command, start_command
 from flow_grpo.run.config_checks import ConfigError
@@ -51,9 +53,12 @@ def _reward_options(config_options: dict, override: str) -> dict:
     try:
         extra = json.loads(override)
     except json.JSONDecodeError as error:
-        raise ValueError(f"--reward_options is not valid JSON ({error}); write e.g. '{{\"hpsv3\": {{\"device\": \"cuda\"}}}}'") from None
+        raise InputValueError(f"--reward_options is not valid JSON ({error}); write e.g. '{{\"hpsv3\": {{\"device\": \"cuda\"}}}}'") from None
     if not isinstance(extra, dict) or not all(isinstance(value, dict) for value in extra.values()):
-        raise ValueError("--reward_options must be a JSON object of reward name -> object of options")
+        raise InputValueError(
+            "--reward_options must be a JSON object of reward name -> object of options; "
+            "write e.g. '{\"hpsv3\": {\"device\": \"cuda\"}}'"
+        )
     for name, value in extra.items():
         options[name] = {**options.get(name, {}), **value}
     return options
@@ -70,10 +75,13 @@ def run(argv: list[str]) -> None:
     try:
         config.dataset = resolve_path(_DATASET_ROOT.value, "dataset_root")
     except ConfigError as error:
-        raise SystemExit(f"error: --dataset_root: {error}; run `flow-grpo-prepare-data --source published` first") from None
-    state = start_command(argv, config)
+        where = str(error).removeprefix("config.dataset_root: ")
+        raise InputNotFoundError(f"--dataset_root: {where}; run `flow-grpo-prepare-data --source published` first") from None
+    state = start_command(config)
     out = Path(_OUT.value)
-    try:
+    # The paper's runner reports bad rows, metrics, missing benchmarks and a resume with other
+    # settings as ValueError / FileNotFoundError: all of them are the user's to fix.
+    with input_errors(ValueError, FileNotFoundError):
         metrics = select_metrics(_SUITE.value, _METRICS.value)
         rows = parse_rows(_CHECKPOINTS.value)
         options = _reward_options(config.reward_options.to_dict(), _REWARD_OPTIONS.value)
@@ -81,8 +89,6 @@ def run(argv: list[str]) -> None:
             config, out, rows, metrics, dataset_root=config.dataset, reward_options=options,
             max_prompts=_MAX_PROMPTS.value, lora_scale=_LORA_SCALE.value,
         )
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
     if state.is_main_process:
         for path in write_report(out, results, metrics, settings):
             print(f"wrote {path}")

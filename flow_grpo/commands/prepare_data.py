@@ -57,7 +57,8 @@ from typing import Any
 
 from absl import flags
 
-from flow_grpo.command_flags import parse_flags
+from flow_grpo.command_flags import InputValueError, parse_flags
+from flow_grpo.commands.errors import command_main, input_errors
 from flow_grpo.data import Prompt, load_prompts
 
 PICKAPIC_DATASET = "yuvalkirstain/pickapic_v1_no_images"
@@ -135,16 +136,21 @@ def split_prompts(
         train = [prompt for prompt in unique if prompt.text.casefold() not in held_out]
     else:
         if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+            raise ValueError(f"--test_fraction must be in (0, 1), got {test_fraction}; e.g. --test_fraction 0.1")
         if len(unique) < 2:
-            raise ValueError(f"{len(unique)} unique prompt(s) cannot be split into a train and a test set")
+            raise ValueError(
+                f"{len(unique)} unique prompt(s) cannot be split into a train and a test set; give at least two prompts"
+            )
         num_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
         ranked = sorted(range(len(unique)), key=lambda i: _rank_key(seed, unique[i]))
         test_indices = set(ranked[:num_test])
         train = [prompt for i, prompt in enumerate(unique) if i not in test_indices]
         test = [prompt for i, prompt in enumerate(unique) if i in test_indices]
     if not train or not test:
-        raise ValueError(f"the split left {len(train)} train and {len(test)} test prompts; both need at least one")
+        raise ValueError(
+            f"the split left {len(train)} train and {len(test)} test prompts; both need at least one "
+            "(give train prompts that are not all in --test_inputs)"
+        )
     return train, test
 
 
@@ -256,13 +262,15 @@ def hub_captions(dataset: str, split: str, column: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise SystemExit(
-            "the pickapic sources read a hub dataset with the `datasets` library, which is not installed: "
+        raise InputValueError(
+            "the pickapic sources read a hub dataset with the `datasets` library, which is not installed; "
             "pip install datasets"
         ) from None
     rows = datasets.load_dataset(dataset, split=split)
     if column not in rows.column_names:
-        raise SystemExit(f"dataset {dataset} split {split} has no column {column!r}; columns: {rows.column_names}")
+        raise InputValueError(
+            f"dataset {dataset} split {split} has no column {column!r}; pass --hf_column, one of {rows.column_names}"
+        )
     return [text for text in rows[column] if isinstance(text, str)]
 
 
@@ -291,7 +299,7 @@ def collect(args: flags.FlagValues) -> tuple[list[Prompt], list[Prompt] | None, 
         return train, test, {"urls": [train_url, test_url]}
     inputs = [path for path in args.inputs.split(",") if path]
     if not inputs:
-        raise SystemExit("--source files needs --inputs a.txt[,b.jsonl,...]")
+        raise InputValueError("--source files needs prompt files; pass --inputs a.txt[,b.jsonl,...]")
     train = [prompt for path in inputs for prompt in load_prompts(path)]
     test_inputs = [path for path in args.test_inputs.split(",") if path]
     test = [prompt for path in test_inputs for prompt in load_prompts(path)] if test_inputs else None
@@ -332,37 +340,32 @@ def prepare_published(args: flags.FlagValues) -> None:
 
     source_dir = args["from"].value or None
     if args.name:
-        raise SystemExit("error: --source published writes pickscore_sfw/, geneval/, ocr/ and drawbench/; drop --name")
-    try:
+        raise InputValueError("--source published writes pickscore_sfw/, geneval/, ocr/ and drawbench/; drop --name")
+    with input_errors(RuntimeError, ValueError, OSError):  # a download, a changed or a missing file, --overwrite
         contents = collect_published(source_dir)
         written = write_published(args.out, contents, source_dir or "github", overwrite=args.overwrite)
-    except (RuntimeError, ValueError, OSError) as error:
-        raise SystemExit(f"error: {error}") from None
     for path in written:
         print(f"wrote {path}")
     print(f"{len(written)} published prompt files of commit {PUBLISHED_COMMIT}, hashes verified, in {args.out}")
 
 
+@command_main()
 def main(argv: Sequence[str] | None = None) -> None:
     """Build the prompt set the flags describe (`argv`: the flags, default `sys.argv[1:]`)."""
     args = parse_flags(_FLAGS, argv, __doc__, "flow-grpo-prepare-data")
     if args.source == "published":
         prepare_published(args)
         return
-    try:
+    with input_errors(RuntimeError, ValueError):  # a download that failed, a bad line or split setting
         candidates, test_candidates, provenance = collect(args)
         train, test = split_prompts(candidates, args.test_fraction, args.seed, test_candidates)
-    except (RuntimeError, ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
     train, test = cap(train, args.max_train, args.seed), cap(test, args.max_test, args.seed)
     out_dir = Path(args.out) / (args.name or DEFAULT_NAMES[args.source])
     provenance = {"source": args.source, **provenance, "seed": args.seed}
     if test_candidates is None:
         provenance["test_fraction"] = args.test_fraction
-    try:
+    with input_errors(FileExistsError):
         written = write_prompt_sets(out_dir, train, test, provenance, overwrite=args.overwrite)
-    except FileExistsError as error:
-        raise SystemExit(f"error: {error}") from None
     for path in written:
         print(f"wrote {path}")
     print(f"{len(train)} train and {len(test)} test prompts in {out_dir}")

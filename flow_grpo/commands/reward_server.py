@@ -30,13 +30,12 @@ import json
 import logging
 import os
 import socket
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 from absl import flags
 
-from flow_grpo.command_flags import parse_flags
+from flow_grpo.command_flags import InputValueError, parse_flags
+from flow_grpo.commands.errors import command_main, input_errors
 from flow_grpo.reward_server.frontend import ServerLimits
 
 logger = logging.getLogger("reward_server")
@@ -104,26 +103,65 @@ flags.DEFINE_alias("device", "devices", flag_values=_FLAGS)
 
 
 def load_options(text: str) -> dict:
-    """Parse ``--options``: inline JSON or a path to a JSON file, mapping scorer -> options dict."""
+    """Parse ``--options``: inline JSON or the path of a JSON file, mapping scorer -> options dict.
+
+    Raises:
+        InputValueError: a file that cannot be read, text that is not JSON, or JSON of another shape.
+    """
+    source = "--options"
     if os.path.isfile(text):
-        text = Path(text).read_text(encoding="utf-8")
+        source = f"--options file {text}"
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputValueError(f"{source} cannot be read ({error}); give a UTF-8 JSON file") from None
+    example = '{"ocr": {"engine": "easyocr"}}'
     try:
         options = json.loads(text)
     except json.JSONDecodeError as error:
-        raise SystemExit(f"--options is neither a JSON object nor a JSON file: {error}") from None
-    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        raise SystemExit('--options must map scorer names to option objects, e.g. {"ocr": {"engine": "easyocr"}}.')
+        raise InputValueError(f"{source} is neither a JSON object nor a JSON file ({error}); write e.g. '{example}'") from None
+    if not isinstance(options, dict) or not all(isinstance(value, dict) for value in options.values()):
+        raise InputValueError(f"{source} must map scorer names to option objects; write e.g. '{example}'")
     return options
 
 
-def fail(problem: str, remedy: str) -> NoReturn:
-    """Print ``error: <problem>; <remedy>`` on stderr and exit with code 2 (a mistake the user can fix)."""
-    print(f"error: {problem}; {remedy}", file=sys.stderr)
-    raise SystemExit(2)
+def parse_devices(text: str) -> list[str]:
+    """The ``--devices`` entries (none: ``cuda`` when available, else ``cpu``), each checked against this machine.
+
+    Raises:
+        InputValueError: a malformed device name, or a CUDA device this machine does not have.
+    """
+    import torch
+
+    devices = [name.strip() for name in text.split(",") if name.strip()]
+    for name in devices:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise InputValueError(f"--devices: {name!r} is not a device name; give e.g. cpu, cuda or cuda:0,cuda:1") from None
+        if device.type != "cuda":
+            continue
+        count = _cuda_devices()
+        if count == 0:
+            raise InputValueError(f"--devices: {name} is a CUDA device but this machine has none; pass --devices cpu")
+        if device.index is not None and device.index >= count:
+            raise InputValueError(f"--devices: {name} does not exist; this machine has cuda:0 to cuda:{count - 1}")
+    return devices or ["cuda" if _cuda_devices() else "cpu"]
+
+
+def _cuda_devices() -> int:
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Exit with a one-line error when ``host:port`` cannot be bound (before any model loads)."""
+    """Fail with a one-line error when ``host:port`` cannot be bound (before any model loads).
+
+    Raises:
+        InputValueError: the port is taken, or the host is not an address of this machine.
+    """
     if port == 0:
         return
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -132,33 +170,22 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            _fail_bind(host, port, error)
+            raise bind_error(host, port, error) from None
 
 
-def _fail_bind(host: str, port: int, error: OSError) -> NoReturn:
+def bind_error(host: str, port: int, error: OSError) -> InputValueError:
+    """The one-line error of a failed bind: a port in use, or an address that is not this machine's."""
     if error.errno == errno.EADDRINUSE:
-        fail(f"port {port} on {host} is already in use", "stop the server on it, or pass another --port (0 picks one)")
-    fail(f"cannot bind {host}:{port} ({error.strerror or error})", "pass an address of this machine as --host")
+        return InputValueError(
+            f"port {port} on {host} is already in use; stop the server on it, or pass another --port (0 picks one)"
+        )
+    return InputValueError(f"cannot bind {host}:{port} ({error.strerror or error}); pass an address of this machine as --host")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Build the scorers and serve until interrupted (`argv`: the flags, default `sys.argv[1:]`)."""
-    args = parse_flags(_FLAGS, argv, __doc__, "flow-grpo-reward-server")
-    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=args.log_level.upper(), format=log_format, force=True)
-    import torch
-    from accelerate import PartialState
-
-    PartialState()  # library modules log through accelerate, which needs its state
-    from flow_grpo.reward_server.server import RewardServer, build_replicas
-
-    names = [name.strip() for name in args.scorers.split(",") if name.strip()]
-    devices = [d.strip() for d in args.devices.split(",") if d.strip()] or [
-        "cuda" if torch.cuda.is_available() else "cpu"
-    ]
-    check_port_free(args.host, args.port)
-    try:
-        limits = ServerLimits(
+def _limits(args: flags.FlagValues) -> ServerLimits:
+    """The server limits of the flags; one out of range is an `InputValueError` naming it."""
+    with input_errors(ValueError):
+        return ServerLimits(
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             max_concurrent=args.max_concurrent,
@@ -168,16 +195,38 @@ def main(argv: list[str] | None = None) -> None:
             read_timeout_s=args.read_timeout_s,
             score_timeout_s=args.score_timeout_s,
         )
-        for device in devices:
-            torch.device(device)  # a malformed device name fails here, before any model loads
-        options = load_options(args.options)
+
+
+@command_main()
+def main(argv: list[str] | None = None) -> None:
+    """Build the scorers and serve until interrupted (`argv`: the flags, default `sys.argv[1:]`).
+
+    Every mistake in the flags (a scorer name, ``--devices``, ``--options``, a limit, ``--log_level``,
+    the address) is one ``error:`` line and exit code 2 before any scorer loads.
+    """
+    args = parse_flags(_FLAGS, argv, __doc__, "flow-grpo-reward-server")
+    level = args.log_level.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise InputValueError(f"--log_level {args.log_level!r} is not a logging level; use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    from accelerate import PartialState
+
+    PartialState()  # library modules log through accelerate, which needs its state
+    from flow_grpo.reward_server.server import RewardServer, build_replicas, check_scorer_names
+
+    names = [name.strip() for name in args.scorers.split(",") if name.strip()]
+    options = load_options(args.options)
+    check_scorer_names(names, options)
+    devices = parse_devices(args.devices)
+    limits = _limits(args)
+    check_port_free(args.host, args.port)
+    # A scorer's factory reports a missing package, weights file or model it cannot fetch with these.
+    with input_errors(ImportError, ValueError, OSError, RuntimeError):
         replicas = build_replicas(names, devices, options)
-    except (ImportError, ValueError, OSError, RuntimeError) as error:
-        raise SystemExit(f"Could not start the reward server: {error}") from None
     try:
         server = RewardServer(replicas, host=args.host, port=args.port, limits=limits, devices=devices)
     except OSError as error:  # the port was taken while the scorers loaded
-        _fail_bind(args.host, args.port, error)
+        raise bind_error(args.host, args.port, error) from None
     logger.info(
         "Serving %s on %s (devices %s, max_batch %d, max_wait_ms %g, body limit %d bytes); health: %s/health",
         names,

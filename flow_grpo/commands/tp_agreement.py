@@ -14,12 +14,10 @@ Any `--config.KEY=VALUE` applies (e.g. `--config.pretrained.model=/local/sd3.5`)
 
 from __future__ import annotations
 
-import sys
-
 from absl import flags
 from ml_collections import config_flags
 
-from flow_grpo.command_flags import int_list
+from flow_grpo.command_flags import InputValueError, int_list
 from flow_grpo.commands import run_command, start_command
 from flow_grpo.commands.options import PRESET_FILE
 from flow_grpo.sampling.agreement import format_agreement, run_agreement
@@ -34,9 +32,10 @@ def run(argv: list[str]) -> None:
     """Run the command under absl (`argv`: the arguments absl did not parse)."""
     modes = int_list(_MODES.value, "completion_steps")
     if not modes or min(modes) < 1:
-        print(f"error: --completion_steps takes modes k >= 1 (0, exact, is always the reference); got {_MODES.value}", file=sys.stderr)
-        raise SystemExit(2)
-    start_command(argv, _CONFIG.value)
+        raise InputValueError(
+            f"--completion_steps takes modes k >= 1 (0, exact, is always the reference); got {','.join(_MODES.value)}"
+        )
+    start_command(_CONFIG.value)
     report = run_agreement(_CONFIG.value, _OUT.value, modes, _BATCHES.value)
     print(format_agreement(report), flush=True)
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from absl import flags
 
-from flow_grpo.command_flags import parse_flags
+from flow_grpo.command_flags import InputNotFoundError, InputValueError, parse_flags
 from flow_grpo.rewards.registry import RewardFn
 
 __all__ = ["ThroughputOptions", "build_benchmark_scorer", "main", "measure_transport", "parse_options", "run"]
@@ -78,11 +78,11 @@ def _preset_batch(preset: str) -> tuple[int, int]:
     path = Path(__file__).resolve().parents[2] / "config" / "grpo.py"
     spec = importlib.util.spec_from_file_location("flow_grpo_config_grpo", path)
     if spec is None or not path.is_file():
-        raise SystemExit(f"{path} not found; give --batch_size and --resolution.")
+        raise InputNotFoundError(f"{path} not found; give --batch_size and --resolution")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, preset):
-        raise SystemExit(f"config/grpo.py has no preset {preset!r}.")
+        raise InputValueError(f"config/grpo.py has no preset {preset!r}; give a preset of it, or --batch_size and --resolution")
     config = getattr(module, preset)()
     return int(config.sample.batch_size), int(config.sample.resolution)
 

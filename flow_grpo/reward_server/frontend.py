@@ -83,18 +83,18 @@ class ServerLimits:
 
     def __post_init__(self) -> None:
         checks = {
-            "max_batch": self.max_batch >= 1,
-            "max_wait_ms": self.max_wait_ms >= 0,
-            "max_concurrent": self.max_concurrent >= 1,
-            "max_queued": self.max_queued >= 0,
-            "max_request_bytes": self.max_request_bytes >= 0,
-            "max_pixels": self.max_pixels >= 1,
-            "read_timeout_s": self.read_timeout_s > 0,
-            "score_timeout_s": self.score_timeout_s > 0,
+            "max_batch": (self.max_batch >= 1, "at least 1"),
+            "max_wait_ms": (self.max_wait_ms >= 0, "0 or more"),
+            "max_concurrent": (self.max_concurrent >= 1, "at least 1"),
+            "max_queued": (self.max_queued >= 0, "0 or more"),
+            "max_request_bytes": (self.max_request_bytes >= 0, "0 (the default) or more"),
+            "max_pixels": (self.max_pixels >= 1, "at least 1"),
+            "read_timeout_s": (self.read_timeout_s > 0, "above 0"),
+            "score_timeout_s": (self.score_timeout_s > 0, "above 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"Reward server limit {name} = {getattr(self, name)} is out of range; see --help.")
+                raise ValueError(f"reward server limit {name} = {getattr(self, name)} is out of range; it must be {allowed} (see --help)")
         if not self.max_request_bytes:
             object.__setattr__(self, "max_request_bytes", default_max_request_bytes(self.max_batch))
 

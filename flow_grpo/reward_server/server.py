@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from flow_grpo.command_flags import InputValueError
 from flow_grpo.rewards import registry
 from flow_grpo.rewards.library_logging import get_logger
 from flow_grpo.rewards.registry import RewardFn
@@ -38,7 +39,15 @@ from flow_grpo.rewards.transport import PROTOCOL_VERSION, ImageBudgetError, deco
 from flow_grpo.reward_server.batching import BatchingScorer, ScoreTimeoutError
 from flow_grpo.reward_server.frontend import ServerLimits, make_handler
 
-__all__ = ["SERVER_SCORERS", "RewardServer", "ScorerInputError", "ServerLimits", "build_replicas", "build_scorers"]
+__all__ = [
+    "SERVER_SCORERS",
+    "RewardServer",
+    "ScorerInputError",
+    "ServerLimits",
+    "build_replicas",
+    "build_scorers",
+    "check_scorer_names",
+]
 
 logger = get_logger(__name__)
 
@@ -65,6 +74,36 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
+def check_scorer_names(names: Sequence[str], options: Mapping[str, Any] | None = None) -> None:
+    """Check, before anything loads, that a server can host every scorer of `names` and that `options` names no other.
+
+    Raises:
+        InputValueError: for no name, an unknown name, a remote client reward (which would call a
+            server itself) or options for a scorer that is not hosted.
+    """
+    if not names:
+        raise InputValueError("--scorers names no scorer; give e.g. --scorers geneval,ocr")
+    local = sorted(name for name in registry.available_rewards() if not getattr(registry._REGISTRY[name], "remote", False))
+    for name in names:
+        if name in SERVER_SCORERS:
+            continue
+        if name not in registry.available_rewards():
+            raise InputValueError(
+                f"--scorers: unknown scorer {name!r}; use a server scorer {sorted(SERVER_SCORERS)} or a local reward {local}"
+            )
+        if getattr(registry._REGISTRY[name], "remote", False):
+            raise InputValueError(
+                f"--scorers: {name!r} is a remote client reward, which a server cannot host; host a local reward "
+                f"{local} or one of the server scorers {sorted(SERVER_SCORERS)}"
+            )
+    unhosted = sorted(set(options or {}) - set(names))
+    if unhosted:
+        raise InputValueError(
+            f"--options names scorers {unhosted} that are not hosted (hosted: {list(names)}); "
+            "drop their options or add them to --scorers"
+        )
+
+
 def build_scorers(
     names: Sequence[str], device: torch.device | str, options: Mapping[str, Mapping[str, Any]] | None = None
 ) -> dict[str, RewardFn]:
@@ -76,12 +115,10 @@ def build_scorers(
         options: scorer name -> options passed to its factory.
 
     Raises:
-        ValueError: for an unknown name or a remote client reward (which would call a server itself).
+        InputValueError: see :func:`check_scorer_names` (a ``ValueError``).
     """
     options = dict(options or {})
-    unknown_options = sorted(set(options) - set(names))
-    if unknown_options:
-        raise ValueError(f"Options given for scorers {unknown_options} that are not hosted; hosted: {list(names)}.")
+    check_scorer_names(names, options)
     device = torch.device(device)
     scorers: dict[str, RewardFn] = {}
     for name in names:
@@ -90,13 +127,7 @@ def build_scorers(
             module_name, _, factory_name = SERVER_SCORERS[name].partition(":")
             factory = getattr(importlib.import_module(module_name), factory_name)
         else:
-            registry.check_reward_names([name])
             factory = registry._REGISTRY[name]
-            if getattr(factory, "remote", False):
-                raise ValueError(
-                    f"{name!r} is a remote client reward; a server cannot host it. Host a local reward "
-                    f"or one of the server scorers {sorted(SERVER_SCORERS)}."
-                )
         scorers[name] = factory(device, scorer_options)
         logger.info("Scorer %r ready", name)
     return scorers
@@ -108,10 +139,10 @@ def build_replicas(
     """One instance of every scorer per device: ``name -> [replica on devices[0], ...]``.
 
     Raises:
-        ValueError: for an empty device list or a bad scorer name (see :func:`build_scorers`).
+        InputValueError: for an empty device list or a bad scorer name (see :func:`check_scorer_names`).
     """
     if not devices:
-        raise ValueError("--devices lists no device; give e.g. 'cuda:0,cuda:1' or 'cpu'.")
+        raise InputValueError("--devices lists no device; give e.g. 'cuda:0,cuda:1' or 'cpu'")
     replicas: dict[str, list[RewardFn]] = {name: [] for name in names}
     for device in devices:
         for name, scorer in build_scorers(names, device, options).items():

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from flow_grpo.command_flags import InputNotFoundError
 from flow_grpo.precision import DTYPE_NAMES
 
 __all__ = ["chunk_slices", "parse_options", "resolve_dtype", "resolve_weights_file"]
@@ -63,18 +64,18 @@ def resolve_weights_file(spec: str, reward: str, key: str) -> str:
     ``HF_HUB_OFFLINE=1``).
 
     Raises:
-        FileNotFoundError: when the path does not exist and ``spec`` is not a hub reference, or
-            the hub download fails; the message says which option to change.
+        InputNotFoundError: when the path does not exist and ``spec`` is not a hub reference, or
+            the hub download fails; the message says which option to change (a ``FileNotFoundError``).
     """
     setting = f"reward_options.{reward}.{key}"
     if not spec:
-        raise FileNotFoundError(f"{setting} is empty; set it to a local file or '<hub repo id>:<file name>'.")
+        raise InputNotFoundError(f"{setting} is empty; set it to a local file or '<hub repo id>:<file name>'.")
     expanded = os.path.expanduser(spec)
     if os.path.isfile(expanded):
         return expanded
     repo_id, sep, filename = spec.partition(":")
     if not sep or not filename or repo_id.count("/") != 1 or os.path.isabs(spec) or spec.startswith("."):
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{setting} = {spec!r} is neither an existing file nor a hub reference '<org>/<repo>:<file name>'; "
             "point it at the downloaded weights file."
         )
@@ -83,9 +84,9 @@ def resolve_weights_file(spec: str, reward: str, key: str) -> str:
     try:
         return hf_hub_download(repo_id=repo_id, filename=filename)
     except Exception as error:  # the hub raises many error types (offline, 404, network)
-        raise FileNotFoundError(
-            f"Could not fetch {filename!r} from the hub repository {repo_id!r} ({type(error).__name__}: {error}). "
-            f"Download it once with network access, or set {setting} to a local file."
+        raise InputNotFoundError(
+            f"Could not fetch {filename!r} from the hub repository {repo_id!r} ({type(error).__name__}: {error}); "
+            f"download it once with network access, or set {setting} to a local file."
         ) from error
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from flow_grpo.command_flags import InputValueError
 from flow_grpo.rewards.score_details import detail_names_of, split_scores
 
 __all__ = [
@@ -98,15 +99,15 @@ def check_reward_names(names: Iterable[str]) -> None:
     Meant for config validation before any model is loaded.
 
     Raises:
-        ValueError: naming the unknown rewards and listing the available ones.
+        InputValueError: naming the unknown rewards and listing the available ones (a `ValueError`).
     """
     names = list(names)
     known = set(available_rewards())
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(
-            f"Unknown reward(s) {unknown}; available rewards: {sorted(known)}. "
-            "Fix the reward name in the config, or import the module that registers it."
+        raise InputValueError(
+            f"Unknown reward(s) {unknown}; available rewards: {sorted(known)}; "
+            "fix the reward name, or import the module that registers it"
         )
 
 

@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 
+from flow_grpo.command_flags import UserInputError, one_line
 from flow_grpo.run.files import open_to_write
 
 logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{5,})$")
+RNG_PATTERN = re.compile(r"^rng_\d+\.pt$")
 STATE_FILE = "state.pt"
 
 
@@ -64,15 +66,26 @@ def resolve_checkpoint(path: str) -> str:
     return checkpoints[-1]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserInputError, RuntimeError):
     """A checkpoint file that cannot be used: missing, empty, truncated, corrupt or not plain data."""
+
+
+CPU_GENERATORS = ("python", "numpy", "torch")
+"""The generators of an `rng_<rank>.pt` every process has; `cuda` is there only on CUDA machines."""
 
 
 def rng_state() -> dict[str, Any]:
     """Every RNG state of this process (Python, NumPy, torch CPU and CUDA), as tensors and plain values."""
+    state = _cpu_rng_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _cpu_rng_state() -> dict[str, Any]:
     version, python_state, gauss = random.getstate()
     algorithm, keys, position, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
+    return {
         "python": {"version": version, "state": list(python_state), "gauss": gauss},
         "numpy": {
             "algorithm": algorithm,
@@ -83,9 +96,6 @@ def rng_state() -> dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -152,26 +162,59 @@ def load_file(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # torch names the refused callable as "Unsupported global: GLOBAL x" or "unsupported GLOBAL x whose ...".
+        refused = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", str(error))
+        what = f" (it names {refused.group(1)})" if refused else ""
         raise CheckpointError(
-            f"checkpoint file {path} holds objects other than tensors and plain values; refusing to load it, "
-            f"since unpickling them could run code ({str(error).splitlines()[0]})"
+            f"checkpoint file {path} holds objects other than tensors and plain values{what}; refusing to load it, "
+            "since unpickling them could run code"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {error}") from None
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt (torch: {one_line(str(error))})") from None
 
 
 def load_checkpoint_state(path: str) -> dict[str, Any]:
     """The training state (`state.pt`) of the checkpoint directory `path`, checked for its structure.
 
+    The RNG files (`rng_<rank>.pt`) are read too, so a checkpoint whose RNG states do not load is
+    found here, before any model loads, like one whose `state.pt` does not.
+
     Raises:
-        CheckpointError: the file does not load, or does not hold what `save_state` writes.
+        CheckpointError: a file does not load, or does not hold what `save_state` writes.
     """
     file = os.path.join(path, STATE_FILE)
     state = load_file(file)
     problem = _state_problem(state)
     if problem is not None:
         raise CheckpointError(f"checkpoint file {file} is not a training state of this trainer: {problem}")
+    for name in sorted(os.listdir(path)):
+        if RNG_PATTERN.match(name):
+            rng_file = os.path.join(path, name)
+            problem = _rng_problem(load_file(rng_file))
+            if problem is not None:
+                raise CheckpointError(f"checkpoint file {rng_file} is not an RNG state of this trainer: {problem}")
     return state
+
+
+def _rng_problem(state: Any) -> str | None:
+    """What keeps a loaded `rng_<rank>.pt` from restoring, or None.
+
+    The CPU generators are tried: set from `state`, then put back as they were. CUDA states are
+    only checked for their type, since setting them would start CUDA on every device.
+    """
+    if not isinstance(state, dict) or not all(key in state for key in CPU_GENERATORS):
+        return f"it is not a dict with the states {list(CPU_GENERATORS)}"
+    cuda = state.get("cuda", [])
+    if not isinstance(cuda, (list, tuple)) or not all(isinstance(value, torch.Tensor) for value in cuda):
+        return "cuda is not a list of generator states"
+    current = _cpu_rng_state()
+    try:
+        set_rng_state({key: state[key] for key in CPU_GENERATORS})
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        return f"it does not restore ({type(error).__name__}: {error})"
+    finally:
+        set_rng_state(current)
+    return None
 
 
 def _state_problem(state: Any) -> str | None:

@@ -6,6 +6,7 @@ Each error names the key and says what to change.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -13,13 +14,15 @@ from dataclasses import dataclass
 import ml_collections
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
+from flow_grpo.command_flags import UserInputError
+
 ALGORITHMS = ("flow_grpo", "tp_grpo")
 STEP_KINDS = ("sde", "cps")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 NONFINITE = ("stop", "skip")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """A config value that cannot work; the message names the key and the fix."""
 
 
@@ -435,6 +438,36 @@ def _check_model_path(model: str) -> None:
             f"directory {model!r} is empty",
             "Point it at a diffusers pipeline directory (with model_index.json); an interrupted download "
             "leaves an empty one.",
+        )
+    if os.path.isdir(directory):
+        _check_model_index(os.path.join(directory, "model_index.json"))
+
+
+def _check_model_index(path: str) -> None:
+    """A local pipeline's `model_index.json` is JSON and names no custom code.
+
+    diffusers runs the `<name>.py` of a pipeline or component named `[<name>, <class>]` with another
+    library than diffusers or transformers (`trust_remote_code`); the trainer never runs code that
+    comes with a model, so such a pipeline is refused here, before anything loads.
+    """
+    problem = "is not a JSON object"
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        index, problem = None, f"is truncated or not JSON ({error})"
+    if not isinstance(index, dict):
+        _fail("pretrained.model", f"{path} {problem}", "Restore the pipeline directory, e.g. download it again.")
+    components = {key: entry for key, entry in index.items() if isinstance(entry, list) and entry}
+    custom = {key: entry for key, entry in components.items() if entry[0] not in (None, "diffusers", "transformers")}
+    if not isinstance(index.get("_class_name"), str):
+        custom["_class_name"] = index.get("_class_name")
+    if custom:
+        _fail(
+            "pretrained.model",
+            f"{path} names custom code ({', '.join(f'{key}: {entry}' for key, entry in custom.items())})",
+            "The trainer loads only diffusers and transformers classes and never runs code shipped with a model; "
+            "use the model's standard diffusers pipeline.",
         )
 
 

@@ -180,14 +180,36 @@ def _load(path: str) -> dict[str, Any]:
     try:
         return checkpoint_files.load_checkpoint_state(path)
     except checkpoint_files.CheckpointError as error:
-        raise ConfigError(f"config.resume_from: {error}") from None
+        raise ConfigError(
+            f"config.resume_from: {error}; resume from an earlier checkpoint, or from the run directory "
+            "(which takes its newest checkpoint that loads)"
+        ) from None
 
 
 def _newest(run_dir: str) -> tuple[str, dict[str, Any]]:
     try:
         return checkpoint_files.newest_loadable(run_dir)
     except FileNotFoundError as error:
-        raise ConfigError(f"config.resume_from: {error}") from None
+        raise ConfigError(
+            f"config.resume_from: {error}; restore a checkpoint from a copy, or start a fresh run with another --config.run_name"
+        ) from None
+
+
+def _check_lora_rank(config: ml_collections.ConfigDict, checkpoint: str, state: dict[str, Any]) -> None:
+    """Every LoRA tensor of `state` has the rank `config.train.lora_rank` (known before the model loads).
+
+    peft's `lora_A` weights are `(rank, in, ...)` and `lora_B` weights `(out, rank, ...)`; the other
+    dimensions are the model's, checked when the state is restored into it.
+    """
+    rank = config.train.lora_rank
+    for name, tensor in state["lora"].items():
+        dim = 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
+        if dim is not None and (tensor.dim() < 2 or tensor.shape[dim] != rank):
+            raise ConfigError(
+                f"config.resume_from: {os.path.join(checkpoint, checkpoint_files.STATE_FILE)}: LoRA tensor {name} has "
+                f"shape {tuple(tensor.shape)}, not rank {rank} (config.train.lora_rank); resume with the "
+                "train.lora_rank it was trained with, or from a checkpoint this trainer wrote"
+            )
 
 
 def _read_config(run_dir: str) -> dict[str, Any]:
@@ -247,6 +269,7 @@ def plan_run(config: ml_collections.ConfigDict, run_name: str) -> RunPlan:
     same_name = in_run and wanted == os.path.basename(parent_run)
     if in_run and same_name and (newest or config.resume_overwrite):
         overrides = _check_changes(config, _read_config(parent_run), parent_run)
+        _check_lora_rank(config, checkpoint, state)
         _check_not_finished(config, parent_run, epoch)
         return RunPlan(parent_run, os.path.basename(parent_run), checkpoint, state, True, overrides)
     # A branch: a new run directory starting from the checkpoint.
@@ -258,6 +281,7 @@ def plan_run(config: ml_collections.ConfigDict, run_name: str) -> RunPlan:
         name = _unused_name(logdir, f"{wanted}-from-epoch_{epoch:05d}")
     if in_run:
         _check_changes(config, _read_config(parent_run), parent_run)
+    _check_lora_rank(config, checkpoint, state)
     _check_not_finished(config, os.path.join(logdir, name), epoch)
     logger.info(f"branching: {checkpoint} is not the newest checkpoint of its run; the new run is {name}")
     return RunPlan(os.path.join(logdir, name), name, checkpoint, state)

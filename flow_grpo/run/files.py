@@ -11,6 +11,8 @@ import errno
 import os
 from typing import IO
 
+from flow_grpo.command_flags import UserInputError
+
 __all__ = ["SymlinkRefusedError", "open_to_write", "refuse_symlink"]
 
 _MODES = {
@@ -21,7 +23,7 @@ _MODES = {
 }
 
 
-class SymlinkRefusedError(OSError):
+class SymlinkRefusedError(UserInputError, OSError):
     """A file the run writes is a symbolic link (it could point outside the run directory)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

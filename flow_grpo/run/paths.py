@@ -51,8 +51,9 @@ def resolve_path(value: str, key: str) -> str:
             return str(candidate.resolve())
     tried = " and ".join(str(candidate) for candidate in candidates)
     where = f"relative to the working directory {Path.cwd()} and the repository {REPO_ROOT}" if len(candidates) > 1 else "as given"
-    hint = _HINTS.get(key, "")
-    raise ConfigError(f"config.{key}: {value!r} does not exist {where} (tried {tried}). {hint}".rstrip())
+    hint = _HINTS.get(key, "").rstrip(".")
+    fix = f"; {hint[:1].lower()}{hint[1:]}" if hint else ""
+    raise ConfigError(f"config.{key}: {value!r} does not exist {where} (tried {tried}){fix}")
 
 
 def _is_hub_id(value: str) -> bool:

@@ -26,6 +26,7 @@ from accelerate.logging import get_logger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from flow_grpo.command_flags import InputValueError
 from flow_grpo.algorithm.agreement import agreement_metrics
 from flow_grpo.data import Prompt, resolve_prompts
 from flow_grpo.models import ModelAdapter
@@ -183,12 +184,13 @@ def run_agreement(
     cost) and `agreement.png` (`agreement_figure`). One process only.
 
     Raises:
-        ValueError: on a mode below 1, no mode, fewer than one batch, or several processes.
+        ValueError: on a mode below 1, no mode or fewer than one batch.
+        InputValueError: when launched on several processes.
     """
     if not modes or any(k < 1 for k in modes) or batches < 1:
         raise ValueError(f"need completion modes k >= 1 (got {list(modes)}) and --batches >= 1 (got {batches})")
     if PartialState().num_processes > 1:
-        raise ValueError("the agreement report runs in one process; launch it without accelerate's several processes")
+        raise InputValueError("the agreement report runs in one process; launch it without accelerate's several processes")
     weights = dict(config.reward_fn)
     check_reward_names(weights)
     prompts, origin = resolve_prompts("", dataset=config.dataset, split="train")

@@ -23,6 +23,7 @@ from flow_grpo.sampling.generation import (
     AutocastFactory,
     ImageJob,
     SamplingRequest,
+    check_model_inputs,
     config_batches,
     image_filename,
     load_model,
@@ -159,15 +160,16 @@ def run_evaluation(
     weights = dict(rewards) if rewards else dict(config.eval_reward_fn)
     check_reward_names(weights)  # before any model is loaded
     plan = plan_sampling(config, request)
-    loaded = load_model(config, state.device, request.lora, request.lora_scale)
-    reward = build_reward(weights, state.device, config.reward_options.to_dict())
+    check_model_inputs(config, request.lora, request.lora_scale)
     out = Path(out_dir)
     image_dir = out / "images"
-    if state.is_main_process:
+    if state.is_main_process:  # before the model loads: an --out that cannot be written fails in seconds
         out.mkdir(parents=True, exist_ok=True)
         if save_images:
             image_dir.mkdir(exist_ok=True)
     state.wait_for_everyone()
+    loaded = load_model(config, state.device, request.lora, request.lora_scale)
+    reward = build_reward(weights, state.device, config.reward_options.to_dict())
 
     def write_pngs(chunk: list[ImageJob], images: torch.Tensor, scores: Mapping[str, torch.Tensor]) -> None:
         for job, image in zip(chunk, images):

@@ -29,7 +29,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from flow_grpo.run.config_checks import check_model_and_resolution
+from flow_grpo.command_flags import InputNotFoundError, InputValueError
+from flow_grpo.run.config_checks import ConfigError, check_model_and_resolution
 from flow_grpo.data import Prompt, resolve_prompts
 from flow_grpo.models import ModelAdapter, load_adapter
 from flow_grpo.run.outputs import save_png, write_json, write_jsonl
@@ -43,6 +44,7 @@ __all__ = [
     "LoadedModel",
     "SamplingPlan",
     "SamplingRequest",
+    "check_model_inputs",
     "check_sampling_config",
     "config_batches",
     "compute_dtype",
@@ -163,7 +165,7 @@ def find_lora_dir(path: str | os.PathLike[str]) -> Path:
     """The directory holding `pytorch_lora_weights.safetensors`: `path` itself, `path/lora`, or the file's parent.
 
     Raises:
-        FileNotFoundError: naming what was looked for.
+        InputNotFoundError: naming what was looked for (a `FileNotFoundError`).
     """
     path = Path(path).expanduser()
     if path.is_file() and path.name == LORA_WEIGHTS_FILE:
@@ -171,9 +173,9 @@ def find_lora_dir(path: str | os.PathLike[str]) -> Path:
     for candidate in (path, path / "lora"):
         if (candidate / LORA_WEIGHTS_FILE).is_file():
             return candidate
-    raise FileNotFoundError(
-        f"no LoRA checkpoint at {path}: looked for {path / LORA_WEIGHTS_FILE} and {path / 'lora' / LORA_WEIGHTS_FILE}. "
-        "Pass a checkpoint directory written by the trainer, e.g. logs/<run>/checkpoints/epoch_00299/lora."
+    raise InputNotFoundError(
+        f"no LoRA checkpoint at {path}: looked for {path / LORA_WEIGHTS_FILE} and {path / 'lora' / LORA_WEIGHTS_FILE}; "
+        "pass a checkpoint directory written by the trainer, e.g. logs/<run>/checkpoints/epoch_00299/lora"
     )
 
 
@@ -189,14 +191,28 @@ class LoadedModel:
 def check_sampling_config(config: ml_collections.ConfigDict) -> None:
     """Fail early, naming the key, on settings that cannot sample (before any weight is loaded).
 
-    The model and resolution checks are `check_model_and_resolution` (raising `ConfigError`, a
-    `ValueError`); the dataset is not required.
+    The dataset is not required.
+
+    Raises:
+        ConfigError: naming the key (a `ValueError`).
     """
     for key in ("eval_num_steps", "eval_batch_size"):
         value = config.sample[key]
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.sample.{key} must be a positive integer, got {value!r}")
+            raise ConfigError(f"config.sample.{key} must be a positive integer, got {value!r}; set it to 1 or more")
     check_model_and_resolution(config)
+
+
+def check_model_inputs(config: ml_collections.ConfigDict, lora: str | None, scale: float) -> Path | None:
+    """Check the sampling settings and the LoRA scale, and find the LoRA directory (None: no LoRA), before any weight loads.
+
+    Raises:
+        ConfigError, InputValueError, InputNotFoundError: naming the key, flag or path.
+    """
+    check_sampling_config(config)
+    if not (math.isfinite(scale) and scale > 0):
+        raise InputValueError(f"--lora_scale must be a positive number, got {scale}; 1 uses the LoRA as saved")
+    return find_lora_dir(lora) if lora else None
 
 
 def load_model(
@@ -207,10 +223,7 @@ def load_model(
     The checkpoint's adapter metadata restores its trained rank and alpha. `scale` multiplies the
     LoRA's effect (adapter weight); 1.0 uses it as saved.
     """
-    check_sampling_config(config)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"the LoRA scale must be a positive number, got {scale}")
-    lora_dir = find_lora_dir(lora) if lora else None  # fail on a bad path before loading the model
+    lora_dir = check_model_inputs(config, lora, scale)  # fail on a bad path before loading the model
     adapter = load_adapter(config, device, compute_dtype(config, device))
     if lora_dir is None:
         return LoadedModel(adapter, None, None)
@@ -327,12 +340,13 @@ def run_generation(
     """
     state = PartialState()
     plan = plan_sampling(config, request)
-    loaded = load_model(config, state.device, request.lora, request.lora_scale)
+    check_model_inputs(config, request.lora, request.lora_scale)
     out = Path(out_dir)
     image_dir = out / "images"
-    if state.is_main_process:
+    if state.is_main_process:  # before the model loads: an --out that cannot be written fails in seconds
         image_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
+    loaded = load_model(config, state.device, request.lora, request.lora_scale)
 
     local = []
     own_jobs = plan.jobs[state.process_index :: state.num_processes]
