@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.resume_from = ""  # run directory (newest checkpoint), checkpoint directory or "latest" to continue from
     config.resume_overwrite = False  # resuming from an older checkpoint continues its run in place (later checkpoints set aside) instead of branching
     config.nonfinite = "stop"  # NaN/inf in rewards, advantages or loss: "stop" the run or "skip" the batch
-    config.distributed_timeout_s = 1800  # a process with no heartbeat this long (stopped, machine gone) ends the job; collectives time out T + 2*min(T/10, 10) + 10 s
+    config.distributed_timeout_s = 1800  # s, at most 604800: a process with no heartbeat this long (stopped, machine gone) ends the job; collectives time out T + 2*min(T/10, 10) + 10 s
     config.log_images = 8  # eval images in the logged grid and reward curves plotted per eval (main process)
     config.eval_freq = 30  # evaluate every this many epochs (and after the last one); 0 = never
     config.eval_before_training = False  # also evaluate the base model before the first epoch of a fresh run (not on resume)

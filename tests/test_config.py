@@ -177,7 +177,9 @@ CASES = [
     ("train.adam_beta2", 1.0, r"config\.train\.adam_beta2: 1\.0 is outside \[0, 1\)"),
     ("train.adam_epsilon", float("nan"), r"config\.train\.adam_epsilon: must be a finite number"),
     ("reward_options.remote.timeout", 0.0, r"config\.reward_options\.remote\.timeout: must be positive"),
-    ("distributed_timeout_s", 0, r"config\.distributed_timeout_s: must be positive, got 0"),
+    ("distributed_timeout_s", 0, r"config\.distributed_timeout_s: 0 is outside \(0, 604800\]"),
+    # A timeout a timedelta cannot hold would end in an OverflowError when the process group starts.
+    ("distributed_timeout_s", 10**14, r"config\.distributed_timeout_s: 100000000000000 is outside \(0, 604800\]"),
     ("pretrained.max_sequence_length", 0, r"config\.pretrained\.max_sequence_length: 0 is outside \[1, inf\)"),
     ("run_name", "../../escaped", r"config\.run_name: '\.\./\.\./escaped' is not a single directory name"),
     ("run_name", "/tmp/absolute", r"config\.run_name: '/tmp/absolute' is not a single directory name"),

@@ -53,11 +53,11 @@ def _reward_options(config_options: dict, override: str) -> dict:
     try:
         extra = json.loads(override)
     except json.JSONDecodeError as error:
-        raise InputValueError(f"--reward_options is not valid JSON ({error}); write e.g. '{{\"hpsv3\": {{\"device\": \"cuda\"}}}}'") from None
+        raise InputValueError(f"--reward_options is not valid JSON ({error}); write e.g. '{{\"hpsv3\": {{\"batch_size\": 4}}}}'") from None
     if not isinstance(extra, dict) or not all(isinstance(value, dict) for value in extra.values()):
         raise InputValueError(
             "--reward_options must be a JSON object of reward name -> object of options; "
-            "write e.g. '{\"hpsv3\": {\"device\": \"cuda\"}}'"
+            "write e.g. '{\"hpsv3\": {\"batch_size\": 4}}'"
         )
     for name, value in extra.items():
         options[name] = {**options.get(name, {}), **value}

@@ -181,7 +181,8 @@ INFINITE_ALLOWED = ("train.clip_range", "train.adv_clip_max", "train.max_grad_no
 
 # Bounded numeric keys: (key, low, high, low inclusive, high inclusive, fix); high None = unbounded.
 BOUNDS = (
-    ("distributed_timeout_s", 0, None, False, True, "Use a positive number of seconds, e.g. 1800."),
+    # At most a week: far beyond any collective's wait, and far below what a timedelta can hold.
+    ("distributed_timeout_s", 0, 604800, False, True, "Use a positive number of seconds up to 604800 (a week), e.g. 1800."),
     ("pretrained.max_sequence_length", 1, None, True, True, "Use a positive number of tokens, e.g. 128."),
     ("sample.guidance_scale", 0, None, True, True, "Use 0 or more (1 = no guidance)."),
     ("train.learning_rate", 0, None, False, True, "Use e.g. 3e-4."),
