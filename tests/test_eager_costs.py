@@ -18,10 +18,10 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def models_bf16():
-    """The benchmark's tiny models in bf16 under CPU autocast, as a GPU run has them (TP-GRPO's completions
-    in 2 Euler steps, so branches step to different grid points in one call). Built per test: each test
-    drops accelerate's bf16 state after it (conftest)."""
-    settings = default_settings("tiny", dtype="bf16", device="cpu", completion_steps=(2,))
+    """The benchmark's tiny models in bf16 under CPU autocast, as a GPU run has them. TP-GRPO's completions take
+    3 Euler steps over 8 grid steps, so two branches in one call step to different grid points (those forked
+    at 0 and 1 meet at 3, then go to 5 and 6). Built per test: each test drops accelerate's bf16 state (conftest)."""
+    settings = default_settings("tiny", dtype="bf16", device="cpu", num_steps=8, window_size=4, completion_steps=(3,))
     return build_models(model_spec("tiny"), settings, CPU, "bf16", optimized=False), settings
 
 

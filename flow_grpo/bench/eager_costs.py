@@ -1,7 +1,7 @@
 """Eager per-step costs: kernel ops, host synchronisations and bytes written per rollout step and training micro-step.
 
     python -m flow_grpo.bench.eager_costs                           # tiny SD3, bf16 autocast, CPU: seconds
-    python -m flow_grpo.bench.eager_costs --size sd3 --device meta  # SD3.5-Medium's real layers, no values
+    python -m flow_grpo.bench.eager_costs --size sd3 --device cuda  # SD3.5-Medium at the benchmark's size, on a GPU
 
 Every aten op that reaches a backend is counted by a `TorchDispatchMode`. The mode sits below
 autograd and autocast, so it sees what actually runs: a composite op as the ops it runs, autocast's
@@ -10,10 +10,13 @@ than one); those are the "kernel ops". Host synchronisations are the ops that ma
 the device on CUDA: reading a value on the host (`.item()`, `bool()`, `int()`, `float()` of a tensor:
 `aten._local_scalar_dense`), ops whose output size depends on values (`nonzero`, boolean-mask
 indexing, `masked_select`, `unique`, `repeat_interleave` by a tensor without `output_size`), and
-tensors made from host data (`torch.tensor(...)`, `aten.lift_fresh`: a copy to the device). On the
-CPU the same ops run, so the counts hold for a GPU run of the same code (the attention op differs
-by backend, one op either way). Bytes written are the ops' outputs: with `--device meta` they give
-the memory traffic of the real sizes without allocating anything.
+copies from the host to the device. On the CPU, where host and device are one, every such op counts
+and so does every tensor made from host data (`torch.tensor(...)`, `aten.lift_fresh`): an upper
+bound. The same ops run on the CPU as on a GPU, so the kernel counts hold for a GPU run of the same
+code, except the attention op (one op either way) and AdamW (per parameter on the CPU, `foreach` on
+CUDA). Bytes written are the ops' outputs. The last table counts one
+transformer forward of SD3.5-Medium's 24-layer block layout at a small width, without LoRA, with it,
+and with peft's input casts (what `add_lora` turns off under autocast).
 
 A rollout is cut into steps at its transformer calls (one per grid step; the counted rollouts do
 not bound their calls): step k holds its transformer call and the sampler's work up to the next
@@ -63,7 +66,7 @@ def is_host_sync(func: torch._ops.OpOverload, args: tuple, kwargs: dict[str, Any
     """Whether the aten op `func(*args, **kwargs)` makes the host wait for the device (see the module doc).
 
     With `device` a CPU every tensor is on the host, so every value read, value-sized op and tensor made
-    from host data counts (conservative); otherwise (CUDA, or meta standing in for it) only those on
+    from host data counts (conservative); otherwise (a CUDA run) only those on
     device tensors, and copies from the host to the device.
     """
     name = _name(func)
@@ -344,7 +347,7 @@ def _top_ops(counter: OpCounter, steps: range, label: str, top: int) -> str:
 _FLAGS = flags.FlagValues()
 flags.DEFINE_enum("size", "tiny", SIZES, "Model size (the benchmark's presets).", flag_values=_FLAGS)
 flags.DEFINE_enum("dtype", "bf16", sorted(DTYPE_FLAGS), "Transformer and autocast dtype.", flag_values=_FLAGS)
-flags.DEFINE_string("device", "cpu", "Device: cpu, or meta for real sizes (counts and bytes without values).", flag_values=_FLAGS)
+flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "Device; on cuda host syncs count only ops on device tensors.", flag_values=_FLAGS)
 flags.DEFINE_integer("top", 8, "Kernel ops listed per region (0 = none).", lower_bound=0, flag_values=_FLAGS)
 
 
