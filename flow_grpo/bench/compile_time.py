@@ -69,26 +69,33 @@ class CompileTiming:
 
 @dataclass(frozen=True)
 class ScopeCosts:
-    """Where one scope's compile seconds went (wall clock, all phases): dynamo's tracing, the wait for the
-    C++ kernel compilations, and the C++ kernels compiled (-1: not counted)."""
+    """Where one scope's compile seconds went (all phases): dynamo's tracing and the wait for the C++ kernel
+    compilations (wall clock), the CPU seconds of inductor's compile workers and their compilers, and the
+    C++ kernels compiled (-1: not counted)."""
 
     scope: str
     tracing_s: float
     kernel_wait_s: float
+    workers_cpu_s: float = 0.0
     kernels: int = -1
 
 
-def cpu_seconds() -> float:
-    """CPU seconds (user + system) used so far by this process and its descendants, finished ones included."""
+def _times(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:  # finished since listed: its time is in its parent's children_* now
+        return 0.0
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def cpu_seconds(descendants_only: bool = False) -> float:
+    """CPU seconds (user + system) used so far by this process and its descendants (finished ones included),
+    or by its descendants only."""
     me = psutil.Process()
-    total = 0.0
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:  # finished since listed: its time is in its parent's children_* now
-            continue
-        total += times.user + times.system + times.children_user + times.children_system
-    return total
+    descendants = sum(_times(process) for process in me.children(recursive=True))
+    if descendants_only:
+        return descendants
+    return descendants + _times(me)
 
 
 def deep_narrow_sd3(layers: int = 24, heads: int = 2, head_dim: int = 16) -> torch.nn.Module:
@@ -184,10 +191,11 @@ def format_timings(timings: list[CompileTiming], costs: list[ScopeCosts] = ()) -
         totals[t.scope] = [wall + t.compile_s, cpu + t.compile_cpu_s]
     for c in costs:
         rest = totals.get(c.scope, [0.0, 0.0])[0] - c.tracing_s - c.kernel_wait_s
-        kernels = f", {c.kernels} C++ kernels" if c.kernels >= 0 else ""
+        kernels = f"{c.kernels} C++ kernels, " if c.kernels >= 0 else ""
         lines.append(
             f"{c.scope}: dynamo tracing {c.tracing_s:.1f} s, waiting for C++ kernels {c.kernel_wait_s:.1f} s, "
-            f"the rest (AOT autograd, inductor lowering and codegen) {rest:.1f} s{kernels}"
+            f"the rest (AOT autograd, inductor lowering and codegen) {rest:.1f} s; "
+            f"{kernels}compile workers {c.workers_cpu_s:.1f} cpu s"
         )
     lines.append("compile s in all: " + ", ".join(f"{scope} {wall:.1f} (cpu {cpu:.1f})" for scope, (wall, cpu) in totals.items()))
     if "model" in totals and totals.get("blocks") and min(totals["blocks"]) > 0:
@@ -240,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     if parsed.json:  # one scope, in the child process `_isolated` started
         _warm_up(parsed.backend)
         cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
-        kernels, (tracing, wait) = (_kernel_libraries(cache) if cache else 0), _recorded_seconds()
+        kernels, (tracing, wait), workers = (_kernel_libraries(cache) if cache else 0), _recorded_seconds(), cpu_seconds(True)
         timings = time_compilation(parsed.scopes[0], parsed.layers, parsed.backend)
         after = _recorded_seconds()
         kernels = _kernel_libraries(cache) - kernels if cache else -1
-        costs = ScopeCosts(parsed.scopes[0], after[0] - tracing, after[1] - wait, kernels)
+        costs = ScopeCosts(parsed.scopes[0], after[0] - tracing, after[1] - wait, cpu_seconds(True) - workers, kernels)
         print(json.dumps({"timings": [asdict(t) for t in timings], "costs": asdict(costs)}), flush=True)
         return 0
     measured = [_isolated(scope, parsed.layers, parsed.backend, parsed.threads) for scope in parsed.scopes]
