@@ -92,10 +92,11 @@ def cpu_seconds(descendants_only: bool = False) -> float:
     """CPU seconds (user + system) used so far by this process and its descendants (finished ones included),
     or by its descendants only."""
     me = psutil.Process()
-    descendants = sum(_times(process) for process in me.children(recursive=True))
+    total = _times(me) + sum(_times(process) for process in me.children(recursive=True))
     if descendants_only:
-        return descendants
-    return descendants + _times(me)
+        own = me.cpu_times()
+        return total - own.user - own.system
+    return total
 
 
 def deep_narrow_sd3(layers: int = 24, heads: int = 2, head_dim: int = 16) -> torch.nn.Module:
