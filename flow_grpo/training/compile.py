@@ -176,7 +176,8 @@ def _streams_need_grad(block: torch.nn.Module, args: tuple, kwargs: dict[str, An
     guards on the difference, so without this the first block's kind compiles a second policy
     graph (forward and backward). The price is the backward through the first block's frozen
     projections of its inputs (SD3.5-M: 9 of them, about 34 GFLOP per row, 1.5 % of the policy
-    backward); the leaves are new, so their gradients are dropped and the LoRA gradients do not change.
+    backward) and the few activations of that block it saves; the leaves are new, so their gradients
+    are dropped and the LoRA gradients do not change.
     """
 
     def convert(name: str, value: Any) -> Any:
