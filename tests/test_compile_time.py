@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flow_grpo.bench.compile_time import deep_narrow_sd3, format_timings, time_compilation
+from flow_grpo.bench.compile_time import ScopeCosts, deep_narrow_sd3, format_timings, time_compilation
 from flow_grpo.models.sd3 import SD3Adapter
 from flow_grpo.training.compile import PHASES, CompiledPhases
 from flow_grpo.training.step import add_lora
@@ -19,9 +19,14 @@ def test_regional_and_whole_model_graph_counts() -> None:
     assert [t.graphs for t in whole] == [1, 1, 1]
     # One graph per kind and phase: the first block's streams require a gradient like the later ones'.
     assert [t.graphs for t in regional] == [2, 2, 2]
-    assert all(t.compile_s >= 0 and t.steady_s > 0 for t in regional + whole)
-    table = format_timings(regional + whole)
-    assert table.splitlines()[-1].startswith("whole model / regional: ")
+    assert all(t.compile_s >= 0 and t.steady_s > 0 and t.first_cpu_s > 0 for t in regional + whole)
+    costs = [ScopeCosts("blocks", 1.0, 2.0, 3.0, 4), ScopeCosts("model", 5.0, 6.0, 7.0, 8)]
+    lines = format_timings(regional + whole, costs).splitlines()
+    assert lines[-1].startswith("whole model / regional: ") and "(cpu " in lines[-1]
+    assert lines[7] == (
+        "blocks: dynamo tracing 1.0 s, waiting for C++ kernels 2.0 s, the rest (AOT autograd, inductor lowering "
+        f"and codegen) {sum(t.compile_s for t in regional) - 3.0:.1f} s; 4 C++ kernels, compile workers 3.0 cpu s"
+    )
 
 
 def _inputs(rows: int) -> dict[str, torch.Tensor]:
