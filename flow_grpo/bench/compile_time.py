@@ -10,13 +10,19 @@ that compile time (which grows with the graph, not with the width) dominates. Fo
 each phase runs as the trainer runs it: the rollout without gradients in eval mode, the policy
 forward and backward in train mode, the LoRA-disabled reference forward without gradients.
 A phase's compile seconds are its first run minus its steady run (the median of `repeats`
-later runs). Each scope runs in a process of its own with an empty inductor cache directory
-(inductor also caches compiled kernels by their source, which would let the second scope reuse
-the first one's), after one small warm-up compile that pays inductor's one-time start-up.
+later runs), in wall-clock seconds and in CPU seconds of the process and its descendants (inductor's
+compile workers and the C++ compilers they start): on a machine shared with other jobs the CPU
+seconds hardly depend on the load, the wall-clock seconds do. Each scope runs in a process of its own
+with an empty inductor cache directory (inductor also caches compiled kernels by their source, which
+would let the second scope reuse the first one's), after one small warm-up compile that pays
+inductor's one-time start-up. Per scope the table also splits the wall-clock compile seconds into
+dynamo's tracing, the wait for the C++ kernel compilations and the rest (AOT autograd and inductor's
+lowering, scheduling and code generation), and counts the C++ kernels compiled.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import statistics
@@ -27,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import psutil
 import torch
 from absl import flags
 from accelerate import PartialState
@@ -36,22 +43,60 @@ from flow_grpo.models.sd3 import SD3Adapter
 from flow_grpo.training.compile import PHASES, SCOPES, CompiledPhases
 from flow_grpo.training.step import adapters_disabled, add_lora
 
-__all__ = ["CompileTiming", "deep_narrow_sd3", "format_timings", "time_compilation"]
+__all__ = ["CompileTiming", "ScopeCosts", "cpu_seconds", "deep_narrow_sd3", "format_timings", "time_compilation"]
 
 
 @dataclass(frozen=True)
 class CompileTiming:
-    """One phase under one scope: first-run and steady seconds, and the graphs compiled."""
+    """One phase under one scope: first-run and steady seconds (wall clock and CPU), and the graphs compiled."""
 
     scope: str
     phase: str
     first_s: float
     steady_s: float
     graphs: int
+    first_cpu_s: float = 0.0
+    steady_cpu_s: float = 0.0
 
     @property
     def compile_s(self) -> float:
         return max(0.0, self.first_s - self.steady_s)
+
+    @property
+    def compile_cpu_s(self) -> float:
+        return max(0.0, self.first_cpu_s - self.steady_cpu_s)
+
+
+@dataclass(frozen=True)
+class ScopeCosts:
+    """Where one scope's compile seconds went (all phases): dynamo's tracing and the wait for the C++ kernel
+    compilations (wall clock), the CPU seconds of inductor's compile workers and their compilers, and the
+    C++ kernels compiled (-1: not counted)."""
+
+    scope: str
+    tracing_s: float
+    kernel_wait_s: float
+    workers_cpu_s: float = 0.0
+    kernels: int = -1
+
+
+def _times(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:  # finished since listed: its time is in its parent's children_* now
+        return 0.0
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def cpu_seconds(descendants_only: bool = False) -> float:
+    """CPU seconds (user + system) used so far by this process and its descendants (finished ones included),
+    or by its descendants only."""
+    me = psutil.Process()
+    total = _times(me) + sum(_times(process) for process in me.children(recursive=True))
+    if descendants_only:
+        own = me.cpu_times()
+        return total - own.user - own.system
+    return total
 
 
 def deep_narrow_sd3(layers: int = 24, heads: int = 2, head_dim: int = 16) -> torch.nn.Module:
@@ -97,10 +142,11 @@ def _phase_run(phase: str, compiled: CompiledPhases, transformer: torch.nn.Modul
     return {"rollout": rollout, "policy": policy, "reference": reference}[phase]
 
 
-def _timed(run: Any) -> float:
-    start = time.perf_counter()
+def _timed(run: Any) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of `run()`."""
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     run()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - start_cpu
 
 
 def time_compilation(
@@ -117,24 +163,45 @@ def time_compilation(
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         for phase in PHASES:
             run = _phase_run(phase, compiled, transformer, inputs)
-            first = _timed(run)
-            steady = statistics.median(_timed(run) for _ in range(repeats))
+            first, first_cpu = _timed(run)
+            steady = [_timed(run) for _ in range(repeats)]
             graphs = sum(kind.get(phase, 0) for kind in compiled.graphs_by_kind().values())
-            timings.append(CompileTiming(scope, phase, first, steady, graphs))
+            wall, cpu = (statistics.median(column) for column in zip(*steady))
+            timings.append(CompileTiming(scope, phase, first, wall, graphs, first_cpu, cpu))
             transformer.zero_grad(set_to_none=True)
     return timings
 
 
-def format_timings(timings: list[CompileTiming]) -> str:
-    """Per phase and scope: first run, steady run, compile seconds and graphs; then totals and the ratio."""
-    lines = [f"{'scope':<8}{'phase':<11}{'first s':>10}{'steady s':>10}{'compile s':>11}{'graphs':>8}"]
-    totals: dict[str, float] = {}
+def _recorded_seconds() -> tuple[float, float]:
+    """Dynamo's tracing and inductor's wait for kernel compilations, seconds recorded in this process so far
+    (what `torch._dynamo.utils.compile_times` reports)."""
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    return sum(metrics.get("bytecode_tracing", [])), sum(metrics.get("async_compile.wait", []))
+
+
+def format_timings(timings: list[CompileTiming], costs: list[ScopeCosts] = ()) -> str:
+    """Per phase and scope: first run, steady run, compile seconds (wall, CPU) and graphs; per scope where the
+    compile seconds went (`costs`); then totals and the ratios."""
+    lines = [f"{'scope':<8}{'phase':<11}{'first s':>10}{'steady s':>10}{'compile s':>11}{'cpu s':>9}{'graphs':>8}"]
+    totals: dict[str, list[float]] = {}
     for t in timings:
-        lines.append(f"{t.scope:<8}{t.phase:<11}{t.first_s:>10.2f}{t.steady_s:>10.3f}{t.compile_s:>11.2f}{t.graphs:>8}")
-        totals[t.scope] = totals.get(t.scope, 0.0) + t.compile_s
-    lines.append("compile s in all: " + ", ".join(f"{scope} {seconds:.1f}" for scope, seconds in totals.items()))
-    if totals.get("blocks"):
-        lines.append(f"whole model / regional: {totals.get('model', 0.0) / totals['blocks']:.1f}x")
+        lines.append(
+            f"{t.scope:<8}{t.phase:<11}{t.first_s:>10.2f}{t.steady_s:>10.3f}{t.compile_s:>11.2f}{t.compile_cpu_s:>9.1f}{t.graphs:>8}"
+        )
+        wall, cpu = totals.setdefault(t.scope, [0.0, 0.0])
+        totals[t.scope] = [wall + t.compile_s, cpu + t.compile_cpu_s]
+    for c in costs:
+        rest = totals.get(c.scope, [0.0, 0.0])[0] - c.tracing_s - c.kernel_wait_s
+        kernels = f"{c.kernels} C++ kernels, " if c.kernels >= 0 else ""
+        lines.append(
+            f"{c.scope}: dynamo tracing {c.tracing_s:.1f} s, waiting for C++ kernels {c.kernel_wait_s:.1f} s, "
+            f"the rest (AOT autograd, inductor lowering and codegen) {rest:.1f} s; "
+            f"{kernels}compile workers {c.workers_cpu_s:.1f} cpu s"
+        )
+    lines.append("compile s in all: " + ", ".join(f"{scope} {wall:.1f} (cpu {cpu:.1f})" for scope, (wall, cpu) in totals.items()))
+    if "model" in totals and totals.get("blocks") and min(totals["blocks"]) > 0:
+        (wall, cpu), model = totals["blocks"], totals["model"]
+        lines.append(f"whole model / regional: {model[0] / wall:.1f}x (cpu {model[1] / cpu:.1f}x)")
     return "\n".join(lines)
 
 
@@ -145,15 +212,21 @@ def _warm_up(backend: str) -> None:
     torch._dynamo.reset()
 
 
-def _isolated(scope: str, layers: int, backend: str, threads: int) -> list[CompileTiming]:
-    """`time_compilation(scope)` in a child process with an empty inductor cache directory."""
+def _kernel_libraries(cache: str) -> int:
+    """C++ kernels inductor compiled into `cache` so far (one shared library each)."""
+    return len(glob.glob(os.path.join(cache, "*", "*.so")))
+
+
+def _isolated(scope: str, layers: int, backend: str, threads: int) -> tuple[list[CompileTiming], ScopeCosts]:
+    """`time_compilation(scope)` and its `ScopeCosts` in a child process with an empty inductor cache directory."""
     with tempfile.TemporaryDirectory() as cache:
         command = [sys.executable, "-m", "flow_grpo.bench.compile_time", "--scopes", scope, "--layers", str(layers),
                    "--backend", backend, "--threads", str(threads), "--json"]
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache})
     if done.returncode != 0:
         raise RuntimeError(f"compile timing of scope {scope} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return [CompileTiming(**row) for row in json.loads(done.stdout.strip().splitlines()[-1])]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return [CompileTiming(**row) for row in result["timings"]], ScopeCosts(**result["costs"])
 
 
 _FLAGS = flags.FlagValues()
@@ -161,7 +234,7 @@ flags.DEFINE_integer("layers", 24, "Transformer layers (SD3.5-Medium: 24).", low
 flags.DEFINE_string("backend", "inductor", "dynamo backend ('eager' only traces).", flag_values=_FLAGS)
 flags.DEFINE_list("scopes", list(SCOPES), "Scopes to time, in order.", flag_values=_FLAGS)
 flags.DEFINE_integer("threads", 0, "torch CPU threads; 0 = torch's default.", lower_bound=0, flag_values=_FLAGS)
-flags.DEFINE_bool("json", False, "Time the scopes in this process and print their timings as JSON (internal).", flag_values=_FLAGS)
+flags.DEFINE_bool("json", False, "Time the first scope in this process and print it as JSON (internal).", flag_values=_FLAGS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,13 +246,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if parsed.threads:
         torch.set_num_threads(parsed.threads)
-    if parsed.json:
+    if parsed.json:  # one scope, in the child process `_isolated` started
         _warm_up(parsed.backend)
-        timings = [t for scope in parsed.scopes for t in time_compilation(scope, parsed.layers, parsed.backend)]
-        print(json.dumps([asdict(t) for t in timings]), flush=True)
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+        kernels, (tracing, wait), workers = (_kernel_libraries(cache) if cache else 0), _recorded_seconds(), cpu_seconds(True)
+        timings = time_compilation(parsed.scopes[0], parsed.layers, parsed.backend)
+        after = _recorded_seconds()
+        kernels = _kernel_libraries(cache) - kernels if cache else -1
+        costs = ScopeCosts(parsed.scopes[0], after[0] - tracing, after[1] - wait, cpu_seconds(True) - workers, kernels)
+        print(json.dumps({"timings": [asdict(t) for t in timings], "costs": asdict(costs)}), flush=True)
         return 0
-    timings = [t for scope in parsed.scopes for t in _isolated(scope, parsed.layers, parsed.backend, parsed.threads)]
-    print(format_timings(timings), flush=True)
+    measured = [_isolated(scope, parsed.layers, parsed.backend, parsed.threads) for scope in parsed.scopes]
+    print(format_timings([t for timings, _ in measured for t in timings], [costs for _, costs in measured]), flush=True)
     return 0
 
 

@@ -228,7 +228,8 @@ class _Branches:
         if len(set(targets)) == 1:
             sigma_next = self.sigmas[targets[0]]
         else:
-            sigma_next = self.sigmas[torch.tensor(targets, device=self.sigmas.device)].repeat_interleave(batch)
+            # Gathered on the device: an index tensor made from the host list would be a copy to the device per step.
+            sigma_next = torch.stack([self.sigmas[t] for t in targets]).repeat_interleave(batch)
         stepped = euler_step(velocity, torch.cat([self.states[i] for i in live]), sigma, sigma_next)
         for n, (i, target) in enumerate(zip(live, targets)):
             self.states[i], self.at[i] = stepped[n * batch : (n + 1) * batch], target
@@ -294,7 +295,7 @@ def rollout(
     for k in range(num_steps):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         live = completions.live(k)
-        states = torch.cat([x, *(completions.states[i] for i in live)])
+        states = torch.cat([x, *(completions.states[i] for i in live)]) if live else x  # no copy of x alone
         velocity = _chunked_velocity(
             adapter, states, sigma.expand(states.shape[0]), completions.conditioning(1 + len(live)),
             max_states_per_call, state_buckets,

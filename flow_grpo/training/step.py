@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 
 from flow_grpo.training.ema import ParameterEMA
 from flow_grpo.algorithm.losses import LossOutput, grpo_loss
@@ -34,7 +35,12 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: int, targets: list[
     """Add a gaussian-initialised LoRA (B = 0) to the frozen `transformer`; returns its parameters, cast to float32.
 
     `seed` seeds every global generator first (the LoRA A matrices are drawn from torch's), so
-    the same seed gives the same LoRA. The frozen base keeps its dtype.
+    the same seed gives the same LoRA. The frozen base keeps its dtype. A base in half precision
+    runs under autocast (the trainer's and the benchmark's autocast regions), which casts each LoRA
+    projection's input and the float32 LoRA weights to the compute dtype itself; peft's own cast of
+    the input to the LoRA's float32, which autocast undoes at once, is turned off (it copied every
+    projected activation twice, once in float32; the results are the same bit for bit). Called
+    outside autocast, such a LoRA fails with a dtype mismatch instead of running in float32.
     """
     transformer.requires_grad_(False)
     set_seed(seed)
@@ -42,6 +48,10 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: int, targets: list[
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     for param in trainable:
         param.data = param.data.float()  # LoRA in float32, frozen base in the compute dtype
+    if transformer.dtype != torch.float32:
+        for module in transformer.modules():
+            if isinstance(module, LoraLayer):
+                module.cast_input_dtype_enabled = False
     return trainable
 
 
