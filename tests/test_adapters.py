@@ -17,10 +17,12 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from flow_grpo.models import ADAPTERS, ModelAdapter, adapter_class, load_adapter, register_adapter
+from flow_grpo.models import ADAPTERS, ModelAdapter, adapter_class, call_rows, load_adapter, register_adapter
 from flow_grpo.sampling.rollouts import rollout, sample_ode
 from flow_grpo.algorithm.sde import euler_step, stochastic_step
 from flow_grpo.testing import BUILDERS
+from flow_grpo.training.compile import CompiledPhases
+from flow_grpo.training.step import adapters_disabled, add_lora
 
 PROMPTS = ["a red bicycle", "Two cats on a sofa", "a lighthouse at dusk"]
 RESOLUTION = {"minimal": 16, "real": 64}
@@ -67,9 +69,8 @@ class CallCounter:
         self.handle = transformer.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, module, args, kwargs) -> None:
-        states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         # A batched tensor (B, ...) or, for transformers that take one tensor per sample (Z-Image), a list.
-        self.batches.append(len(states) if isinstance(states, list) else states.shape[0])
+        self.batches.append(call_rows(args, kwargs))
 
     def remove(self) -> None:
         self.handle.remove()
@@ -190,6 +191,42 @@ class TestAdapterConformance:
         # R_j: j SDE steps of the window, then ODE to the end, from the recorded states.
         for j in range(1, window_size):
             torch.testing.assert_close(completed[:, j], complete(result.latents[:, j], window_start + j), rtol=1e-5, atol=1e-5)
+
+    def test_regional_compile_matches_eager_in_every_phase(self, family, pipeline_dir) -> None:
+        # A fresh adapter: compiling routes its blocks' calls through dynamo for good.
+        adapter = make_adapter(family, pipeline_dir(family, "minimal"))
+        lora = add_lora(adapter.transformer, 4, 8, adapter.lora_target_modules, seed=0)
+        with torch.no_grad():  # B = 0 at initialisation: give the LoRA an effect to compare
+            for param in lora[1::2]:
+                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+        embeds = adapter.encode_prompts(PROMPTS[:2])
+        latents = adapter.initial_latents(2, 16, torch.Generator().manual_seed(0))
+        sigmas = torch.tensor([0.8, 0.5])
+
+        def phases(rollout_forward, policy_forward, reference_forward) -> list[torch.Tensor]:
+            with torch.no_grad():
+                rolled = adapter.velocity(latents, sigmas, embeds, transformer=rollout_forward)
+                with adapters_disabled(adapter.transformer):
+                    reference = adapter.velocity(latents, sigmas, embeds, transformer=reference_forward)
+            for param in lora:
+                param.grad = None
+            policy = adapter.velocity(latents, sigmas, embeds, transformer=policy_forward)
+            policy.square().mean().backward()
+            # A LoRA whose output nothing reads (e.g. the last block's text stream) has no gradient.
+            grads = [torch.zeros_like(param) if param.grad is None else param.grad.clone() for param in lora]
+            return [rolled, reference, policy.detach(), *grads]
+
+        adapter.transformer.eval()
+        eager = phases(*[adapter.transformer] * 3)
+        rows_per_state = 2 if adapter.uses_cfg else 1
+        # The training phases pad the 2 states of this call to a micro-batch of 3.
+        compiled = CompiledPhases(adapter.transformer, adapter.transformer, 3 * rows_per_state,
+                                  {"rollout": 1, "policy": 1, "reference": 1}, backend="eager")
+        traced = phases(compiled.rollout, compiled.policy, compiled.reference)
+        for got, expected in zip(traced, eager, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        # One graph per block kind and phase: the lists of a model (Z-Image's refiners) are kinds of their own.
+        assert all(graphs == {"rollout": 1, "reference": 1, "policy": 1} for graphs in compiled.graphs_by_kind().values())
 
     def test_lora_targets_exist_in_the_transformer(self, family) -> None:
         transformer = BUILDERS[family]("minimal").transformer

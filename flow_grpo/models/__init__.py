@@ -13,7 +13,7 @@ import pkgutil
 import ml_collections
 import torch
 
-from flow_grpo.models.base import ModelAdapter, PromptEmbeds
+from flow_grpo.models.base import BATCHED_INPUTS, ModelAdapter, PromptEmbeds, call_rows
 from flow_grpo.models.registry import ADAPTERS, adapter_class, register_adapter
 
 for _module in pkgutil.iter_modules(__path__):
@@ -41,6 +41,7 @@ def load_adapter(config: ml_collections.ConfigDict, device: torch.device | str, 
 
 __all__ = [
     "ADAPTERS",
+    "BATCHED_INPUTS",
     "Flux2KleinAdapter",
     "FluxAdapter",
     "ModelAdapter",
@@ -49,6 +50,7 @@ __all__ = [
     "SD3Adapter",
     "ZImageAdapter",
     "adapter_class",
+    "call_rows",
     "load_adapter",
     "register_adapter",
 ]

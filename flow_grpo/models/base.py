@@ -31,6 +31,20 @@ JOINT_ATTENTION_LORA_TARGETS = [
     "attn.to_add_out",
 ]
 
+BATCHED_INPUTS: tuple[str, ...] = ("hidden_states", "x")
+"""The transformer argument holding one row per sample: a `(B, ...)` tensor, or a list of B tensors (Z-Image's `x`)."""
+
+
+def call_rows(args: tuple, kwargs: dict[str, Any]) -> int:
+    """Rows of one transformer call (samples, CFG rows included), from its arguments.
+
+    The length of the first of `BATCHED_INPUTS` passed by keyword, else of the first positional argument.
+    """
+    for key in BATCHED_INPUTS:
+        if key in kwargs:
+            return len(kwargs[key])
+    return len(args[0])
+
 
 @dataclass(frozen=True)
 class PromptEmbeds:

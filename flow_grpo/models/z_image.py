@@ -116,7 +116,7 @@ class ZImageAdapter(ModelAdapter):
             samples = samples + samples
             time = torch.cat([time, time])
             captions = captions + self._captions(self.negative_prompt()) * batch
-        outputs = transformer(samples, time, captions, return_dict=False)[0]
+        outputs = transformer(x=samples, t=time, cap_feats=captions, return_dict=False)[0]  # keywords: compiled phases take no positions
         prediction = -torch.stack([output.float() for output in outputs]).squeeze(2)
         if not self.uses_cfg:
             return prediction

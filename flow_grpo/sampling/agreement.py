@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from flow_grpo.command_flags import InputValueError
 from flow_grpo.algorithm.agreement import agreement_metrics
 from flow_grpo.data import Prompt, resolve_prompts
-from flow_grpo.models import ModelAdapter
+from flow_grpo.models import ModelAdapter, call_rows
 from flow_grpo.rewards import AVERAGE_KEY, MultiReward, build_reward, check_reward_names
 from flow_grpo.run.outputs import write_json
 from flow_grpo.sampling.generation import load_model
@@ -78,7 +78,7 @@ class _RowCounter:
         self._handle = transformer.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.rows += (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0]
+        self.rows += call_rows(args, kwargs)
 
     def remove(self) -> None:
         self._handle.remove()

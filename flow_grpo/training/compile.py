@@ -48,6 +48,8 @@ import ml_collections
 import torch
 from accelerate.logging import get_logger
 
+from flow_grpo.models import call_rows
+
 __all__ = [
     "PHASES",
     "CompiledPhases",
@@ -105,26 +107,29 @@ def repeated_blocks(transformer: torch.nn.Module) -> dict[str, list[torch.nn.Mod
 
     Blocks are the modules whose class is in the model's `_repeated_blocks` (diffusers' list), or
     else the entries of its top-level `nn.ModuleList`s of more than one entry (SD3, FLUX). One kind
-    is one class with one submodule structure; a class with several structures gives several
-    kinds, named `Class`, `Class/2`, ...
+    is one class with one submodule structure in one `nn.ModuleList`: the lists of a model run at
+    different sequence lengths (Z-Image refines the image and the text tokens alone, then runs the
+    joint sequence through `layers`), so one kind sees one shape per call. A class with several
+    structures or lists gives several kinds, named `Class`, `Class/2`, ...
 
     Raises:
         ValueError: the transformer has no repeated blocks to compile.
     """
     names = set(getattr(transformer, "_repeated_blocks", None) or ())
     if names:
-        blocks = [m for m in transformer.modules() if type(m).__name__ in names]
+        blocks = [(path.rpartition(".")[0], m) for path, m in transformer.named_modules() if type(m).__name__ in names]
     else:
-        lists = [child for child in transformer.children() if isinstance(child, torch.nn.ModuleList) and len(child) > 1]
-        blocks = [block for blocks in lists for block in blocks]
+        lists = [(name, child) for name, child in transformer.named_children()
+                 if isinstance(child, torch.nn.ModuleList) and len(child) > 1]
+        blocks = [(name, block) for name, blocks in lists for block in blocks]
     if not blocks:
         raise ValueError(f"{type(transformer).__name__} has no repeated blocks to compile regionally (set config.compile=False)")
     structures: dict[tuple, list[torch.nn.Module]] = {}
-    for block in blocks:
-        structure = (type(block).__qualname__, tuple((name, type(m).__name__) for name, m in block.named_modules()))
+    for parent, block in blocks:
+        structure = (type(block).__qualname__, parent, tuple((name, type(m).__name__) for name, m in block.named_modules()))
         structures.setdefault(structure, []).append(block)
     kinds: dict[str, list[torch.nn.Module]] = {}
-    for (qualname, _), members in structures.items():
+    for (qualname, _, _), members in structures.items():
         base = qualname.rsplit(".", 1)[-1]
         same = sum(1 for name in kinds if name.split("/")[0] == base)
         kinds[base if not same else f"{base}/{same + 1}"] = members
@@ -164,26 +169,33 @@ class _GraphCounter:
         return torch._dynamo.lookup_backend(self.backend)(graph, example_inputs)
 
 
-STREAMS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states")
-"""Block arguments that carry the image and text streams from block to block."""
+STREAMS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "x")
+"""Block arguments that carry the image and text streams from block to block (Z-Image's blocks name theirs `x`)."""
 
 
-def _streams_need_grad(block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """The block's arguments with its `STREAMS` made leaves that require a gradient (when they do not).
+def _uniform_streams(block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """The block's arguments with its `STREAMS` made alike for every block of a kind, so one graph serves them.
 
-    With gradients on (the policy phase), the model's first block gets the frozen embeddings'
-    outputs, which need no gradient, and every later block outputs of LoRA blocks, which do; dynamo
-    guards on the difference, so without this the first block's kind compiles a second policy
-    graph (forward and backward). The price is the backward through the first block's frozen
-    projections of its inputs (SD3.5-M: 9 of them, about 34 GFLOP per row, 1.5 % of the policy
-    backward) and the few activations of that block it saves; the leaves are new, so their gradients
-    are dropped and the LoRA gradients do not change.
+    Dynamo guards on strides and on `requires_grad`, and both differ between the first block of a
+    kind and the later ones:
+
+    - **Strides.** FLUX's later single-stream blocks get the image part of the previous block's
+      joint output, a strided slice; the first gets a contiguous tensor. Streams are made contiguous
+      (a no-op for the contiguous ones; one copy of the stream per such block otherwise).
+    - **Gradients** (the policy phase). The model's first block gets the frozen embeddings' outputs,
+      which need no gradient, and every later block outputs of LoRA blocks, which do. Streams that
+      do not are made leaves that do: the price is the backward through the first block's frozen
+      projections of its inputs (SD3.5-M: 9 of them, about 34 GFLOP per row, 1.5 % of the policy
+      backward) and the few activations of that block it saves; the leaves are new, so their
+      gradients are dropped and the LoRA gradients do not change.
     """
+    grad = torch.is_grad_enabled()
 
     def convert(name: str, value: Any) -> Any:
-        if name in STREAMS and isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
-            return value.detach().requires_grad_()
-        return value
+        if name not in STREAMS or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return value
+        value = value.contiguous()
+        return value.detach().requires_grad_() if grad and not value.requires_grad else value
 
     names = list(inspect.signature(block.forward).parameters)[: len(args)]
     return tuple(convert(n, v) for n, v in zip(names, args)), {k: convert(k, v) for k, v in kwargs.items()}
@@ -201,8 +213,7 @@ def _compile_kind(kind: str, blocks: list[torch.nn.Module], counter: _GraphCount
     compiled = torch.compile(block_call, backend=counter, dynamic=False, fullgraph=True)
 
     def entry(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():
-            args, kwargs = _streams_need_grad(block, args, kwargs)
+        args, kwargs = _uniform_streams(block, args, kwargs)
         return compiled(block, *args, **kwargs)
 
     for block in blocks:
@@ -221,18 +232,25 @@ def _phase_callable(phase: str, module: Callable[..., Any], marker: _PhaseMarker
         return forward
 
     def padded(**inputs: Any) -> Any:
-        count = inputs["hidden_states"].shape[0]
+        count = call_rows((), inputs)
         if count >= rows:
             return forward(**inputs)
-        index = torch.arange(rows, device=inputs["hidden_states"].device).clamp(max=count - 1)
-        # Tensors with a batch dimension; `*_ids` are per-token positions (FLUX), shared by every row.
-        batched = {
-            key: value.index_select(0, index)
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == count and not key.endswith("_ids")
-            else value
-            for key, value in inputs.items()
-        }
-        output = forward(**batched)
+        order = [min(row, count - 1) for row in range(rows)]  # padding repeats the last row
+        index: dict[torch.device, torch.Tensor] = {}
+
+        def pad(key: str, value: Any) -> Any:
+            # Tensors and lists with a batch dimension; `*_ids` are per-token positions (FLUX), shared by every row.
+            if key.endswith("_ids"):
+                return value
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == count:
+                if value.device not in index:
+                    index[value.device] = torch.arange(rows, device=value.device).clamp(max=count - 1)
+                return value.index_select(0, index[value.device])
+            if isinstance(value, list) and len(value) == count:
+                return [value[row] for row in order]
+            return value
+
+        output = forward(**{key: pad(key, value) for key, value in inputs.items()})
         return tuple(part[:count] for part in output) if isinstance(output, tuple) else output[:count]
 
     return padded
@@ -362,7 +380,7 @@ def _whole_model(phase: str, module: Callable[..., Any], counter: _GraphCounter)
 
 POLICY_GRAPHS = 1
 """Graphs per kind of the policy phase: the training micro-batch shape, forward and backward (every
-block's streams require a gradient, the first block's too: `_streams_need_grad`)."""
+block's streams require a gradient, the first block's too: `_uniform_streams`)."""
 
 
 def phase_budget(rollout_shapes: int, reference: bool) -> dict[str, int]:
