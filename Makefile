@@ -40,8 +40,11 @@ tiny-model: $(TINY_MODEL)/model_index.json $(TINY_FLUX)/model_index.json $(TINY_
 demo: $(STAMP) $(TINY_MODEL)/model_index.json
 	OMP_NUM_THREADS=1 $(PYTHON) train_sd3.py --config=config/grpo.py:tiny_tp_grpo --config.run_name=demo-$$(date +%Y%m%d-%H%M%S)
 
+# Test processes (pytest-xdist): each runs single-threaded, so two fill a 2-core machine.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf $(VENV) .cache logs

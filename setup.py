@@ -25,7 +25,7 @@ setup(
     extras_require={
         "rewards": ["open_clip_torch>=2.29", "ftfy>=6.1"],
         "tensorboard": ["tensorboard>=2.14"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "tensorboard>=2.14"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "tensorboard>=2.14"],
     },
     entry_points={
         "console_scripts": [
