@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flow_grpo.bench.compile_time import ScopeCosts, deep_narrow_sd3, format_timings, time_compilation
+from flow_grpo.bench.compile_time import ScopeCosts, deep_narrow_sd3, format_timings, sd3_inputs, time_compilation
 from flow_grpo.models.sd3 import SD3Adapter
 from flow_grpo.training.compile import PHASES, CompiledPhases
 from flow_grpo.training.step import add_lora
@@ -29,20 +29,10 @@ def test_regional_and_whole_model_graph_counts() -> None:
     )
 
 
-def _inputs(rows: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return {
-        "hidden_states": torch.randn(rows, 16, 16, 16, generator=generator),
-        "timestep": torch.full((rows,), 500.0),
-        "encoder_hidden_states": torch.randn(rows, 8, 64, generator=generator),
-        "pooled_projections": torch.randn(rows, 32, generator=generator),
-    }
-
-
 def _lora_grads(transformer: torch.nn.Module, forward) -> dict[str, torch.Tensor]:
     transformer.train()
     transformer.zero_grad(set_to_none=True)
-    forward(**_inputs(2), return_dict=False)[0].square().mean().backward()
+    forward(**sd3_inputs(2), return_dict=False)[0].square().mean().backward()
     return {name: p.grad.clone() for name, p in transformer.named_parameters() if p.requires_grad}
 
 

@@ -43,7 +43,7 @@ from flow_grpo.models.sd3 import SD3Adapter
 from flow_grpo.training.compile import PHASES, SCOPES, CompiledPhases
 from flow_grpo.training.step import adapters_disabled, add_lora
 
-__all__ = ["CompileTiming", "ScopeCosts", "cpu_seconds", "deep_narrow_sd3", "format_timings", "time_compilation"]
+__all__ = ["CompileTiming", "ScopeCosts", "cpu_seconds", "deep_narrow_sd3", "format_timings", "sd3_inputs", "time_compilation"]
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ def deep_narrow_sd3(layers: int = 24, heads: int = 2, head_dim: int = 16) -> tor
     ).eval()
 
 
-def _inputs(rows: int) -> dict[str, torch.Tensor]:
+def sd3_inputs(rows: int) -> dict[str, torch.Tensor]:
+    """Seeded inputs of `rows` rows for `deep_narrow_sd3`: 16 x 16 latents of 16 channels, 8 text tokens."""
     generator = torch.Generator().manual_seed(1)
     return {
         "hidden_states": torch.randn(rows, 16, 16, 16, generator=generator),
@@ -158,7 +159,7 @@ def time_compilation(
     transformer = deep_narrow_sd3(layers)
     add_lora(transformer, 4, 4, SD3Adapter.lora_target_modules, seed=0)
     compiled = CompiledPhases(transformer, transformer, rows, dict.fromkeys(PHASES, 1), backend=backend, scope=scope)
-    inputs = _inputs(rows)
+    inputs = sd3_inputs(rows)
     timings = []
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         for phase in PHASES:
