@@ -267,13 +267,29 @@ def publish(target: str, keep: int) -> None:
 
     Only the newest `keep` complete checkpoints of the run stay (0 keeps all; see `prune`).
     """
+    replaced = None
     if os.path.islink(target):
         os.unlink(target)
     elif os.path.exists(target):
-        shutil.rmtree(target)
+        replaced = _set_aside(target)
     os.replace(temporary_dir(target), target)
+    if replaced is not None:
+        shutil.rmtree(replaced)
     if keep > 0:
         prune(os.path.dirname(os.path.dirname(target)), keep)
+
+
+def _set_aside(path: str) -> str:
+    """Rename the directory `path` to a name no checkpoint pattern matches, in one step; return the new name.
+
+    Deleting a checkpoint in place and being killed half-way would leave a half-deleted directory
+    under a checkpoint's name; a directory set aside first is deleted under its new name instead.
+    """
+    aside = f"{path}.removing-{os.getpid()}"
+    if os.path.lexists(aside):  # left by a killed process whose pid this one now has
+        shutil.rmtree(aside)
+    os.replace(path, aside)
+    return aside
 
 
 def prune(run_dir: str, keep: int) -> None:
@@ -291,4 +307,4 @@ def prune(run_dir: str, keep: int) -> None:
             logger.warning(f"pruning {old}: removing the symbolic link only; its target is left as it is")
             os.unlink(old)
         else:
-            shutil.rmtree(old)
+            shutil.rmtree(_set_aside(old))
