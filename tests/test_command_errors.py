@@ -40,6 +40,10 @@ def commands(tmp_path_factory, tiny_sd3_dir):
         "paper-eval-bad-options": (
             "paper_eval", [PRESET, model, f"--out={root / 'p1'}", "--checkpoint=base", "--reward_options={bad"],
         ),
+        "generate-no-dataset": ("generate", [PRESET, model, f"--out={root / 'g5'}", f"--config.dataset={root / 'nowhere'}"]),
+        "generate-prompt-no-dataset": (
+            "generate", [PRESET, model, f"--out={root / 'given'}", f"--config.dataset={root / 'nowhere'}", "--prompt=a cat"],
+        ),
         "agreement-mode": ("tp_agreement", [PRESET, model, f"--out={root / 'a0'}", "--completion_steps=0,1"]),
         "agreement-missing-preset-file": ("tp_agreement", ["--config=config/missing.py:tiny_tp_grpo", f"--out={root / 'a1'}"]),
     }
@@ -60,6 +64,7 @@ def commands(tmp_path_factory, tiny_sd3_dir):
         ("evaluate-unknown-key", r"^error: --config\.sample\.noise_levle: the config has no key 'noise_levle' .*noise_level"),
         ("paper-eval-unknown-metric", r"^error: unknown metric\(s\) \['fid'\] in --metrics; metrics: geneval"),
         ("paper-eval-bad-options", r"^error: --reward_options is not valid JSON \(.*\); write e\.g\."),
+        ("generate-no-dataset", r"^error: config\.dataset: '.*nowhere' does not exist as given .*; prompt sets are built by"),
         ("agreement-mode", r"^error: --completion_steps takes modes k >= 1 .*; got 0,1$"),
         ("agreement-missing-preset-file", r"^error: --config: preset file config/missing\.py does not exist; give e\.g\."),
     ],
@@ -76,6 +81,12 @@ def test_debug_shows_the_traceback_of_a_preset_command(commands) -> None:
     done = commands[0]["generate-debug"]
     assert done.returncode == 1 and "Traceback" in done.stderr
     assert "InputNotFoundError: no LoRA checkpoint at" in done.stderr
+
+
+def test_prompts_given_on_the_command_line_need_no_dataset_folder(commands) -> None:
+    done, root = commands
+    assert done["generate-prompt-no-dataset"].returncode == 0, done["generate-prompt-no-dataset"].stderr
+    assert [path.name for path in (root / "given" / "images").iterdir()] == ["00000_00.png"]
 
 
 # ----------------------------------------------------------------------------- commands without a preset

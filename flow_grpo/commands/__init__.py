@@ -20,11 +20,14 @@ from flow_grpo.training.trainer import use_cpu
 __all__ = ["run_command", "start_command"]
 
 
-def start_command(config: ml_collections.ConfigDict) -> PartialState:
-    """Set up logging and the processes, and resolve `config`'s paths (a missing one is a `ConfigError`)."""
+def start_command(config: ml_collections.ConfigDict, *, needs_dataset: bool = True) -> PartialState:
+    """Set up logging and the processes, and resolve `config`'s paths (a missing one is a `ConfigError`).
+
+    `needs_dataset=False` (prompts given by a file or on the command line) leaves `config.dataset` unchecked.
+    """
     setup_logging()
     state = PartialState(cpu=use_cpu())
-    resolve_config_paths(config)
+    resolve_config_paths(config, dataset=needs_dataset)
     return state
 
 

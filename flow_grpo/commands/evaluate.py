@@ -29,11 +29,12 @@ _SAVE_IMAGES = flags.DEFINE_bool("save_images", False, "Also write every image t
 
 def run(argv: list[str]) -> None:
     """Run the command under absl (`argv`: the arguments absl did not parse)."""
-    state = start_command(_FLAGS.config.value)
+    request = _FLAGS.request()
+    state = start_command(_FLAGS.config.value, needs_dataset=request.reads_dataset)
     summary = run_evaluation(
         _FLAGS.config.value,
         _FLAGS.out.value,
-        _FLAGS.request(),
+        request,
         rewards=parse_reward_weights(_REWARDS.value),
         save_images=_SAVE_IMAGES.value,
     )

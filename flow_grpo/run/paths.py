@@ -62,15 +62,17 @@ def _is_hub_id(value: str) -> bool:
     return not value.startswith((".", "~", os.sep)) and len(parts) <= 2 and all(parts)
 
 
-def resolve_config_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def resolve_config_paths(config: ml_collections.ConfigDict, *, dataset: bool = True) -> ml_collections.ConfigDict:
     """Make `config.dataset` and a local `config.pretrained.model` absolute (in place); returns `config`.
 
     `pretrained.model` stays as written when it is not a local directory and reads as a hub id.
+    `dataset=False` leaves `config.dataset` as written and unchecked (a tool given its prompts directly).
 
     Raises:
         ConfigError: for a dataset directory or local model directory that is not found.
     """
-    config.dataset = resolve_path(config.dataset, "dataset")
+    if dataset:
+        config.dataset = resolve_path(config.dataset, "dataset")
     model = config.pretrained.model
     try:
         config.pretrained.model = resolve_path(model, "pretrained.model")

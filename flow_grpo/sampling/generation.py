@@ -139,6 +139,11 @@ class SamplingRequest:
     images_per_prompt: int = 1
     max_prompts: int = 0
 
+    @property
+    def reads_dataset(self) -> bool:
+        """Whether the prompts come from the config's dataset directory (neither a file nor texts given)."""
+        return not (self.prompts or self.texts)
+
 
 def plan_sampling(config: ml_collections.ConfigDict, request: SamplingRequest) -> SamplingPlan:
     """Resolve the request's prompts (see `flow_grpo.data.resolve_prompts`) and plan every image with its seed."""
