@@ -28,7 +28,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from flow_grpo.command_flags import InputNotFoundError, InputValueError
-from flow_grpo.commands.errors import input_errors
 from flow_grpo.commands.options import PRESET_FILE
 from flow_grpo.commands import run_command, start_command
 from flow_grpo.run.config_checks import ConfigError
@@ -79,16 +78,13 @@ def run(argv: list[str]) -> None:
         raise InputNotFoundError(f"--dataset_root: {where}; run `flow-grpo-prepare-data --source published` first") from None
     state = start_command(config)
     out = Path(_OUT.value)
-    # The paper's runner reports bad rows, metrics, missing benchmarks and a resume with other
-    # settings as ValueError / FileNotFoundError: all of them are the user's to fix.
-    with input_errors(ValueError, FileNotFoundError):
-        metrics = select_metrics(_SUITE.value, _METRICS.value)
-        rows = parse_rows(_CHECKPOINTS.value)
-        options = _reward_options(config.reward_options.to_dict(), _REWARD_OPTIONS.value)
-        results, settings = run_paper_evaluation(
-            config, out, rows, metrics, dataset_root=config.dataset, reward_options=options,
-            max_prompts=_MAX_PROMPTS.value, lora_scale=_LORA_SCALE.value,
-        )
+    metrics = select_metrics(_SUITE.value, _METRICS.value)
+    rows = parse_rows(_CHECKPOINTS.value)
+    options = _reward_options(config.reward_options.to_dict(), _REWARD_OPTIONS.value)
+    results, settings = run_paper_evaluation(
+        config, out, rows, metrics, dataset_root=config.dataset, reward_options=options,
+        max_prompts=_MAX_PROMPTS.value, lora_scale=_LORA_SCALE.value,
+    )
     if state.is_main_process:
         for path in write_report(out, results, metrics, settings):
             print(f"wrote {path}")

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flow_grpo.command_flags import InputValueError
+
 __all__ = [
     "CORRECT_AT",
     "GENEVAL_IMAGES_PER_PROMPT",
@@ -99,7 +101,8 @@ def summarize_geneval(records: Iterable[Mapping[str, Any]], score_key: str = "ge
         Per-task scores in GenEval's task order (other tags after them, in order of appearance).
 
     Raises:
-        ValueError: no records, or a record without a tag.
+        ValueError: no records.
+        InputValueError: a record without a tag (the prompt set lacks GenEval's task tags; a `ValueError`).
     """
     correct: dict[str, int] = {}
     images: dict[str, int] = {}
@@ -107,7 +110,7 @@ def summarize_geneval(records: Iterable[Mapping[str, Any]], score_key: str = "ge
     for record in records:
         tag = record.get("tag")
         if not isinstance(tag, str) or not tag:
-            raise ValueError(
+            raise InputValueError(
                 f"GenEval result of prompt {record.get('prompt')!r} has no 'tag'; GenEval needs the task tag of every "
                 "prompt (use the published dataset/geneval/test_metadata.jsonl)"
             )

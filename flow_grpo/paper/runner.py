@@ -36,6 +36,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from PIL import Image
 
+from flow_grpo.command_flags import InputNotFoundError, InputValueError
 from flow_grpo.data import load_prompts
 from flow_grpo.sampling.generation import ImageJob, compute_dtype, config_batches, find_lora_dir, load_model, plan_jobs, sort_records
 from flow_grpo.run.outputs import save_png, write_json, write_scores_csv
@@ -91,10 +92,11 @@ def parse_rows(checkpoints: Sequence[str]) -> list[Row]:
     A path's default name is its run and epoch (`<run>/epoch_00299` for `logs/<run>/checkpoints/epoch_00299/lora`).
 
     Raises:
-        ValueError: no checkpoint, a missing LoRA (naming what was looked for) or a repeated name.
+        InputValueError: no checkpoint or a repeated name (a `ValueError`).
+        InputNotFoundError: a missing LoRA, naming what was looked for (a `FileNotFoundError`).
     """
     if not checkpoints:
-        raise ValueError("give at least one --checkpoint: base, a LoRA checkpoint directory, or NAME=PATH")
+        raise InputValueError("give at least one --checkpoint: base, a LoRA checkpoint directory, or NAME=PATH")
     rows = []
     for value in checkpoints:
         name, sep, path = value.partition("=")
@@ -109,7 +111,7 @@ def parse_rows(checkpoints: Sequence[str]) -> list[Row]:
     names = [row.name for row in rows]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated or len({row.folder for row in rows}) != len(rows):
-        raise ValueError(f"two --checkpoint rows share a name {repeated or names}; name them with NAME=PATH")
+        raise InputValueError(f"two --checkpoint rows share a name {repeated or names}; name them with NAME=PATH")
     return rows
 
 
@@ -119,7 +121,7 @@ def benchmark_jobs(
     """Every image of `benchmark` (its first `max_prompts` prompts; 0 = all) with its seed, and the prompt file."""
     path = Path(dataset_root) / benchmark.prompts
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"benchmark {benchmark.name} reads {path}, which does not exist; run "
             f"`flow-grpo-prepare-data --source published --out {dataset_root}` or pass --dataset_root"
         )
@@ -159,7 +161,7 @@ def _check_resume(record_path: Path, settings: Mapping[str, Any]) -> None:
     previous = json.loads(record_path.read_text(encoding="utf-8"))
     for key, value in settings.items():
         if key not in _UNCHECKED_SETTINGS and previous.get(key) != value:
-            raise ValueError(
+            raise InputValueError(
                 f"{record_path.parent} holds images made with {key} = {previous.get(key)!r}, but this evaluation "
                 f"uses {value!r}; use another --out, or delete {record_path.parent} to regenerate them"
             )

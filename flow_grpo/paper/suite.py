@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from flow_grpo.command_flags import InputValueError
 from flow_grpo.paper.geneval_table import GENEVAL_IMAGES_PER_PROMPT
 from flow_grpo.rewards.clip_models import PICKSCORE_DIVISOR
 
@@ -95,13 +96,13 @@ def select_metrics(suite: str, names: Sequence[str] = ()) -> list[Metric]:
     """The metrics of `names` (in the table's order), or of the suite `suite` when `names` is empty.
 
     Raises:
-        ValueError: an unknown suite or metric, naming the valid ones.
+        InputValueError: an unknown suite or metric, naming the valid ones (a `ValueError`).
     """
     if not names:
         if suite not in SUITES:
-            raise ValueError(f"unknown --suite {suite!r}; suites: {', '.join(SUITES)}")
+            raise InputValueError(f"unknown --suite {suite!r}; suites: {', '.join(SUITES)}")
         names = SUITES[suite]
     unknown = [name for name in names if name not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown} in --metrics; metrics: {', '.join(METRICS)}")
+        raise InputValueError(f"unknown metric(s) {unknown} in --metrics; metrics: {', '.join(METRICS)}")
     return [metric for name, metric in METRICS.items() if name in names]
