@@ -40,6 +40,15 @@ def commands(tmp_path_factory, tiny_sd3_dir):
         "paper-eval-bad-options": (
             "paper_eval", [PRESET, model, f"--out={root / 'p1'}", "--checkpoint=base", "--reward_options={bad"],
         ),
+        "evaluate-reward-weights": (
+            "evaluate", [PRESET, model, f"--out={root / 'e4'}", "--rewards=aesthetic:1", "--prompt=a",
+                         f"--config.reward_options.aesthetic.head={root / 'no-head.pth'}"],
+        ),
+        "evaluate-reward-model": (
+            "evaluate", [PRESET, model, f"--out={root / 'e5'}", "--rewards=pickscore:1", "--prompt=a",
+                         f"--config.reward_options.pickscore.model={root / 'no-clip'}"],
+        ),
+        "paper-eval-bug": ("tests.paper_eval_with_a_bug", [PRESET, model, f"--out={root / 'p2'}", "--checkpoint=base"]),
         "generate-no-dataset": ("generate", [PRESET, model, f"--out={root / 'g5'}", f"--config.dataset={root / 'nowhere'}"]),
         "generate-prompt-no-dataset": (
             "generate", [PRESET, model, f"--out={root / 'given'}", f"--config.dataset={root / 'nowhere'}", "--prompt=a cat"],
@@ -47,7 +56,7 @@ def commands(tmp_path_factory, tiny_sd3_dir):
         "agreement-mode": ("tp_agreement", [PRESET, model, f"--out={root / 'a0'}", "--completion_steps=0,1"]),
         "agreement-missing-preset-file": ("tp_agreement", ["--config=config/missing.py:tiny_tp_grpo", f"--out={root / 'a1'}"]),
     }
-    batch = {case: (f"flow_grpo.commands.{module}", args, {}) for case, (module, args) in cases.items()}
+    batch = {case: (module if "." in module else f"flow_grpo.commands.{module}", args, {}) for case, (module, args) in cases.items()}
     return run_commands(batch), root
 
 
@@ -64,6 +73,8 @@ def commands(tmp_path_factory, tiny_sd3_dir):
         ("evaluate-unknown-key", r"^error: --config\.sample\.noise_levle: the config has no key 'noise_levle' .*noise_level"),
         ("paper-eval-unknown-metric", r"^error: unknown metric\(s\) \['fid'\] in --metrics; metrics: geneval"),
         ("paper-eval-bad-options", r"^error: --reward_options is not valid JSON \(.*\); write e\.g\."),
+        ("evaluate-reward-weights", r"^error: reward_options\.aesthetic\.head = '.*no-head\.pth' is neither an existing file"),
+        ("evaluate-reward-model", r"^error: Could not load the pickscore model from '.*no-clip' .*; set reward_options\.pickscore\.model"),
         ("generate-no-dataset", r"^error: config\.dataset: '.*nowhere' does not exist as given .*; prompt sets are built by"),
         ("agreement-mode", r"^error: --completion_steps takes modes k >= 1 .*; got 0,1$"),
         ("agreement-missing-preset-file", r"^error: --config: preset file config/missing\.py does not exist; give e\.g\."),
@@ -81,6 +92,12 @@ def test_debug_shows_the_traceback_of_a_preset_command(commands) -> None:
     done = commands[0]["generate-debug"]
     assert done.returncode == 1 and "Traceback" in done.stderr
     assert "InputNotFoundError: no LoRA checkpoint at" in done.stderr
+
+
+def test_a_programming_error_in_the_paper_evaluation_keeps_its_traceback(commands) -> None:
+    done = commands[0]["paper-eval-bug"]
+    assert done.returncode == 1 and "Traceback" in done.stderr and "ValueError: a bug" in done.stderr, done.stderr[-2000:]
+    assert not any(line.startswith("error: ") for line in done.stderr.splitlines())
 
 
 def test_prompts_given_on_the_command_line_need_no_dataset_folder(commands) -> None:

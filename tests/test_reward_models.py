@@ -343,7 +343,7 @@ def test_full_config_options_are_accepted_by_build_reward():
 def test_option_errors_name_the_setting(options, tmp_path):
     with pytest.raises(ValueError, match=r"Unknown option.*'modle'.*reward_options\.pickscore"):
         build_reward({"pickscore": 1.0}, "cpu", {"pickscore": {"modle": "x"}})
-    with pytest.raises(ValueError, match=r"reward_options\.pickscore\.batch_size must be a int"):
+    with pytest.raises(ValueError, match=r"reward_options\.pickscore\.batch_size is '8'; give a value of type int"):
         build_reward({"pickscore": 1.0}, "cpu", {"pickscore": {**options["pickscore"], "batch_size": "8"}})
     with pytest.raises(ValueError, match=r"reward_options\.hpsv2\.dtype"):
         build_reward({"hpsv2": 1.0}, "cpu", {"hpsv2": {**options["hpsv2"], "dtype": "half"}})

@@ -102,6 +102,10 @@ def training(tmp_path_factory, tiny_sd3_dir):
         "prompt-file": [PRESET, f"--config.dataset={dataset}", model, f"--config.logdir={root}"],
         "not-a-pipeline": [PRESET, f"--config.pretrained.model={root / 'not-a-pipeline'}", f"--config.logdir={root}", "--config.run_name=r"],
         "custom-code": [PRESET, f"--config.pretrained.model={custom}", f"--config.logdir={root}", "--config.run_name=c"],
+        "reward-weights": [
+            PRESET, model, f"--config.logdir={root}", "--config.run_name=w", "--config.reward_fn={'aesthetic': 1.0}",
+            f"--config.reward_options.aesthetic.head={root / 'no-head.pth'}",
+        ],
         **{case: [*resume, f"--config.resume_from={path}"] for case, path in checkpoints.items()},
         "debug-flag": [*resume, f"--config.resume_from={checkpoints['epoch-string']}", "--debug"],
     }
@@ -153,6 +157,13 @@ def test_a_bad_checkpoint_or_model_is_one_line_before_the_model_loads(training, 
     assert re.search(pattern, line), line
     assert MODEL_LOADING not in done[case].stderr
     assert not inputs["marker"].exists()  # neither the pickled payload nor the custom module ran
+
+
+def test_a_missing_reward_weights_file_is_one_line_before_the_model_loads(training) -> None:
+    done = training[0]["reward-weights"]
+    line = one_error_line(done)
+    assert re.search(r"reward_options\.aesthetic\.head = '.*no-head\.pth' is neither an existing file .*LAION", line), line
+    assert MODEL_LOADING not in done.stderr
 
 
 def test_lora_tensors_of_another_shape_are_one_line_once_the_model_shows_it(training) -> None:

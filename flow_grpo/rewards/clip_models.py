@@ -23,7 +23,8 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 
-from flow_grpo.rewards.options import chunk_slices, parse_options, resolve_dtype, resolve_weights_file
+from flow_grpo.command_flags import InputNotFoundError, InputValueError
+from flow_grpo.rewards.options import check_batch_size, chunk_slices, parse_options, resolve_dtype, resolve_weights_file
 from flow_grpo.rewards.preprocess import ImagePreprocess
 from flow_grpo.rewards.registry import register_reward
 
@@ -165,20 +166,20 @@ class ClipEncoder(EmbeddingEncoder):
         try:
             clip = CLIPModel.from_pretrained(model)
         except (OSError, ValueError) as error:
-            raise OSError(
-                f"Could not load the {reward} model from {model!r}: {error}. Set reward_options.{reward}.model "
+            raise InputNotFoundError(
+                f"Could not load the {reward} model from {model!r} ({error}); set reward_options.{reward}.model "
                 "to a hub id or a local directory holding a CLIPModel."
             ) from error
         try:
             loaded_processor = AutoProcessor.from_pretrained(processor)
         except (OSError, ValueError) as error:
-            raise OSError(
-                f"Could not load the {reward} processor from {processor!r}: {error}. Set "
+            raise InputNotFoundError(
+                f"Could not load the {reward} processor from {processor!r} ({error}); set "
                 f"reward_options.{reward}.processor to a hub id or local directory with a CLIP processor."
             ) from error
         tokenizer = getattr(loaded_processor, "tokenizer", None)
         if tokenizer is None or getattr(loaded_processor, "image_processor", None) is None:
-            raise OSError(
+            raise InputValueError(
                 f"{processor!r} is not a CLIP processor with a tokenizer and an image processor; "
                 f"set reward_options.{reward}.processor to one."
             )
@@ -227,11 +228,6 @@ class AestheticHead(nn.Module):
         return self.layers(embeddings).squeeze(-1)
 
 
-def _check_batch_size(reward: str, batch_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"reward_options.{reward}.batch_size must be positive, got {batch_size}.")
-
-
 class ClipSimilarityReward:
     """``reward(images, prompts, metadata) = scale * cos(image, prompt)``, optionally clamped below.
 
@@ -258,7 +254,7 @@ class ClipSimilarityReward:
 def make_pickscore(device: torch.device, options: Mapping[str, Any]) -> ClipSimilarityReward:
     """PickScore: ``exp(logit_scale) * cos(image, prompt) / 26`` with the PickScore CLIP ViT-H/14."""
     opts = parse_options("pickscore", options, PICKSCORE_DEFAULTS)
-    _check_batch_size("pickscore", opts["batch_size"])
+    check_batch_size("pickscore", opts["batch_size"])
     encoder = ClipEncoder.load("pickscore", opts["model"], opts["processor"], device, opts["dtype"], opts["batch_size"])
     return ClipSimilarityReward(encoder, encoder.logit_scale / PICKSCORE_DIVISOR)
 
@@ -267,7 +263,7 @@ def make_pickscore(device: torch.device, options: Mapping[str, Any]) -> ClipSimi
 def make_clipscore(device: torch.device, options: Mapping[str, Any]) -> ClipSimilarityReward:
     """The public code's CLIP score: ``exp(logit_scale) * cos(image, prompt) / 30`` with CLIP ViT-L/14."""
     opts = parse_options("clipscore", options, CLIPSCORE_DEFAULTS)
-    _check_batch_size("clipscore", opts["batch_size"])
+    check_batch_size("clipscore", opts["batch_size"])
     encoder = ClipEncoder.load("clipscore", opts["model"], opts["processor"], device, opts["dtype"], opts["batch_size"])
     return ClipSimilarityReward(encoder, encoder.logit_scale / CLIPSCORE_DIVISOR)
 
@@ -276,7 +272,7 @@ def make_clipscore(device: torch.device, options: Mapping[str, Any]) -> ClipSimi
 def make_clipscore_hessel(device: torch.device, options: Mapping[str, Any]) -> ClipSimilarityReward:
     """CLIPScore (Hessel et al., 2021): ``scale * max(cos(image, prompt), 0)`` with CLIP ViT-L/14."""
     opts = parse_options("clipscore_hessel", options, CLIPSCORE_HESSEL_DEFAULTS)
-    _check_batch_size("clipscore_hessel", opts["batch_size"])
+    check_batch_size("clipscore_hessel", opts["batch_size"])
     encoder = ClipEncoder.load(
         "clipscore_hessel", opts["model"], opts["processor"], device, opts["dtype"], opts["batch_size"]
     )
@@ -296,9 +292,9 @@ def load_aesthetic_head(file: str, input_dim: int) -> AestheticHead:
     try:
         head.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(
-            f"{file!r} is not an aesthetic head for {input_dim}-dimensional CLIP embeddings: {error}. "
-            "Use the LAION 'sac+logos+ava1-l14-linearMSE.pth' weights with CLIP ViT-L/14."
+        raise InputValueError(
+            f"{file!r} is not an aesthetic head for {input_dim}-dimensional CLIP embeddings ({error}); "
+            "use the LAION 'sac+logos+ava1-l14-linearMSE.pth' weights with CLIP ViT-L/14."
         ) from error
     return head.eval().requires_grad_(False)
 
@@ -307,11 +303,11 @@ def load_aesthetic_head(file: str, input_dim: int) -> AestheticHead:
 def make_aesthetic(device: torch.device, options: Mapping[str, Any]) -> AestheticReward:
     """LAION aesthetic score: the MLP head on normalised CLIP ViT-L/14 image embeddings."""
     opts = parse_options("aesthetic", options, AESTHETIC_DEFAULTS)
-    _check_batch_size("aesthetic", opts["batch_size"])
+    check_batch_size("aesthetic", opts["batch_size"])
     try:
         head_file = resolve_weights_file(opts["head"], "aesthetic", "head")
     except FileNotFoundError as error:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{error} The aesthetic head is 'sac+logos+ava1-l14-linearMSE.pth' from the LAION improved "
             "aesthetic predictor (christophschuhmann/improved-aesthetic-predictor on GitHub)."
         ) from error

@@ -17,7 +17,8 @@ import torch
 from accelerate.logging import get_logger
 
 from flow_grpo.rewards.clip_models import EmbeddingEncoder
-from flow_grpo.rewards.options import parse_options, resolve_dtype, resolve_weights_file
+from flow_grpo.command_flags import InputValueError
+from flow_grpo.rewards.options import check_batch_size, parse_options, resolve_dtype, resolve_weights_file
 from flow_grpo.rewards.preprocess import ImagePreprocess
 from flow_grpo.rewards.registry import register_reward
 
@@ -46,7 +47,7 @@ class OpenClipEncoder(EmbeddingEncoder):
 
         dtype = resolve_dtype(dtype_name, device, reward)
         if ":" not in architecture and architecture not in open_clip.list_models():
-            raise ValueError(
+            raise InputValueError(
                 f"reward_options.{reward}.architecture = {architecture!r} is not an open_clip architecture; "
                 "use e.g. 'ViT-H-14' (register custom configs with open_clip.add_model_config)."
             )
@@ -54,8 +55,8 @@ class OpenClipEncoder(EmbeddingEncoder):
         try:
             model, _, _ = open_clip.create_model_and_transforms(architecture, pretrained=checkpoint_file)
         except RuntimeError as error:
-            raise RuntimeError(
-                f"Could not load {checkpoint_file!r} into open_clip {architecture!r}: {error}. Check that "
+            raise InputValueError(
+                f"Could not load {checkpoint_file!r} into open_clip {architecture!r} ({error}); check that "
                 f"reward_options.{reward}.architecture matches the checkpoint."
             ) from error
         preprocess = ImagePreprocess.from_open_clip(model.visual.preprocess_cfg)
@@ -94,8 +95,7 @@ class HpsReward:
 def make_hpsv2(device: torch.device, options: Mapping[str, Any]) -> HpsReward:
     """HPS v2.1: cosine similarity of open_clip image and prompt embeddings."""
     opts = parse_options("hpsv2", options, HPSV2_DEFAULTS)
-    if opts["batch_size"] < 1:
-        raise ValueError(f"reward_options.hpsv2.batch_size must be positive, got {opts['batch_size']}.")
+    check_batch_size("hpsv2", opts["batch_size"])
     encoder = OpenClipEncoder.load(
         "hpsv2", opts["architecture"], opts["checkpoint"], device, opts["dtype"], opts["batch_size"]
     )

@@ -38,7 +38,8 @@ from PIL import Image
 from torch import nn
 
 from flow_grpo.rewards.key_maps import KeyMap
-from flow_grpo.rewards.options import chunk_slices, parse_options, resolve_dtype, resolve_weights_file
+from flow_grpo.command_flags import InputNotFoundError, InputValueError
+from flow_grpo.rewards.options import check_batch_size, chunk_slices, parse_options, resolve_dtype, resolve_weights_file
 from flow_grpo.rewards.registry import register_reward
 from flow_grpo.rewards.transport import images_to_uint8
 
@@ -213,9 +214,12 @@ def load_hpsv3(checkpoint: str, base_model: str) -> tuple[HPSv3Model, Any]:
     state = HPSV3_KEYS.to_module(load_file(checkpoint))
     embedding = state.get("backbone.language_model.embed_tokens.weight")
     if embedding is None or "head.5.weight" not in state:
-        raise ValueError(f"{checkpoint!r} is not an HPSv3 checkpoint (no 'model.embed_tokens.weight' or 'rm_head.5.weight')")
+        raise InputValueError(
+            f"{checkpoint!r} is not an HPSv3 checkpoint (no 'model.embed_tokens.weight' or 'rm_head.5.weight'); "
+            "point reward_options.hpsv3.checkpoint at the published HPSv3.safetensors"
+        )
     if reward_token_id != embedding.shape[0] - 1:
-        raise ValueError(
+        raise InputValueError(
             f"the tokenizer of {base_model!r} gives {REWARD_TOKEN} the id {reward_token_id}, but the checkpoint's "
             f"embedding has {embedding.shape[0]} rows (HPSv3 appended the token last); use Qwen2-VL-7B-Instruct's files"
         )
@@ -264,8 +268,7 @@ class HPSv3Scorer:
 def make_hpsv3(device: torch.device, options: Mapping[str, Any]) -> HPSv3Scorer:
     """HPSv3 from the published ``HPSv3.safetensors`` and Qwen2-VL-7B-Instruct's config and processor (module docstring)."""
     opts = parse_options("hpsv3", options, HPSV3_DEFAULTS)
-    if opts["batch_size"] < 1:
-        raise ValueError(f"reward_options.hpsv3.batch_size must be positive, got {opts['batch_size']}.")
+    check_batch_size("hpsv3", opts["batch_size"])
     if opts["dtype"] == "auto":  # the authors score in bfloat16
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     else:
@@ -274,8 +277,8 @@ def make_hpsv3(device: torch.device, options: Mapping[str, Any]) -> HPSv3Scorer:
     try:
         model, processor = load_hpsv3(checkpoint, opts["base_model"])
     except OSError as error:
-        raise OSError(
-            f"Could not load the hpsv3 base model files from {opts['base_model']!r}: {error}. Set "
+        raise InputNotFoundError(
+            f"Could not load the hpsv3 base model files from {opts['base_model']!r} ({error}); set "
             "reward_options.hpsv3.base_model to 'Qwen/Qwen2-VL-7B-Instruct' or a local copy of its config and processor."
         ) from error
     logger.info(f"Loaded hpsv3 from {checkpoint!r} ({dtype}) on {device}", main_process_only=False)

@@ -35,7 +35,8 @@ from torch import nn
 
 from flow_grpo.rewards.clip_models import AestheticHead
 from flow_grpo.rewards.key_maps import KeyMap
-from flow_grpo.rewards.options import chunk_slices, parse_options, resolve_dtype, resolve_weights_file
+from flow_grpo.command_flags import InputNotFoundError, InputValueError
+from flow_grpo.rewards.options import check_batch_size, chunk_slices, parse_options, resolve_dtype, resolve_weights_file
 from flow_grpo.rewards.registry import register_reward
 from flow_grpo.rewards.transport import images_to_uint8
 
@@ -73,6 +74,7 @@ VISION_HEAD_DIM = 64
 VISION_LAYER_NORM_EPS = 1e-6
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_USE_THE_CHECKPOINT = "point reward_options.imagereward.checkpoint at the published ImageReward.pt"
 
 IMAGEREWARD_KEYS = KeyMap(
     [
@@ -129,7 +131,9 @@ def imagereward_configs(state: Mapping[str, torch.Tensor], med_config: Mapping[s
     patch = state["blip.visual_encoder.patch_embed.proj.weight"].shape[-1]
     positions = state["blip.visual_encoder.pos_embed"].shape[1]
     if positions != (IMAGE_SIZE // patch) ** 2 + 1:
-        raise ValueError(f"the checkpoint's ViT has {positions} positions, not those of {IMAGE_SIZE} px at patch {patch}")
+        raise InputValueError(
+            f"the checkpoint's ViT has {positions} positions, not those of {IMAGE_SIZE} px at patch {patch}; {_USE_THE_CHECKPOINT}"
+        )
     depth = 1 + max(int(key.split(".")[3]) for key in state if key.startswith("blip.visual_encoder.blocks."))
     vision = BlipVisionConfig(
         hidden_size=width,
@@ -185,14 +189,16 @@ def load_imagereward(checkpoint: str, med_config: str) -> ImageRewardModel:
     """Build :class:`ImageRewardModel` from ``ImageReward.pt`` and ``med_config.json`` (local files), float32 on the CPU."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping) or "blip.visual_encoder.cls_token" not in state:
-        raise ValueError(f"{checkpoint!r} is not an ImageReward checkpoint (no 'blip.visual_encoder.cls_token' tensor)")
+        raise InputValueError(
+            f"{checkpoint!r} is not an ImageReward checkpoint (no 'blip.visual_encoder.cls_token' tensor); {_USE_THE_CHECKPOINT}"
+        )
     with open(med_config, encoding="utf-8") as file:
         vision_config, text_config = imagereward_configs(state, json.load(file))
     model = ImageRewardModel(vision_config, text_config)
     missing, _ = model.load_state_dict(IMAGEREWARD_KEYS.to_module(state), strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing:
-        raise ValueError(f"{checkpoint!r} lacks ImageReward weights, e.g. {missing[:3]}")
+        raise InputValueError(f"{checkpoint!r} lacks ImageReward weights, e.g. {missing[:3]}; {_USE_THE_CHECKPOINT}")
     return model.eval().requires_grad_(False)
 
 
@@ -203,7 +209,7 @@ class ImageRewardScorer:
         self, model: ImageRewardModel, tokenizer: Any, device: torch.device, dtype: torch.dtype, batch_size: int
     ) -> None:
         if len(tokenizer) > model.text.config.vocab_size:
-            raise ValueError(
+            raise InputValueError(
                 f"the tokenizer has {len(tokenizer)} tokens, more than the text encoder's {model.text.config.vocab_size}; "
                 "use the tokenizer the checkpoint was trained with (bert-base-uncased)"
             )
@@ -236,16 +242,15 @@ class ImageRewardScorer:
 def make_imagereward(device: torch.device, options: Mapping[str, Any]) -> ImageRewardScorer:
     """ImageReward from the published ``ImageReward.pt`` (module docstring)."""
     opts = parse_options("imagereward", options, IMAGEREWARD_DEFAULTS)
-    if opts["batch_size"] < 1:
-        raise ValueError(f"reward_options.imagereward.batch_size must be positive, got {opts['batch_size']}.")
+    check_batch_size("imagereward", opts["batch_size"])
     dtype = resolve_dtype(opts["dtype"], device, "imagereward")
     checkpoint = resolve_weights_file(opts["checkpoint"], "imagereward", "checkpoint")
     med_config = resolve_weights_file(opts["med_config"], "imagereward", "med_config")
     try:
         tokenizer = imagereward_tokenizer(opts["tokenizer"])
     except (OSError, ValueError) as error:
-        raise OSError(
-            f"Could not load the imagereward tokenizer {opts['tokenizer']!r}: {error}. Set "
+        raise InputNotFoundError(
+            f"Could not load the imagereward tokenizer {opts['tokenizer']!r} ({error}); set "
             "reward_options.imagereward.tokenizer to 'bert-base-uncased' or a local copy of it."
         ) from error
     model = load_imagereward(checkpoint, med_config)

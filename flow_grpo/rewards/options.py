@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from flow_grpo.command_flags import InputNotFoundError
+from flow_grpo.command_flags import InputNotFoundError, InputValueError
 from flow_grpo.precision import DTYPE_NAMES
 
-__all__ = ["chunk_slices", "parse_options", "resolve_dtype", "resolve_weights_file"]
+__all__ = ["check_batch_size", "chunk_slices", "parse_options", "resolve_dtype", "resolve_weights_file"]
 
 def parse_options(
     reward: str, options: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str = "reward_options"
@@ -27,11 +27,11 @@ def parse_options(
             config, the ``--options`` of the reward server for server scorers).
 
     Raises:
-        ValueError: on an unknown key or a value of the wrong type.
+        InputValueError: on an unknown key or a value of the wrong type (a `ValueError`).
     """
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise ValueError(
+        raise InputValueError(
             f"Unknown option(s) {unknown} for reward {reward!r}; it accepts {sorted(defaults)}. Fix {prefix}.{reward}."
         )
     merged = dict(defaults)
@@ -39,7 +39,7 @@ def parse_options(
         default = defaults[key]
         expected: tuple[type, ...] = (float, int) if isinstance(default, float) else (type(default),)
         if (isinstance(value, bool) and not isinstance(default, bool)) or not isinstance(value, expected):
-            raise ValueError(f"{prefix}.{reward}.{key} must be a {type(default).__name__}, got {value!r}.")
+            raise InputValueError(f"{prefix}.{reward}.{key} is {value!r}; give a value of type {type(default).__name__}.")
         merged[key] = float(value) if isinstance(default, float) else value
     return merged
 
@@ -53,8 +53,14 @@ def resolve_dtype(name: str, device: torch.device, reward: str) -> torch.dtype:
     if name == "auto":
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPE_NAMES:
-        raise ValueError(f"reward_options.{reward}.dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {name!r}.")
+        raise InputValueError(f"reward_options.{reward}.dtype is {name!r}; set it to 'auto' or one of {sorted(DTYPE_NAMES)}.")
     return DTYPE_NAMES[name]
+
+
+def check_batch_size(reward: str, batch_size: int) -> None:
+    """Refuse a ``reward_options.<reward>.batch_size`` below 1 (an `InputValueError`, a `ValueError`)."""
+    if batch_size < 1:
+        raise InputValueError(f"reward_options.{reward}.batch_size must be positive, got {batch_size}; set it to 1 or more.")
 
 
 def resolve_weights_file(spec: str, reward: str, key: str) -> str:

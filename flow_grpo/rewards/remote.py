@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from flow_grpo.command_flags import InputValueError
 from flow_grpo.rewards.http_exchange import MAX_REPLY_BYTES, exchange
 from flow_grpo.rewards.library_logging import get_logger
 from flow_grpo.rewards.options import chunk_slices, parse_options
@@ -157,21 +158,21 @@ class RemoteReward:
         setting = f"reward_options.{reward_name}"
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"{setting}.url must be an http(s) URL like 'http://127.0.0.1:18085', got {url!r}.")
+            raise InputValueError(f"{setting}.url is {url!r}; give an http(s) URL like 'http://127.0.0.1:18085'.")
         if not scorer:
-            raise ValueError(f"{setting}.scorer is empty; set it to the name of a scorer the server hosts.")
+            raise InputValueError(f"{setting}.scorer is empty; set it to the name of a scorer the server hosts.")
         if not timeout > 0:
-            raise ValueError(f"{setting}.timeout must be positive (seconds), got {timeout}.")
+            raise InputValueError(f"{setting}.timeout is {timeout}; give a positive number of seconds.")
         if max_retries < 0:
-            raise ValueError(f"{setting}.max_retries must be 0 or more, got {max_retries}.")
+            raise InputValueError(f"{setting}.max_retries is {max_retries}; give 0 or more.")
         if backoff < 0:
-            raise ValueError(f"{setting}.backoff must be 0 or more (seconds), got {backoff}.")
+            raise InputValueError(f"{setting}.backoff is {backoff}; give 0 or more seconds.")
         if batch_size < 1:
-            raise ValueError(f"{setting}.batch_size must be positive, got {batch_size}.")
+            raise InputValueError(f"{setting}.batch_size is {batch_size}; give 1 or more.")
         if image_format not in CLIENT_IMAGE_FORMATS:
-            raise ValueError(f"{setting}.image_format must be one of {CLIENT_IMAGE_FORMATS}, got {image_format!r}.")
+            raise InputValueError(f"{setting}.image_format is {image_format!r}; give one of {CLIENT_IMAGE_FORMATS}.")
         if score_detail and score_detail not in detail_names:
-            raise ValueError(f"score_detail {score_detail!r} is not one of the details {list(detail_names)}.")
+            raise InputValueError(f"{setting}.score_detail is {score_detail!r}; give one of the details {list(detail_names)}.")
         self.url = url.rstrip("/")
         self.scorer = scorer
         self.timeout = float(timeout)

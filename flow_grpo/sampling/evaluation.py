@@ -168,8 +168,8 @@ def run_evaluation(
         if save_images:
             image_dir.mkdir(exist_ok=True)
     state.wait_for_everyone()
+    reward = build_reward(weights, state.device, config.reward_options.to_dict())  # a missing weights file fails first
     loaded = load_model(config, state.device, request.lora, request.lora_scale)
-    reward = build_reward(weights, state.device, config.reward_options.to_dict())
 
     def write_pngs(chunk: list[ImageJob], images: torch.Tensor, scores: Mapping[str, torch.Tensor]) -> None:
         for job, image in zip(chunk, images):

@@ -103,11 +103,12 @@ class Trainer:
             batch_size=config.sample.batch_size,
             seed=config.seed,
         )
-        self._setup_model()
-        # One model per reward name, shared by the training and the evaluation reward.
+        # One model per reward name, shared by the training and the evaluation reward. Built before the
+        # generator, so a missing reward weights file fails in seconds; `add_lora` seeds its own draws.
         built = build_reward(
             {**dict(config.eval_reward_fn), **dict(config.reward_fn)}, accelerator.device, config.reward_options.to_dict()
         )
+        self._setup_model()
         self.reward = built.select(dict(config.reward_fn))
         self.eval_reward = built.select(dict(config.eval_reward_fn))
         grid = self.adapter.sigmas(config.sample.num_steps, config.sample.resolution)
