@@ -24,12 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from flow_grpo.command_flags import UserInputError
 from flow_grpo.data import load_prompts
 from flow_grpo.rewards import (
     RemoteReward,
     RemoteRewardBadReplyError,
     RemoteRewardError,
     RemoteRewardHTTPError,
+    RemoteRewardStartError,
     RemoteRewardTimeoutError,
     RemoteRewardUnreachableError,
     build_reward,
@@ -262,7 +264,7 @@ def test_ocr_reward_through_the_server(server):
 
 
 def test_named_remote_reward_checks_the_server_hosts_its_scorer(server):
-    with pytest.raises(RemoteRewardError, match=r"does not host scorer 'unifiedreward'.*--scorers unifiedreward"):
+    with pytest.raises(RemoteRewardError, match=r"does not host scorer 'unifiedreward'.*; restart it with `--scorers unifiedreward`"):
         build_reward({"unifiedreward": 1.0}, "cpu", {"unifiedreward": _client_options(server.url)})
     with pytest.raises(ValueError, match=r"reward_options\.remote\.scorer is empty"):
         build_reward({"remote": 1.0}, "cpu", {"remote": _client_options(server.url)})
@@ -294,8 +296,9 @@ def test_dead_server_is_unreachable_after_bounded_retries():
 
 def test_dead_server_fails_at_build_time_with_health_check():
     options = {"geneval": _client_options(f"http://127.0.0.1:{_free_port()}")}
-    with pytest.raises(RemoteRewardUnreachableError, match="unreachable"):
+    with pytest.raises(RemoteRewardStartError, match="unreachable") as error:
         build_reward({"geneval": 1.0}, "cpu", options)
+    assert isinstance(error.value, UserInputError) and isinstance(error.value.__cause__, RemoteRewardUnreachableError)
 
 
 def test_slow_server_times_out_within_the_bound():

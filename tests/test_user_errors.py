@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,13 @@ def _custom_code_model(model_dir: str, target: Path, marker: Path) -> Path:
     return target
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def training(tmp_path_factory, tiny_sd3_dir):
     """Every case of this file run through `python -m flow_grpo.train`: case id -> (Done, its inputs)."""
@@ -102,6 +110,10 @@ def training(tmp_path_factory, tiny_sd3_dir):
         "prompt-file": [PRESET, f"--config.dataset={dataset}", model, f"--config.logdir={root}"],
         "not-a-pipeline": [PRESET, f"--config.pretrained.model={root / 'not-a-pipeline'}", f"--config.logdir={root}", "--config.run_name=r"],
         "custom-code": [PRESET, f"--config.pretrained.model={custom}", f"--config.logdir={root}", "--config.run_name=c"],
+        "reward-server-down": [
+            PRESET, model, f"--config.logdir={root}", "--config.run_name=s", "--config.reward_fn={'ocr': 1.0}",
+            f"--config.reward_options.ocr.url=http://127.0.0.1:{_closed_port()}", "--config.reward_options.ocr.max_retries=0",
+        ],
         "reward-weights": [
             PRESET, model, f"--config.logdir={root}", "--config.run_name=w", "--config.reward_fn={'aesthetic': 1.0}",
             f"--config.reward_options.aesthetic.head={root / 'no-head.pth'}",
@@ -163,6 +175,13 @@ def test_a_missing_reward_weights_file_is_one_line_before_the_model_loads(traini
     done = training[0]["reward-weights"]
     line = one_error_line(done)
     assert re.search(r"reward_options\.aesthetic\.head = '.*no-head\.pth' is neither an existing file .*LAION", line), line
+    assert MODEL_LOADING not in done.stderr
+
+
+def test_an_unreachable_reward_server_is_one_line_before_the_model_loads(training) -> None:
+    done = training[0]["reward-server-down"]
+    line = one_error_line(done)
+    assert re.search(r"Reward server at http://127\.0\.0\.1:\d+/health is unreachable .*; start it with .*--scorers ocr", line), line
     assert MODEL_LOADING not in done.stderr
 
 

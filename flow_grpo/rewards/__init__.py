@@ -31,6 +31,7 @@ from flow_grpo.rewards.remote import (
     RemoteRewardBadReplyError,
     RemoteRewardError,
     RemoteRewardHTTPError,
+    RemoteRewardStartError,
     RemoteRewardTimeoutError,
     RemoteRewardUnreachableError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "RemoteRewardBadReplyError",
     "RemoteRewardError",
     "RemoteRewardHTTPError",
+    "RemoteRewardStartError",
     "RemoteRewardTimeoutError",
     "RemoteRewardUnreachableError",
     "RewardFactory",

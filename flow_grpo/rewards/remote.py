@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from flow_grpo.command_flags import InputValueError
+from flow_grpo.command_flags import InputValueError, UserInputError
 from flow_grpo.rewards.http_exchange import MAX_REPLY_BYTES, exchange
 from flow_grpo.rewards.library_logging import get_logger
 from flow_grpo.rewards.options import chunk_slices, parse_options
@@ -66,6 +66,7 @@ __all__ = [
     "RemoteRewardBadReplyError",
     "RemoteRewardError",
     "RemoteRewardHTTPError",
+    "RemoteRewardStartError",
     "RemoteRewardTimeoutError",
     "RemoteRewardUnreachableError",
     "make_remote_reward",
@@ -127,6 +128,13 @@ class RemoteRewardHTTPError(RemoteRewardError):
 
 class RemoteRewardBadReplyError(RemoteRewardError):
     """The server answered 200 with a body that is not a valid score list for the batch."""
+
+
+class RemoteRewardStartError(UserInputError, RemoteRewardError):
+    """The check when the reward is built failed (server down, or not hosting the scorer): the user's to fix.
+
+    Its cause (``__cause__``) is the :class:`RemoteRewardError` the check raised.
+    """
 
 
 class RemoteReward:
@@ -208,8 +216,8 @@ class RemoteReward:
         hosted = reply["scorers"]
         if self.scorer not in hosted:
             raise RemoteRewardError(
-                f"The reward server at {self.url} does not host scorer {self.scorer!r} (it hosts {hosted}). "
-                f"Restart it with `--scorers {self.scorer}` or fix reward_options.{self.reward_name}."
+                f"The reward server at {self.url} does not host scorer {self.scorer!r} (it hosts {hosted}); "
+                f"restart it with `--scorers {self.scorer}` or fix reward_options.{self.reward_name}."
             )
         limits = reply.get("limits")
         if isinstance(limits, dict):
@@ -466,7 +474,10 @@ def make_remote_reward(reward_name: str, device: torch.device, options: Mapping[
         score_detail=score_detail,
     )
     if opts["check_health"]:
-        client.check()
+        try:
+            client.check()
+        except RemoteRewardError as error:
+            raise RemoteRewardStartError(str(error)) from error
     return client
 
 
