@@ -25,6 +25,8 @@ def commands(tmp_path_factory, tiny_sd3_dir):
     """case id -> (Done, the scratch directory) for every preset command case below."""
     root = tmp_path_factory.mktemp("command-errors")
     (root / "bad.txt").write_bytes(b"\xff\xfe not utf-8\n")
+    (root / "earlier").mkdir()
+    (root / "earlier" / "index.jsonl").write_text("{}\n")
     model = f"--config.pretrained.model={tiny_sd3_dir}"
     cases = {
         "generate-unknown-preset": ("generate", ["--config=config/grpo.py:no_such_preset", f"--out={root / 'g0'}"]),
@@ -49,6 +51,7 @@ def commands(tmp_path_factory, tiny_sd3_dir):
                          f"--config.reward_options.pickscore.model={root / 'no-clip'}"],
         ),
         "paper-eval-bug": ("tests.paper_eval_with_a_bug", [PRESET, model, f"--out={root / 'p2'}", "--checkpoint=base"]),
+        "generate-earlier-output": ("generate", [PRESET, model, f"--out={root / 'earlier'}", "--prompt=a cat"]),
         "generate-no-dataset": ("generate", [PRESET, model, f"--out={root / 'g5'}", f"--config.dataset={root / 'nowhere'}"]),
         "generate-prompt-no-dataset": (
             "generate", [PRESET, model, f"--out={root / 'given'}", f"--config.dataset={root / 'nowhere'}", "--prompt=a cat"],
@@ -75,6 +78,7 @@ def commands(tmp_path_factory, tiny_sd3_dir):
         ("paper-eval-bad-options", r"^error: --reward_options is not valid JSON \(.*\); write e\.g\."),
         ("evaluate-reward-weights", r"^error: reward_options\.aesthetic\.head = '.*no-head\.pth' is neither an existing file"),
         ("evaluate-reward-model", r"^error: Could not load the pickscore model from '.*no-clip' .*; set reward_options\.pickscore\.model"),
+        ("generate-earlier-output", r"^error: --out .*earlier already holds the outputs of an earlier run \(index\.jsonl\); pass --overwrite"),
         ("generate-no-dataset", r"^error: config\.dataset: '.*nowhere' does not exist as given .*; prompt sets are built by"),
         ("agreement-mode", r"^error: --completion_steps takes modes k >= 1 .*; got 0,1$"),
         ("agreement-missing-preset-file", r"^error: --config: preset file config/missing\.py does not exist; give e\.g\."),

@@ -154,6 +154,27 @@ def test_images_do_not_depend_on_batch_size(tiny_sd3_dir) -> None:
     assert not torch.allclose(together[0], together[1])  # same prompt, different seeds
 
 
+def test_an_earlier_runs_outputs_are_refused_and_replaced_only_with_overwrite(tiny_sd3_dir, tmp_path) -> None:
+    config = tiny_config(tiny_sd3_dir)
+    out = tmp_path / "samples"
+    run_generation(config, out, SamplingRequest(texts=["a red bicycle"], images_per_prompt=2))
+    (out / "notes.txt").write_text("mine")
+    before = {path.name: path.read_bytes() for path in [*out.iterdir(), *(out / "images").iterdir()] if path.is_file()}
+    for again in (
+        lambda: run_generation(config, out, SamplingRequest(texts=["a bowl of ramen"])),
+        lambda: run_evaluation(config, out, SamplingRequest(texts=["a bowl of ramen"]), rewards={"jpeg_compressibility": 1.0}),
+    ):
+        with pytest.raises(ValueError, match=r"already holds the outputs of an earlier run \(index\.jsonl, settings\.json, "
+                                             r"2 images in images/\); pass --overwrite"):
+            again()
+    assert {path.name: path.read_bytes() for path in [*out.iterdir(), *(out / "images").iterdir()] if path.is_file()} == before
+
+    index = run_generation(config, out, SamplingRequest(texts=["a bowl of ramen"]), overwrite=True)
+    assert [row["prompt"] for row in index] == ["a bowl of ramen"]
+    assert sorted(path.name for path in (out / "images").iterdir()) == ["00000_00.png"]  # the second sample is gone
+    assert (out / "notes.txt").read_text() == "mine"  # what the tools did not write stays
+
+
 def test_lora_changes_images_and_trained_scale_is_restored(tiny_sd3_dir, tmp_path) -> None:
     # rank 4, alpha 8 (scale 2), saved with adapter metadata as the trainer saves it. The reference is
     # the same LoRA added in memory, independent of saving and loading: a load that lost alpha (diffusers

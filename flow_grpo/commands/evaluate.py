@@ -37,6 +37,7 @@ def run(argv: list[str]) -> None:
         request,
         rewards=parse_reward_weights(_REWARDS.value),
         save_images=_SAVE_IMAGES.value,
+        overwrite=_FLAGS.overwrite.value,
     )
     if state.is_main_process:
         for name, stats in summary["rewards"].items():

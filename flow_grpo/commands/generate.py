@@ -26,7 +26,7 @@ def run(argv: list[str]) -> None:
     """Run the command under absl (`argv`: the arguments absl did not parse)."""
     request = _FLAGS.request()
     state = start_command(_FLAGS.config.value, needs_dataset=request.reads_dataset)
-    index = run_generation(_FLAGS.config.value, _FLAGS.out.value, request)
+    index = run_generation(_FLAGS.config.value, _FLAGS.out.value, request, overwrite=_FLAGS.overwrite.value)
     if state.is_main_process:
         print(f"images: {len(index)} in {os.path.join(_FLAGS.out.value, 'images')}")
         print(f"index: {os.path.join(_FLAGS.out.value, 'index.jsonl')}")

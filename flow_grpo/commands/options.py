@@ -93,6 +93,7 @@ class SamplingFlags:
     prompt: flags.FlagHolder
     num_images: flags.FlagHolder
     max_prompts: flags.FlagHolder
+    overwrite: flags.FlagHolder
 
     def request(self) -> SamplingRequest:
         """What `run_evaluation` / `run_generation` sample, from the flags."""
@@ -121,6 +122,7 @@ def define_sampling_flags(out_help: str) -> SamplingFlags:
         prompt=flags.DEFINE_multi_string("prompt", [], "A prompt given directly (repeatable); overrides --prompts."),
         num_images=flags.DEFINE_integer("num_images", 1, "Images per prompt, each with its own seed.", lower_bound=1),
         max_prompts=flags.DEFINE_integer("max_prompts", 0, "Use only the first N prompts; 0 = all.", lower_bound=0),
+        overwrite=flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier run in --out (refused without it)."),
     )
 
 

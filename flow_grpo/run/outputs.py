@@ -6,14 +6,57 @@ import csv
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["save_png", "strict_json_value", "summarize_scores", "write_json", "write_jsonl", "write_scores_csv"]
+from flow_grpo.command_flags import InputValueError
+
+__all__ = [
+    "TOOL_FILES",
+    "claim_output_dir",
+    "save_png",
+    "strict_json_value",
+    "summarize_scores",
+    "write_json",
+    "write_jsonl",
+    "write_scores_csv",
+]
+
+TOOL_FILES = ("index.jsonl", "settings.json", "summary.json", "scores.csv")
+"""What `flow-grpo-generate` and `flow-grpo-evaluate` write in their `--out`, besides `images/PPPPP_II.png`."""
+
+_TOOL_IMAGE = re.compile(r"\d{5}_\d{2}\.png")
+
+
+def claim_output_dir(out: str | os.PathLike[str], overwrite: bool, remove: bool) -> None:
+    """Refuse an `out` that holds a sampling tool's earlier outputs, or with `overwrite` remove them.
+
+    Every process checks (so all refuse alike); only a process with `remove` (the main one) deletes.
+    Other files in `out` are never touched.
+
+    Raises:
+        InputValueError: `out` holds earlier outputs and `overwrite` is False (naming them and the flag).
+    """
+    out = Path(out)
+    earlier = [out / name for name in TOOL_FILES if (out / name).is_file()]
+    images = [path for path in (out / "images").glob("*.png") if _TOOL_IMAGE.fullmatch(path.name)]
+    if not earlier and not images:
+        return
+    if not overwrite:
+        found = [path.name for path in earlier] + ([f"{len(images)} images in images/"] if images else [])
+        raise InputValueError(
+            f"--out {out} already holds the outputs of an earlier run ({', '.join(found)}); "
+            "pass --overwrite to replace them, or choose another --out"
+        )
+    if remove:
+        for path in [*earlier, *images]:
+            path.unlink()
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> None:

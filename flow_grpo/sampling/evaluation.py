@@ -32,7 +32,7 @@ from flow_grpo.sampling.generation import (
     sort_records,
 )
 from flow_grpo.models import ModelAdapter
-from flow_grpo.run.outputs import save_png, summarize_scores, write_json, write_scores_csv
+from flow_grpo.run.outputs import claim_output_dir, save_png, summarize_scores, write_json, write_scores_csv
 from flow_grpo.rewards import AVERAGE_KEY, MultiReward, build_reward, check_reward_names
 
 __all__ = ["EvalResult", "evaluate", "run_evaluation"]
@@ -139,6 +139,7 @@ def run_evaluation(
     *,
     rewards: Mapping[str, float] | None = None,
     save_images: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Sample the prompts with the ODE sampler, score every image, write `summary.json` and `scores.csv`.
 
@@ -152,6 +153,7 @@ def run_evaluation(
         request: the LoRA (None: the base model) and the prompts (default: the config's test split).
         rewards: reward name -> weight; None or empty uses `config.eval_reward_fn`.
         save_images: also write every image as a PNG.
+        overwrite: replace an earlier run's outputs in `out_dir` (refused without it).
 
     Returns:
         The summary written to `summary.json` (identical on every process).
@@ -162,6 +164,7 @@ def run_evaluation(
     plan = plan_sampling(config, request)
     check_model_inputs(config, request.lora, request.lora_scale)
     out = Path(out_dir)
+    claim_output_dir(out, overwrite, remove=state.is_main_process)
     image_dir = out / "images"
     if state.is_main_process:  # before the model loads: an --out that cannot be written fails in seconds
         out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from flow_grpo.command_flags import InputNotFoundError, InputValueError
 from flow_grpo.run.config_checks import ConfigError, check_model_and_resolution
 from flow_grpo.data import Prompt, resolve_prompts
 from flow_grpo.models import ModelAdapter, load_adapter
-from flow_grpo.run.outputs import save_png, write_json, write_jsonl
+from flow_grpo.run.outputs import claim_output_dir, save_png, write_json, write_jsonl
 from flow_grpo.precision import mixed_precision_dtype
 from flow_grpo.sampling.rollouts import sample_ode
 from flow_grpo.seeding import stable_seed
@@ -335,18 +335,23 @@ def sort_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_generation(
-    config: ml_collections.ConfigDict, out_dir: str | os.PathLike[str], request: SamplingRequest = SamplingRequest()
+    config: ml_collections.ConfigDict,
+    out_dir: str | os.PathLike[str],
+    request: SamplingRequest = SamplingRequest(),
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Sample the prompts and write `images/<prompt>_<sample>.png`, `index.jsonl` and `settings.json`.
 
     `index.jsonl` has one line per image (file, prompt index, sample index, seed, prompt, metadata),
     ordered by prompt then sample. Work is split over the processes of `PartialState()`. Returns the
-    index rows.
+    index rows. An `out_dir` holding an earlier run's outputs is refused, or with `overwrite` cleared
+    of them first (`flow_grpo.run.outputs.claim_output_dir`).
     """
     state = PartialState()
     plan = plan_sampling(config, request)
     check_model_inputs(config, request.lora, request.lora_scale)
     out = Path(out_dir)
+    claim_output_dir(out, overwrite, remove=state.is_main_process)
     image_dir = out / "images"
     if state.is_main_process:  # before the model loads: an --out that cannot be written fails in seconds
         image_dir.mkdir(parents=True, exist_ok=True)
