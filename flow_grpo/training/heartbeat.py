@@ -211,16 +211,21 @@ class Heartbeat:
         counters: list[bytes | None] = [None] * len(self.peers)
         silent = [0.0] * len(self.peers)  # seconds each peer's counter has not moved, as observed here
         previous = time.monotonic()
+        refused = False  # the newest store request failed
         while not self._stopping.wait(self.interval):
             try:
                 stale = self._beat_and_read(keys, counters, silent, min(time.monotonic() - previous, 2 * self.interval))
             except dist.DistError:  # the store refused: `_guard` ends the process if that lasts
+                refused = True
                 continue
+            refused = False
             previous = self._answered = time.monotonic()
             if stale:
                 self._finish(self._stopped_message(stale))
                 return
-        with contextlib.suppress(dist.DistError):  # a store already gone needs no mark
+        if refused:  # a store already gone needs no mark (and writing to it makes torch log a broken pipe)
+            return
+        with contextlib.suppress(dist.DistError):
             self.store.set(self.key("done", self.rank), "1")  # sent without waiting for an answer
 
     def _guard(self) -> None:
