@@ -24,7 +24,7 @@ from accelerate.logging import get_logger
 from torch import nn
 
 from flow_grpo.command_flags import InputNotFoundError, InputValueError
-from flow_grpo.rewards.options import check_batch_size, chunk_slices, parse_options, resolve_dtype, resolve_weights_file
+from flow_grpo.rewards.options import chunk_slices, parse_options, resolve_dtype, resolve_weights_file
 from flow_grpo.rewards.preprocess import ImagePreprocess
 from flow_grpo.rewards.registry import register_reward
 
@@ -254,7 +254,6 @@ class ClipSimilarityReward:
 def make_pickscore(device: torch.device, options: Mapping[str, Any]) -> ClipSimilarityReward:
     """PickScore: ``exp(logit_scale) * cos(image, prompt) / 26`` with the PickScore CLIP ViT-H/14."""
     opts = parse_options("pickscore", options, PICKSCORE_DEFAULTS)
-    check_batch_size("pickscore", opts["batch_size"])
     encoder = ClipEncoder.load("pickscore", opts["model"], opts["processor"], device, opts["dtype"], opts["batch_size"])
     return ClipSimilarityReward(encoder, encoder.logit_scale / PICKSCORE_DIVISOR)
 
@@ -263,7 +262,6 @@ def make_pickscore(device: torch.device, options: Mapping[str, Any]) -> ClipSimi
 def make_clipscore(device: torch.device, options: Mapping[str, Any]) -> ClipSimilarityReward:
     """The public code's CLIP score: ``exp(logit_scale) * cos(image, prompt) / 30`` with CLIP ViT-L/14."""
     opts = parse_options("clipscore", options, CLIPSCORE_DEFAULTS)
-    check_batch_size("clipscore", opts["batch_size"])
     encoder = ClipEncoder.load("clipscore", opts["model"], opts["processor"], device, opts["dtype"], opts["batch_size"])
     return ClipSimilarityReward(encoder, encoder.logit_scale / CLIPSCORE_DIVISOR)
 
@@ -272,7 +270,6 @@ def make_clipscore(device: torch.device, options: Mapping[str, Any]) -> ClipSimi
 def make_clipscore_hessel(device: torch.device, options: Mapping[str, Any]) -> ClipSimilarityReward:
     """CLIPScore (Hessel et al., 2021): ``scale * max(cos(image, prompt), 0)`` with CLIP ViT-L/14."""
     opts = parse_options("clipscore_hessel", options, CLIPSCORE_HESSEL_DEFAULTS)
-    check_batch_size("clipscore_hessel", opts["batch_size"])
     encoder = ClipEncoder.load(
         "clipscore_hessel", opts["model"], opts["processor"], device, opts["dtype"], opts["batch_size"]
     )
@@ -303,7 +300,6 @@ def load_aesthetic_head(file: str, input_dim: int) -> AestheticHead:
 def make_aesthetic(device: torch.device, options: Mapping[str, Any]) -> AestheticReward:
     """LAION aesthetic score: the MLP head on normalised CLIP ViT-L/14 image embeddings."""
     opts = parse_options("aesthetic", options, AESTHETIC_DEFAULTS)
-    check_batch_size("aesthetic", opts["batch_size"])
     try:
         head_file = resolve_weights_file(opts["head"], "aesthetic", "head")
     except FileNotFoundError as error:

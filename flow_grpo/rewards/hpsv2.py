@@ -18,7 +18,7 @@ from accelerate.logging import get_logger
 
 from flow_grpo.rewards.clip_models import EmbeddingEncoder
 from flow_grpo.command_flags import InputValueError
-from flow_grpo.rewards.options import check_batch_size, parse_options, resolve_dtype, resolve_weights_file
+from flow_grpo.rewards.options import parse_options, resolve_dtype, resolve_weights_file
 from flow_grpo.rewards.preprocess import ImagePreprocess
 from flow_grpo.rewards.registry import register_reward
 
@@ -95,7 +95,6 @@ class HpsReward:
 def make_hpsv2(device: torch.device, options: Mapping[str, Any]) -> HpsReward:
     """HPS v2.1: cosine similarity of open_clip image and prompt embeddings."""
     opts = parse_options("hpsv2", options, HPSV2_DEFAULTS)
-    check_batch_size("hpsv2", opts["batch_size"])
     encoder = OpenClipEncoder.load(
         "hpsv2", opts["architecture"], opts["checkpoint"], device, opts["dtype"], opts["batch_size"]
     )

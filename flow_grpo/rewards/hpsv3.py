@@ -39,7 +39,7 @@ from torch import nn
 
 from flow_grpo.rewards.key_maps import KeyMap
 from flow_grpo.command_flags import InputNotFoundError, InputValueError
-from flow_grpo.rewards.options import check_batch_size, chunk_slices, parse_options, resolve_dtype, resolve_weights_file
+from flow_grpo.rewards.options import chunk_slices, parse_options, resolve_dtype, resolve_weights_file
 from flow_grpo.rewards.registry import register_reward
 from flow_grpo.rewards.transport import images_to_uint8
 
@@ -268,7 +268,6 @@ class HPSv3Scorer:
 def make_hpsv3(device: torch.device, options: Mapping[str, Any]) -> HPSv3Scorer:
     """HPSv3 from the published ``HPSv3.safetensors`` and Qwen2-VL-7B-Instruct's config and processor (module docstring)."""
     opts = parse_options("hpsv3", options, HPSV3_DEFAULTS)
-    check_batch_size("hpsv3", opts["batch_size"])
     if opts["dtype"] == "auto":  # the authors score in bfloat16
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     else:

@@ -36,7 +36,7 @@ from torch import nn
 from flow_grpo.rewards.clip_models import AestheticHead
 from flow_grpo.rewards.key_maps import KeyMap
 from flow_grpo.command_flags import InputNotFoundError, InputValueError
-from flow_grpo.rewards.options import check_batch_size, chunk_slices, parse_options, resolve_dtype, resolve_weights_file
+from flow_grpo.rewards.options import chunk_slices, parse_options, resolve_dtype, resolve_weights_file
 from flow_grpo.rewards.registry import register_reward
 from flow_grpo.rewards.transport import images_to_uint8
 
@@ -242,7 +242,6 @@ class ImageRewardScorer:
 def make_imagereward(device: torch.device, options: Mapping[str, Any]) -> ImageRewardScorer:
     """ImageReward from the published ``ImageReward.pt`` (module docstring)."""
     opts = parse_options("imagereward", options, IMAGEREWARD_DEFAULTS)
-    check_batch_size("imagereward", opts["batch_size"])
     dtype = resolve_dtype(opts["dtype"], device, "imagereward")
     checkpoint = resolve_weights_file(opts["checkpoint"], "imagereward", "checkpoint")
     med_config = resolve_weights_file(opts["med_config"], "imagereward", "med_config")

@@ -11,7 +11,7 @@ import torch
 from flow_grpo.command_flags import InputNotFoundError, InputValueError
 from flow_grpo.precision import DTYPE_NAMES
 
-__all__ = ["check_batch_size", "chunk_slices", "parse_options", "resolve_dtype", "resolve_weights_file"]
+__all__ = ["chunk_slices", "parse_options", "resolve_dtype", "resolve_weights_file"]
 
 def parse_options(
     reward: str, options: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str = "reward_options"
@@ -27,7 +27,7 @@ def parse_options(
             config, the ``--options`` of the reward server for server scorers).
 
     Raises:
-        InputValueError: on an unknown key or a value of the wrong type (a `ValueError`).
+        InputValueError: on an unknown key, a value of the wrong type or a ``batch_size`` below 1 (a `ValueError`).
     """
     unknown = sorted(set(options) - set(defaults))
     if unknown:
@@ -41,6 +41,8 @@ def parse_options(
         if (isinstance(value, bool) and not isinstance(default, bool)) or not isinstance(value, expected):
             raise InputValueError(f"{prefix}.{reward}.{key} is {value!r}; give a value of type {type(default).__name__}.")
         merged[key] = float(value) if isinstance(default, float) else value
+    if merged.get("batch_size", 1) < 1:
+        raise InputValueError(f"{prefix}.{reward}.batch_size is {merged['batch_size']}; give 1 or more.")
     return merged
 
 
@@ -55,12 +57,6 @@ def resolve_dtype(name: str, device: torch.device, reward: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise InputValueError(f"reward_options.{reward}.dtype is {name!r}; set it to 'auto' or one of {sorted(DTYPE_NAMES)}.")
     return DTYPE_NAMES[name]
-
-
-def check_batch_size(reward: str, batch_size: int) -> None:
-    """Refuse a ``reward_options.<reward>.batch_size`` below 1 (an `InputValueError`, a `ValueError`)."""
-    if batch_size < 1:
-        raise InputValueError(f"reward_options.{reward}.batch_size must be positive, got {batch_size}; set it to 1 or more.")
 
 
 def resolve_weights_file(spec: str, reward: str, key: str) -> str:
