@@ -173,8 +173,8 @@ STREAMS: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "x")
 """Block arguments that carry the image and text streams from block to block (Z-Image's blocks name theirs `x`)."""
 
 
-def _uniform_streams(block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """The block's arguments with its `STREAMS` made alike for every block of a kind, so one graph serves them.
+def _uniform_streams(parameters: list[str], args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """A block's arguments (`parameters`: its forward's parameter names) with its `STREAMS` made alike for every block of a kind, so one graph serves them.
 
     Dynamo guards on strides and on `requires_grad`, and both differ between the first block of a
     kind and the later ones:
@@ -197,8 +197,7 @@ def _uniform_streams(block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
         value = value.contiguous()
         return value.detach().requires_grad_() if grad and not value.requires_grad else value
 
-    names = list(inspect.signature(block.forward).parameters)[: len(args)]
-    return tuple(convert(n, v) for n, v in zip(names, args)), {k: convert(k, v) for k, v in kwargs.items()}
+    return tuple(convert(n, v) for n, v in zip(parameters, args)), {k: convert(k, v) for k, v in kwargs.items()}
 
 
 def _compile_kind(kind: str, blocks: list[torch.nn.Module], counter: _GraphCounter) -> None:
@@ -212,8 +211,10 @@ def _compile_kind(kind: str, blocks: list[torch.nn.Module], counter: _GraphCount
     block_call.__code__ = block_call.__code__.replace(co_name=f"{kind.replace('/', '_')}_block")
     compiled = torch.compile(block_call, backend=counter, dynamic=False, fullgraph=True)
 
+    parameters = list(inspect.signature(blocks[0].forward).parameters)  # one class per kind: read once, not per call
+
     def entry(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs = _uniform_streams(block, args, kwargs)
+        args, kwargs = _uniform_streams(parameters, args, kwargs)
         return compiled(block, *args, **kwargs)
 
     for block in blocks:
